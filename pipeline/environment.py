@@ -1,0 +1,150 @@
+"""What a result depends on beyond its inputs: tool versions and the hardware it ran on.
+
+Stage keys include the versions of the tools that produce bytes (so an exporter upgrade
+rebuilds), and measuring stages also include the hardware (a latency measured on one CPU is
+not reused on another). Nothing here imports torch or onnxruntime: versions come from package
+metadata, hardware from the OS.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+import pipeline
+
+#: Distributions whose versions can change what a stage produces.
+TOOLS = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxscript",
+    "onnx-ir",
+    "numpy",
+    "safetensors",
+    "tensorrt",
+)
+
+#: CPU features that decide which kernels ONNX Runtime and PyTorch pick.
+CPU_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def tool_versions() -> dict[str, str]:
+    versions = {"tforge": pipeline.__version__, "python": platform.python_version()}
+    for name in TOOLS:
+        version = package_version(name)
+        if version is not None:
+            versions[name] = version
+    return versions
+
+
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    path = Path("/proc/cpuinfo")
+    if not path.exists():
+        return info
+    for line in path.read_text(errors="replace").splitlines():
+        if ":" in line:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    return info
+
+
+@functools.cache
+def hardware() -> dict[str, Any]:
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cpu": info.get("model name") or platform.processor() or "unknown",
+        "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        "logical_cores": psutil.cpu_count(logical=True) or os.cpu_count() or 1,
+        "usable_cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+    }
+
+
+def default_threads() -> int:
+    """Intra-op threads when the recipe does not say: one per usable physical core."""
+    hw = hardware()
+    return max(1, min(int(hw["physical_cores"]), int(hw["usable_cores"] or 1)))
+
+
+def facets(names: tuple[str, ...]) -> dict[str, Any]:
+    """The environment parts a stage's key depends on."""
+    out: dict[str, Any] = {}
+    if "versions" in names:
+        out["versions"] = tool_versions()
+    if "hardware" in names:
+        hw = hardware()
+        out["hardware"] = {
+            k: hw[k]
+            for k in (
+                "machine",
+                "cpu",
+                "physical_cores",
+                "logical_cores",
+                "usable_cores",
+                "cpu_flags",
+            )
+        }
+    return out
+
+
+def describe() -> dict[str, Any]:
+    """Everything recorded in a manifest about where the build ran."""
+    return {
+        "versions": tool_versions(),
+        "hardware": hardware(),
+        "platform": platform.platform(),
+        "executable": sys.executable,
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far.
+
+    On Linux this is VmHWM, the high-water mark of the current address space. ``ru_maxrss`` is
+    not usable for a freshly spawned process: Linux carries it over from the pre-exec image, so
+    a child of a large parent reads the parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
