@@ -1,0 +1,64 @@
+"""Peak memory of one contender, measured in a fresh process.
+
+A process's peak RSS only grows, so contenders measured one after another in the build's own
+process would all read the largest one so far. Each is measured instead in a new interpreter
+(spawned, not forked, so nothing is inherited) that loads the model, runs the feed three times
+and reports its peak: the memory a serving process needs for that model at that shape.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    kind: str  # "pytorch" or "onnxruntime"
+    path: str  # checkpoint folder (pytorch) or ONNX file
+    threads: int
+    task: str = "feature-extraction"
+    inputs: tuple[str, ...] = ()
+    optimization: str = "all"
+
+
+def _probe(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
+    from pipeline.environment import peak_rss_bytes
+
+    if probe.kind == "pytorch":
+        from pipeline.backends.torch_backend import (
+            OUTPUT_NAME,
+            TorchRunner,
+            load_model,
+            task_module,
+        )
+
+        loaded = load_model(Path(probe.path), probe.task)
+        runner = TorchRunner(
+            task_module(loaded.model, probe.task, probe.inputs),
+            OUTPUT_NAME[probe.task],
+            probe.threads,
+        )
+        prepared = runner.prepare(feed)
+        for _ in range(3):
+            runner.call(prepared)
+    else:
+        from pipeline.backends.onnxruntime_backend import OrtRunner
+
+        ort_runner = OrtRunner(Path(probe.path), probe.threads, probe.optimization)
+        prepared_ort = ort_runner.prepare(feed)
+        for _ in range(3):
+            ort_runner.call(prepared_ort)
+    return peak_rss_bytes()
+
+
+def peak_rss(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
+    """Peak resident bytes of a fresh process that loads ``probe`` and runs ``feed``."""
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        return pool.submit(_probe, probe, feed).result()

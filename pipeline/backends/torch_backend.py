@@ -1,0 +1,151 @@
+"""PyTorch: load a checkpoint for a task, wrap it for export, run it eagerly."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+AUTO_CLASSES = {
+    "feature-extraction": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+}
+OUTPUT_NAME = {
+    "feature-extraction": "last_hidden_state",
+    "sequence-classification": "logits",
+    "token-classification": "logits",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel, in eval mode
+    tokenizer: Any
+    #: Weights the task head needed but the checkpoint lacks (initialised at random).
+    missing_keys: list[str]
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_model(folder: Path, task: str) -> LoadedModel:
+    """Load a local checkpoint for ``task``; unsafe or broken weights become InputError."""
+    _quiet_transformers()
+    import transformers
+    from safetensors import SafetensorError
+
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(
+            f"{folder}: the tokenizer cannot be loaded ({_first_line(error)})",
+            "the folder needs tokenizer files (tokenizer.json or vocab files) saved by save_pretrained",
+        ) from None
+    try:
+        model, info = auto.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True, dtype="float32"
+        )
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"{folder}: the pickle checkpoint holds Python objects besides tensors; tforge refuses to unpickle it, "
+            "because unpickling runs arbitrary code",
+            "convert it to safetensors with a tool you trust (model.save_pretrained(..., safe_serialization=True))",
+        ) from None
+    except SafetensorError as error:
+        raise InputError(
+            f"{folder}: the safetensors weights are damaged or truncated ({_first_line(error)})",
+            "copy the checkpoint again",
+        ) from None
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise InputError(
+            f"{folder}: the weights cannot be loaded for {task} ({_first_line(error)})"
+        ) from None
+    model.eval()
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        log.warning(
+            "%s: %d weights of the %s head are not in the checkpoint and start random",
+            folder,
+            len(missing),
+            task,
+        )
+    return LoadedModel(model=model, tokenizer=tokenizer, missing_keys=missing)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def task_module(model: Any, task: str, inputs: tuple[str, ...]) -> torch.nn.Module:
+    """A module whose forward takes exactly the graph inputs and returns the task's one output."""
+    import torch
+
+    output = OUTPUT_NAME[task]
+
+    class TaskModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            token_type_ids: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            kwargs = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "token_type_ids": token_type_ids,
+            }
+            return getattr(self.model(**{k: v for k, v in kwargs.items() if k in inputs}), output)
+
+    return TaskModule().eval()
+
+
+class TorchRunner:
+    """Eager PyTorch on the CPU: the reference every variant is compared and timed against."""
+
+    name = "pytorch"
+
+    def __init__(
+        self, module: torch.nn.Module, output_name: str, threads: int | None = None
+    ) -> None:
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.module = module.eval()
+        self.output_name = output_name
+
+    def prepare(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        return {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feed.items()}
+
+    def call(self, prepared: dict[str, Any]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return self.module(**prepared)
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.output_name: self.call(self.prepare(feed)).float().numpy()}
