@@ -1,0 +1,90 @@
+"""Named pipelines: plain functions from a recipe to the ordered steps of a build.
+
+Read top to bottom, a pipeline is the build: which stage runs, on what, in which order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.recipe import Recipe, VariantSpec
+from pipeline.stages.base import Step
+from pipeline.stages.export import ExportConfig, ExportStage
+from pipeline.stages.latency import LatencyConfig, LatencyStage
+from pipeline.stages.load import LoadConfig, LoadStage
+from pipeline.stages.reference import ReferenceConfig, ReferenceStage
+from pipeline.stages.verify import VerifyConfig, VerifyStage
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: list[Step]
+    #: Variant name -> the input reference of its model folder (``<step>.<output>``).
+    variant_models: dict[str, str]
+
+
+def variant_model(variant: VariantSpec) -> str:
+    """Where a variant's model comes from. FP32 on ONNX Runtime CPU is the exported graph."""
+    return "export.model"
+
+
+def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
+    """load -> export -> reference -> verify (each variant) -> latency (all, interleaved)."""
+    data = recipe.data
+    checkpoint = {"checkpoint": "input:checkpoint", "info": "load.info"}
+    steps = [
+        Step(
+            "load",
+            LoadStage(LoadConfig(task=recipe.model.task, pooling=recipe.model.pooling)),
+            {"checkpoint": "input:checkpoint"},
+        ),
+        Step("export", ExportStage(ExportConfig(opset=recipe.export.opset)), checkpoint),
+        Step(
+            "reference",
+            ReferenceStage(
+                ReferenceConfig(
+                    batch_size=recipe.verify.batch_size,
+                    padding=tuple(recipe.verify.padding),
+                    max_length=data.max_length,
+                    max_samples=data.max_samples,
+                    text_field=data.text_field,
+                    label_field=data.label_field,
+                )
+            ),
+            {**checkpoint, "evaluation": "input:evaluation"},
+        ),
+    ]
+    models = {v.name: variant_model(v) for v in recipe.variants}
+    for variant in recipe.variants:
+        config = VerifyConfig(
+            variant=variant.name,
+            target=variant.target,
+            precision=variant.precision,
+            session_optimization=variant.session_optimization,
+            threads=threads,
+        )
+        steps.append(
+            Step(
+                f"verify[{variant.name}]",
+                VerifyStage(config),
+                {"model": models[variant.name], "reference": "reference.reference"},
+            )
+        )
+    if recipe.latency.enabled:
+        lat = recipe.latency
+        config_l = LatencyConfig(
+            shapes=tuple(recipe.shapes.pairs()),
+            warmup=lat.warmup,
+            runs=lat.runs,
+            threads=threads,
+            memory=lat.memory,
+            variants={v.name: v.session_optimization for v in recipe.variants},
+            text_field=data.text_field,
+        )
+        inputs = {
+            **checkpoint,
+            "evaluation": "input:evaluation",
+            **{f"model:{name}": ref for name, ref in models.items()},
+        }
+        steps.append(Step("latency", LatencyStage(config_l), inputs))
+    return Plan(steps=steps, variant_models=models)

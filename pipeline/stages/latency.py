@@ -1,0 +1,164 @@
+"""Stage ``latency``: PyTorch eager and every variant, timed together on the same inputs.
+
+For each batch x sequence in the recipe, every contender is warmed up and then timed
+round-robin (one call each per round), with PyTorch and ONNX Runtime on the same number of
+intra-op threads and ONNX Runtime's thread spinning off (see backends.onnxruntime_backend).
+Inputs are real token ids: the evaluation texts' tokens, concatenated and cut to the sequence
+length, with a full attention mask, never all-zero arrays.
+
+Also recorded: each contender's size on disk and, optionally, its peak RSS in a fresh process
+at the largest shape. Results depend on the machine, so the key includes the hardware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.artifacts import Artifact, size_of
+from pipeline.backends.memory import MemoryProbe, peak_rss
+from pipeline.backends.timing import LatencyStats, time_interleaved
+from pipeline.backends.torch_backend import TorchRunner, task_module
+from pipeline.calibration import read_samples
+from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
+from pipeline.stages.export import MODEL_FILE, onnx_size
+from pipeline.stages.load import WEIGHT_FILES, CheckpointInfo, loaded_model
+
+PYTORCH = "pytorch"
+
+
+def shape_key(batch: int, sequence: int) -> str:
+    return f"b{batch}s{sequence}"
+
+
+def token_stream(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    """The texts' token ids (without special tokens), concatenated."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream = np.fromiter((t for row in ids for t in row), dtype=np.int64)
+    if stream.size == 0:
+        raise ValueError("the evaluation texts produce no tokens")
+    return stream
+
+
+def timing_feed(
+    stream: np.ndarray, tokenizer: Any, inputs: list[str], batch: int, sequence: int
+) -> dict[str, np.ndarray]:
+    """``batch`` rows of real text, ``sequence`` tokens each, framed by the model's special tokens."""
+    start, end = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if start is None or end is None:
+        start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
+    body = sequence - (start is not None) - (end is not None)
+    need = batch * body
+    reps = -(-need // stream.size)
+    rows = np.tile(stream, reps)[:need].reshape(batch, body)
+    parts = (
+        ([np.full((batch, 1), start)] if start is not None else [])
+        + [rows]
+        + ([np.full((batch, 1), end)] if end is not None else [])
+    )
+    input_ids = np.concatenate(parts, axis=1).astype(np.int64)
+    feed = {
+        "input_ids": input_ids,
+        "attention_mask": np.ones_like(input_ids),
+        "token_type_ids": np.zeros_like(input_ids),
+    }
+    return {name: feed[name] for name in inputs}
+
+
+class LatencyConfig(StageConfig):
+    shapes: tuple[tuple[int, int], ...]
+    warmup: int
+    runs: int
+    threads: int
+    memory: bool
+    #: Variant name -> ONNX Runtime session optimisation level.
+    variants: dict[str, str]
+    text_field: str
+
+
+class LatencyStage(Stage[LatencyConfig]):
+    name = "latency"
+    facets = ("versions", "hardware")
+
+    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
+        from pipeline.backends.onnxruntime_backend import OrtRunner
+
+        cfg = self.config
+        info = CheckpointInfo.read(inputs["info"])
+        folder = inputs["checkpoint"].path
+        loaded = loaded_model(ctx, folder, info.task)
+        texts = [
+            s.text
+            for s in read_samples(
+                inputs["evaluation"].path,
+                kind="evaluation",
+                text_field=cfg.text_field,
+                limit=10_000,
+            )
+        ]
+        stream = token_stream(loaded.tokenizer, texts)
+
+        runners: dict[str, Any] = {
+            PYTORCH: TorchRunner(
+                task_module(loaded.model, info.task, tuple(info.inputs)), info.output, cfg.threads
+            )
+        }
+        paths: dict[str, Path] = {}
+        for variant, optimization in cfg.variants.items():
+            paths[variant] = inputs[f"model:{variant}"].path / MODEL_FILE
+            runners[variant] = OrtRunner(paths[variant], cfg.threads, optimization, name=variant)
+
+        results: dict[str, dict[str, Any]] = {name: {} for name in runners}
+        with ctx.progress.task("latency", total=len(cfg.shapes) * cfg.runs) as advance:
+            for batch, sequence in cfg.shapes:
+                feed = timing_feed(stream, loaded.tokenizer, info.inputs, batch, sequence)
+                calls = {}
+                for name, runner in runners.items():
+                    prepared = runner.prepare(feed)
+                    calls[name] = lambda runner=runner, prepared=prepared: runner.call(prepared)
+                times = time_interleaved(
+                    calls, warmup=cfg.warmup, runs=cfg.runs, on_round=lambda: advance(1)
+                )
+                for name, seconds in times.items():
+                    results[name][shape_key(batch, sequence)] = LatencyStats.of(
+                        seconds, batch
+                    ).as_dict()
+
+        weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+        sizes = {PYTORCH: sum(size_of(p) for p in weights)}
+        sizes.update({name: onnx_size(path.parent) for name, path in paths.items()})
+        stats: dict[str, Any] = {
+            "threads": cfg.threads,
+            "warmup": cfg.warmup,
+            "runs": cfg.runs,
+            "shapes": [shape_key(b, s) for b, s in cfg.shapes],
+            "contenders": results,
+            "size_bytes": sizes,
+        }
+        if cfg.memory:
+            batch, sequence = max(cfg.shapes, key=lambda bs: bs[0] * bs[1])
+            feed = timing_feed(stream, loaded.tokenizer, info.inputs, batch, sequence)
+            probes = {
+                PYTORCH: MemoryProbe(
+                    PYTORCH, str(folder), cfg.threads, info.task, tuple(info.inputs)
+                )
+            }
+            probes.update(
+                {
+                    name: MemoryProbe(
+                        "onnxruntime", str(path), cfg.threads, optimization=cfg.variants[name]
+                    )
+                    for name, path in paths.items()
+                }
+            )
+            with ctx.progress.task("peak memory", total=len(probes)) as advance:
+                rss = {}
+                for name, probe in probes.items():
+                    rss[name] = peak_rss(probe, feed)
+                    advance(1)
+            stats["peak_rss_bytes"] = rss
+            stats["memory_shape"] = shape_key(batch, sequence)
+        return StageResult(stats=stats)

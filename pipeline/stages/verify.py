@@ -1,0 +1,162 @@
+"""Stage ``verify``: one variant against the recorded PyTorch outputs.
+
+Runs the variant on every reference batch (each padding side) and measures:
+
+* ``max_abs_error`` / ``mean_abs_error`` of the raw output, over real tokens only;
+* feature-extraction: cosine of pooled, normalised embeddings (mean and worst) and
+  nearest-neighbour agreement (does each text keep its closest other text?);
+* classification: agreement of predicted labels (per text, or per real token);
+* the task metric (accuracy) of both PyTorch and the variant, when the data has labels.
+
+Each figure is taken per padding side and the worst side is reported. The stage only measures;
+whether the figures are good enough is decided from the tolerances and gates, outside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.artifacts import Artifact
+from pipeline.progress import NullProgress, Progress
+from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
+from pipeline.stages.export import MODEL_FILE, onnx_size
+from pipeline.stages.reference import ReferenceData
+
+
+def _side_metrics(
+    ref: ReferenceData,
+    side: str,
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    advance: Callable[[int], None],
+) -> dict[str, Any]:
+    task = ref.index["task"]
+    n = ref.index["samples"]
+    pooled_ref = pooled_out = None
+    max_err = 0.0
+    err_sum = err_count = 0.0
+    agree = total = 0
+    predictions: list[Any] = [None] * n
+    references: list[Any] = [None] * n
+    for batch in ref.batches(side):
+        output = run(batch.feed)
+        if output.shape != batch.output.shape:
+            raise RuntimeError(
+                f"variant output shape {output.shape} differs from PyTorch's {batch.output.shape}"
+            )
+        if task == "sequence-classification":
+            diff = np.abs(output.astype(np.float64) - batch.output)
+            batch_max, batch_mean, count = float(diff.max()), float(diff.mean()), diff.size
+            got, of = metrics.label_agreement(batch.output, output)
+            for i, row in enumerate(batch.rows):
+                predictions[row] = int(np.argmax(output[i]))
+                references[row] = int(np.argmax(batch.output[i]))
+        else:
+            batch_max, batch_mean = metrics.token_errors(batch.output, output, batch.mask)
+            count = int(batch.mask.sum()) * int(np.prod(batch.output.shape[2:]))
+            got = of = 0
+            if task == "token-classification":
+                got, of = metrics.label_agreement(batch.output, output, batch.mask)
+                if batch.word_ids is not None:
+                    for i, row in enumerate(batch.rows):
+                        predictions[row] = metrics.word_labels(output[i], batch.word_ids[i])
+                        references[row] = metrics.word_labels(batch.output[i], batch.word_ids[i])
+            else:
+                mode = ref.index["pooling"]
+                p_ref, p_out = (
+                    metrics.pool(batch.output, batch.mask, mode),
+                    metrics.pool(output, batch.mask, mode),
+                )
+                if pooled_ref is None:
+                    pooled_ref = np.zeros((n, p_ref.shape[1]))
+                    pooled_out = np.zeros((n, p_ref.shape[1]))
+                assert pooled_out is not None
+                pooled_ref[batch.rows], pooled_out[batch.rows] = p_ref, p_out
+        max_err = max(max_err, batch_max)
+        err_sum += batch_mean * count
+        err_count += count
+        agree += got
+        total += of
+        advance(1)
+    result: dict[str, Any] = {
+        "max_abs_error": max_err,
+        "mean_abs_error": err_sum / max(err_count, 1),
+    }
+    if pooled_ref is not None and pooled_out is not None:
+        cos = metrics.cosine(pooled_ref, pooled_out)
+        result["mean_cosine"] = float(cos.mean())
+        result["worst_cosine"] = float(cos.min())
+        result["agreement"] = metrics.neighbour_agreement(pooled_ref, pooled_out)
+    else:
+        result["agreement"] = agree / max(total, 1)
+    labels = ref.labels
+    if labels is not None and all(p is not None for p in predictions):
+        result["task_metric"] = _accuracy(predictions, labels)
+        result["reference_task_metric"] = _accuracy(references, labels)
+    return result
+
+
+def _accuracy(predicted: list[Any], labels: list[Any]) -> float:
+    correct = total = 0
+    for p, label in zip(predicted, labels, strict=True):
+        c, t = metrics.accuracy(p, label) if isinstance(label, list) else (int(p == label), 1)
+        correct += c
+        total += t
+    return correct / max(total, 1)
+
+
+def compare_to_reference(
+    ref: ReferenceData,
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    progress: Progress | None = None,
+    label: str = "verify",
+) -> dict[str, Any]:
+    """Accuracy figures of ``run`` (feed -> output) against the reference, worst side first."""
+    progress = progress or NullProgress()
+    total = sum(len(ref.index["sides"][side]) for side in ref.sides)
+    with progress.task(label, total=total) as advance:
+        per_side = {side: _side_metrics(ref, side, run, advance) for side in ref.sides}
+    overall: dict[str, Any] = {}
+    for name in per_side[ref.sides[0]]:
+        values = [m[name] for m in per_side.values()]
+        higher_is_worse = name in ("max_abs_error", "mean_abs_error")
+        overall[name] = max(values) if higher_is_worse else min(values)
+    overall["per_side"] = per_side
+    overall["samples"] = ref.index["samples"]
+    return overall
+
+
+class VerifyConfig(StageConfig):
+    variant: str
+    target: str
+    precision: str
+    session_optimization: str
+    threads: int
+
+
+class VerifyStage(Stage[VerifyConfig]):
+    name = "verify"
+
+    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
+        from pipeline.backends.onnxruntime_backend import OrtRunner
+
+        ref = ReferenceData.of(inputs["reference"])
+        runner = OrtRunner(
+            inputs["model"].path / MODEL_FILE, self.config.threads, self.config.session_optimization
+        )
+        output = ref.index["output"]
+        stats = compare_to_reference(
+            ref,
+            lambda feed: runner.run(feed)[output],
+            ctx.progress,
+            f"verify {self.config.variant}",
+        )
+        stats["size_bytes"] = onnx_size(inputs["model"].path)
+        return StageResult(stats=stats)
+
+    def describe(self) -> str:
+        return f"verify {self.config.variant} on {self.config.target}"
