@@ -1,0 +1,131 @@
+"""Built-in parity checks and the recipe's gates, evaluated on a build's stage figures.
+
+Tolerances come from the architecture spec (per precision) with the recipe's overrides; gates
+come from the recipe. Neither lives in the stages, so changing a limit re-evaluates a build
+without re-running anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pipeline.architectures import family_of
+from pipeline.artifacts import StageRecord
+from pipeline.manifest import Check, check
+from pipeline.recipe import Recipe
+from pipeline.stages.latency import PYTORCH
+
+
+def _by_step(stages: list[StageRecord]) -> dict[str, StageRecord]:
+    return {s.step: s for s in stages}
+
+
+def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
+    steps = _by_step(stages)
+    load = steps["load"].stats
+    family = family_of(str(load["model_type"]))
+    override = recipe.verify.tolerance
+    checks = []
+    for variant in recipe.variants:
+        figures = steps[f"verify[{variant.name}]"].stats
+        default = family.tolerances[variant.precision]
+        max_abs = override.max_abs_error or default.max_abs_error
+        checks.append(
+            check(
+                "tolerance", variant.name, "max_abs_error", figures["max_abs_error"], max_abs, "max"
+            )
+        )
+        if "mean_cosine" in figures:
+            limit = (
+                override.min_mean_cosine
+                if override.min_mean_cosine is not None
+                else default.min_mean_cosine
+            )
+            checks.append(
+                check(
+                    "tolerance", variant.name, "mean_cosine", figures["mean_cosine"], limit, "min"
+                )
+            )
+        limit = (
+            override.min_agreement if override.min_agreement is not None else default.min_agreement
+        )
+        checks.append(
+            check("tolerance", variant.name, "agreement", figures["agreement"], limit, "min")
+        )
+    return checks
+
+
+def _latency(steps: dict[str, StageRecord]) -> dict[str, Any] | None:
+    record = steps.get("latency")
+    return record.stats if record else None
+
+
+def gate_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
+    gates = recipe.gates
+    steps = _by_step(stages)
+    latency = _latency(steps)
+    checks: list[Check] = []
+    names = gates.variants or [v.name for v in recipe.variants]
+    accuracy_gates: tuple[tuple[str, str, Literal["min", "max"]], ...] = (
+        ("min_mean_cosine", "mean_cosine", "min"),
+        ("min_worst_cosine", "worst_cosine", "min"),
+        ("min_agreement", "agreement", "min"),
+        ("min_task_metric", "task_metric", "min"),
+        ("max_abs_error", "max_abs_error", "max"),
+    )
+    for name in names:
+        figures = steps[f"verify[{name}]"].stats
+        for field, metric, kind in accuracy_gates:
+            limit = getattr(gates, field)
+            if limit is not None:
+                note = (
+                    None
+                    if metric in figures
+                    else (
+                        "the evaluation data has no labels"
+                        if metric == "task_metric"
+                        else "not measured for this task"
+                    )
+                )
+                checks.append(
+                    check("gate", name, metric, figures.get(metric), limit, kind, note=note)
+                )
+        if gates.max_size_mb is not None:
+            checks.append(
+                check(
+                    "gate", name, "size_mb", figures["size_bytes"] / 1e6, gates.max_size_mb, "max"
+                )
+            )
+        if latency is None:
+            continue
+        contenders = latency["contenders"]
+        for shape in latency["shapes"]:
+            p50 = contenders[name][shape]["p50_ms"]
+            if gates.max_p50_ms is not None:
+                ceiling = (
+                    gates.max_p50_ms
+                    if isinstance(gates.max_p50_ms, float | int)
+                    else gates.max_p50_ms.get(shape)
+                )
+                if ceiling is not None:
+                    checks.append(
+                        check("gate", name, "p50_ms", p50, float(ceiling), "max", shape=shape)
+                    )
+            if gates.min_speedup is not None:
+                speedup = contenders[PYTORCH][shape]["p50_ms"] / p50
+                checks.append(
+                    check(
+                        "gate",
+                        name,
+                        "speedup",
+                        round(speedup, 4),
+                        gates.min_speedup,
+                        "min",
+                        shape=shape,
+                    )
+                )
+    return checks
+
+
+def evaluate(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
+    return tolerance_checks(recipe, stages) + gate_checks(recipe, stages)

@@ -1,0 +1,98 @@
+"""``report.md``: a build summary fit for a pull-request comment."""
+
+from __future__ import annotations
+
+from pipeline.report.model import Contender, Report
+
+
+def _mb(size: int | None) -> str:
+    return "–" if size is None else f"{size / 1e6:.1f}"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _accuracy_cells(c: Contender) -> list[str]:
+    if c.accuracy is None:
+        return ["reference", "–", "–"]
+    cos = c.accuracy.get("mean_cosine")
+    return [
+        _fmt(c.accuracy.get("max_abs_error"), ".2e"),
+        _fmt(cos, ".6f") if cos is not None else "–",
+        _fmt(c.accuracy.get("agreement"), ".3f"),
+    ]
+
+
+def render_markdown(report: Report) -> str:
+    lines = [
+        f"# tforge build `{report.recipe_name}` — {'passed' if report.passed else 'FAILED'}",
+        "",
+    ]
+    model = report.model
+    described = ", ".join(f"{k} {model[k]}" for k in ("layers", "hidden", "heads") if k in model)
+    params = model.get("parameters")
+    lines.append(
+        f"Model `{model.get('source')}` ({model.get('model_type', '?')}"
+        + (f", {described}" if described else "")
+        + (f", {params / 1e6:.1f}M parameters" if params else "")
+        + f"), task **{report.task}**."
+    )
+    if report.threads:
+        lines.append(
+            f"Latency: {report.threads} intra-op thread(s), median of interleaved runs; speed-up is PyTorch eager's p50 over the contender's."
+        )
+    if report.memory_shape:
+        lines.append(
+            f"Peak RSS: a fresh process that loads the contender and runs {report.memory_shape}."
+        )
+    lines.append("")
+    header = ["contender", "max abs err", "mean cosine", "agreement"]
+    for shape in report.shapes:
+        header += [f"{shape} p50 / p90 / p99 ms", f"{shape} speed-up"]
+    header += ["size MB", "peak RSS MB"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for c in report.contenders:
+        row = [f"{c.name} ({c.precision}, {c.target})", *_accuracy_cells(c)]
+        for shape in report.shapes:
+            lat = c.latency.get(shape)
+            if lat is None:
+                row += ["–", "–"]
+                continue
+            row.append(f"{lat.p50_ms:.2f} / {lat.p90_ms:.2f} / {lat.p99_ms:.2f}")
+            row.append("1.00x" if lat.speedup is None else f"{lat.speedup:.2f}x")
+        row += [_mb(c.size_bytes), _mb(c.peak_rss_bytes)]
+        lines.append("| " + " | ".join(row) + " |")
+    metrics = [c for c in report.contenders if c.task_metric is not None]
+    if metrics:
+        lines += [
+            "",
+            "Task metric (accuracy on the labelled evaluation data): "
+            + ", ".join(f"{c.name} {c.task_metric:.4f}" for c in metrics),
+        ]
+    lines += ["", "## Checks", ""]
+    if not report.checks:
+        lines.append("No checks.")
+    for check in report.checks:
+        mark = "✅" if check.passed else "❌"
+        lines.append(f"- {mark} {check.source}: {check}")
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
+    lines += ["", "## Stages", "", "| step | cached | seconds |", "|---|---|---|"]
+    for stage in report.stages:
+        lines.append(f"| {stage.step} | {'yes' if stage.cached else 'no'} | {stage.seconds:.2f} |")
+    hw = report.environment.get("hardware", {})
+    versions = report.environment.get("versions", {})
+    lines += [
+        "",
+        f"<sub>run {report.run_id} · tforge {report.tforge_version} · {hw.get('cpu', '?')} ({hw.get('physical_cores', '?')} cores) · "
+        + " · ".join(
+            f"{k} {versions[k]}"
+            for k in ("torch", "transformers", "onnx", "onnxruntime")
+            if k in versions
+        )
+        + "</sub>",
+        "",
+    ]
+    return "\n".join(lines)
