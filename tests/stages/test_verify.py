@@ -1,0 +1,173 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from pipeline.build import BuildOptions, build
+from pipeline.stages.export import MODEL_FILE
+from pipeline.stages.reference import ReferenceData
+
+
+def test_fp32_variant_matches_pytorch_on_both_padding_sides(
+    checkpoint, recipe_for, shared_artifacts: Path
+) -> None:
+    outcome = build(
+        recipe_for(checkpoint("bert"), latency={"enabled": False}),
+        BuildOptions(artifacts=shared_artifacts),
+    )
+    stats = outcome.manifest.stage("verify[fp32]").stats
+    assert set(stats["per_side"]) == {"right", "left"}
+    for side in stats["per_side"].values():
+        assert side["max_abs_error"] < 1e-4
+        assert side["mean_cosine"] > 0.99999
+        assert side["agreement"] == 1.0
+    assert stats["samples"] == 24
+    assert all(outcome.manifest.checks)
+
+
+def test_left_padding_really_moves_the_tokens(
+    checkpoint, recipe_for, shared_artifacts: Path
+) -> None:
+    outcome = build(
+        recipe_for(checkpoint("bert"), latency={"enabled": False}),
+        BuildOptions(artifacts=shared_artifacts),
+    )
+    record = outcome.manifest.stage("reference")
+    from pipeline.artifacts import ArtifactStore
+
+    ref = ReferenceData(ArtifactStore(shared_artifacts).output_path(record, "reference"))
+    right = next(ref.batches("right"))
+    left = next(ref.batches("left"))
+    assert right.mask[:, 0].all() and not right.mask[:, -1].all()
+    assert left.mask[:, -1].all() and not left.mask[:, 0].all()
+    assert (right.mask.sum(1) == left.mask.sum(1)).all()
+
+
+def _damage(model_dir: Path, target: Path) -> Path:
+    """A copy of the exported graph with one LayerNorm scale doubled: a broken compile."""
+    target.mkdir()
+    for file in model_dir.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    model = onnx.load(str(target / MODEL_FILE))
+    norm = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    init = next(i for i in model.graph.initializer if i.name == norm.input[1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2.0, init.name))
+    onnx.save(model, str(target / MODEL_FILE))
+    return target
+
+
+def test_a_damaged_graph_fails_the_parity_check(
+    checkpoint, recipe_for, shared_artifacts: Path, tmp_path: Path
+) -> None:
+    from pipeline.artifacts import Artifact, ArtifactStore
+    from pipeline.report.checks import tolerance_checks
+    from pipeline.stages.base import BuildContext
+    from pipeline.stages.verify import VerifyConfig, VerifyStage
+
+    recipe = recipe_for(checkpoint("bert"), latency={"enabled": False})
+    outcome = build(recipe, BuildOptions(artifacts=shared_artifacts))
+    store = ArtifactStore(shared_artifacts)
+    broken = _damage(
+        store.output_path(outcome.manifest.stage("export"), "model"), tmp_path / "broken"
+    )
+    reference = Artifact.of(
+        "reference", store.output_path(outcome.manifest.stage("reference"), "reference")
+    )
+    stage = VerifyStage(
+        VerifyConfig(
+            variant="fp32",
+            target="ort-cpu",
+            precision="fp32",
+            session_optimization="all",
+            threads=1,
+        )
+    )
+    stats = stage.run(
+        BuildContext(), {"model": Artifact.of("model", broken), "reference": reference}, tmp_path
+    ).stats
+    assert stats["max_abs_error"] > 0.1
+    stages = [
+        s.model_copy(update={"stats": stats}) if s.step == "verify[fp32]" else s
+        for s in outcome.manifest.stages
+    ]
+    failed = [c for c in tolerance_checks(recipe, stages) if not c]
+    assert next(c.metric for c in failed) == "max_abs_error"
+    assert "would pass with <=" in str(failed[0])
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "token-classification"])
+def test_classification_tasks_with_labels(
+    checkpoint, recipe_for, shared_artifacts: Path, tmp_path: Path, task: str
+) -> None:
+    texts = [
+        json.loads(line)["text"]
+        for line in (Path(__file__).parents[2] / "calibration" / "evaluation.jsonl")
+        .read_text()
+        .splitlines()[:20]
+    ]
+    rows = []
+    for i, text in enumerate(texts):
+        label = (
+            [f"L{(i + j) % 3}" for j in range(len(text.split()))]
+            if task == "token-classification"
+            else f"L{i % 3}"
+        )
+        rows.append(json.dumps({"text": text, "label": label}))
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    recipe = recipe_for(
+        checkpoint("bert", task),
+        task=task,
+        data={"evaluation": str(data)},
+        latency={"enabled": False},
+    )
+    outcome = build(recipe, BuildOptions(artifacts=shared_artifacts))
+    stats = outcome.manifest.stage("verify[fp32]").stats
+    assert stats["agreement"] == 1.0
+    assert stats["max_abs_error"] < 1e-4
+    # Same predictions, so the same task metric for PyTorch and the variant.
+    assert stats["task_metric"] == stats["reference_task_metric"]
+    assert 0.0 <= stats["task_metric"] <= 1.0
+    assert "mean_cosine" not in stats
+    report = outcome.report
+    assert report.contenders[0].task_metric == stats["reference_task_metric"]
+
+
+def test_labels_on_some_samples_only_is_an_error(
+    checkpoint, recipe_for, shared_artifacts: Path, tmp_path: Path
+) -> None:
+    from pipeline.errors import InputError
+
+    data = tmp_path / "partial.jsonl"
+    data.write_text('{"text": "a b c", "label": "L0"}\n{"text": "d e"}\n')
+    recipe = recipe_for(
+        checkpoint("bert", "sequence-classification"),
+        task="sequence-classification",
+        data={"evaluation": str(data)},
+        latency={"enabled": False},
+    )
+    with pytest.raises(InputError, match="1 of 2 samples have a label"):
+        build(recipe, BuildOptions(artifacts=shared_artifacts))
+
+
+def test_reference_arrays_are_the_fed_inputs(
+    checkpoint, recipe_for, shared_artifacts: Path
+) -> None:
+    outcome = build(
+        recipe_for(checkpoint("distilbert"), latency={"enabled": False}),
+        BuildOptions(artifacts=shared_artifacts),
+    )
+    from pipeline.artifacts import ArtifactStore
+
+    ref = ReferenceData(
+        ArtifactStore(shared_artifacts).output_path(
+            outcome.manifest.stage("reference"), "reference"
+        )
+    )
+    batch = next(ref.batches("right"))
+    assert set(batch.feed) == {"input_ids", "attention_mask"}
+    assert batch.output.shape[:2] == batch.feed["input_ids"].shape
+    assert np.array_equal(batch.mask, batch.feed["attention_mask"])

@@ -1,0 +1,142 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import (
+    Artifact,
+    ArtifactStore,
+    OutputRecord,
+    StageRecord,
+    link_or_copy,
+    sha256_path,
+    stage_key,
+    write_text_atomic,
+)
+from pipeline.errors import InputError
+
+
+def record(key: str, outputs: dict[str, str]) -> StageRecord:
+    return StageRecord(
+        step="s",
+        stage="s",
+        key=key,
+        config={},
+        inputs={},
+        outputs={n: OutputRecord(path=p, sha256="", size=0) for n, p in outputs.items()},
+        stats={"n": 1},
+        seconds=0.1,
+    )
+
+
+def test_stage_key_is_stable_and_sensitive_to_each_part() -> None:
+    base = stage_key("export", {"opset": 20}, {"checkpoint": "aa"}, {"versions": {"torch": "1"}})
+    assert base == stage_key(
+        "export", {"opset": 20}, {"checkpoint": "aa"}, {"versions": {"torch": "1"}}
+    )
+    assert (
+        len(
+            {
+                base,
+                stage_key(
+                    "verify", {"opset": 20}, {"checkpoint": "aa"}, {"versions": {"torch": "1"}}
+                ),
+                stage_key(
+                    "export", {"opset": 21}, {"checkpoint": "aa"}, {"versions": {"torch": "1"}}
+                ),
+                stage_key(
+                    "export", {"opset": 20}, {"checkpoint": "ab"}, {"versions": {"torch": "1"}}
+                ),
+                stage_key(
+                    "export", {"opset": 20}, {"checkpoint": "aa"}, {"versions": {"torch": "2"}}
+                ),
+            }
+        )
+        == 5
+    )
+
+
+def test_folder_hash_covers_names_and_contents(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("1")
+    first = sha256_path(tmp_path / "a")
+    (tmp_path / "a" / "x.txt").write_text("2")
+    second = sha256_path(tmp_path / "a")
+    (tmp_path / "a" / "x.txt").rename(tmp_path / "a" / "y.txt")
+    assert len({first, second, sha256_path(tmp_path / "a")}) == 3
+
+
+def test_commit_then_lookup_returns_the_record(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with store.writing("k" * 64) as tmp:
+        (tmp / "out.txt").write_text("hello")
+        committed = store.commit(tmp, record("k" * 64, {"out": "out.txt"}))
+    found = store.lookup("k" * 64)
+    assert found == committed
+    assert found.outputs["out"].size == 5
+    assert store.artifacts(found)["out"].path.read_text() == "hello"
+    assert not [p for p in store.cache.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_failing_stage_leaves_nothing_in_the_cache(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(RuntimeError), store.writing("f" * 64) as tmp:
+        (tmp / "half.bin").write_bytes(b"x" * 10)
+        raise RuntimeError("stage crashed")
+    assert store.lookup("f" * 64) is None
+    assert list(store.cache.iterdir()) == []
+
+
+def test_changed_output_invalidates_the_entry(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with store.writing("c" * 64) as tmp:
+        (tmp / "out.txt").write_text("hello")
+        committed = store.commit(tmp, record("c" * 64, {"out": "out.txt"}))
+    store.output_path(committed, "out").write_text("jello")
+    assert store.lookup("c" * 64) is None
+
+
+def test_corrupt_record_is_a_miss(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    folder = store.folder("d" * 64)
+    folder.mkdir(parents=True)
+    (folder / "record.json").write_text("{not json")
+    assert store.lookup("d" * 64) is None
+
+
+def test_missing_declared_output_is_a_bug_not_a_result(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(RuntimeError, match="did not write"), store.writing("e" * 64) as tmp:
+        store.commit(tmp, record("e" * 64, {"out": "missing.txt"}))
+    assert store.lookup("e" * 64) is None
+
+
+def test_unwritable_root_is_an_input_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="not writable"):
+        ArtifactStore(blocker / "artifacts").ensure_writable()
+
+
+def test_link_or_copy_places_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "f.txt").write_text("data")
+    link_or_copy(tmp_path / "src", tmp_path / "dst")
+    assert (tmp_path / "dst" / "sub" / "f.txt").read_text() == "data"
+    assert Artifact.of("x", tmp_path / "dst").sha256 == Artifact.of("x", tmp_path / "src").sha256
+
+
+def test_write_text_atomic_replaces_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "r" / "report.json"
+    write_text_atomic(path, json.dumps({"a": 1}))
+    write_text_atomic(path, json.dumps({"a": 2}))
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]
+    assert path.stat().st_mode & 0o044 == 0o044 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,109 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from pipeline.build import BuildOptions, build, describe_plan
+from pipeline.manifest import Manifest
+from pipeline.report.model import read_report
+
+
+def test_build_writes_a_complete_run_folder(checkpoint, recipe_for, tmp_path: Path) -> None:
+    outcome = build(recipe_for(checkpoint("bert")), BuildOptions(artifacts=tmp_path))
+    run = outcome.run_dir
+    assert run.parent == tmp_path / "runs"
+    assert (tmp_path / "runs" / "latest").resolve() == run
+    manifest = Manifest.parse((run / "manifest.json").read_text(), "manifest")
+    report = read_report((run / "report.json").read_text(), "report")
+    assert report.passed and outcome.passed
+    assert [s.step for s in manifest.stages] == [
+        "load",
+        "export",
+        "reference",
+        "verify[fp32]",
+        "latency",
+    ]
+    assert {i.name for i in manifest.inputs} == {"checkpoint", "evaluation"}
+    assert manifest.environment["versions"]["onnxruntime"] == ort.__version__
+    # PyTorch and the variant are both timed at both shapes, with ordered percentiles.
+    for contender in report.contenders:
+        assert set(contender.latency) == {"b1s16", "b2s16"}
+        for lat in contender.latency.values():
+            assert 0 < lat.p50_ms <= lat.p90_ms <= lat.p99_ms
+    assert report.contenders[1].latency["b1s16"].speedup > 0
+    markdown = (run / "report.md").read_text()
+    assert "| fp32 (fp32, ort-cpu) |" in markdown and "b2s16 p50 / p90 / p99 ms" in markdown
+
+    # The shipped layout loads with plain onnxruntime and the tokenizer files beside it.
+    from transformers import AutoTokenizer
+
+    model_dir = run / "models" / "fp32"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    encoded = tokenizer(["a new list"], return_tensors="np")
+    (hidden,) = session.run(
+        None, {i.name: encoded[i.name].astype(np.int64) for i in session.get_inputs()}
+    )
+    assert hidden.shape == (1, encoded["input_ids"].shape[1], 32)
+
+
+def test_second_build_is_served_from_the_cache(checkpoint, recipe_for, tmp_path: Path) -> None:
+    recipe = recipe_for(checkpoint("bert"))
+    first = build(recipe, BuildOptions(artifacts=tmp_path))
+    second = build(recipe, BuildOptions(artifacts=tmp_path))
+    assert not any(s.cached for s in first.manifest.stages)
+    assert all(s.cached for s in second.manifest.stages)
+    assert second.report.cached_steps == len(second.manifest.stages)
+    assert [s.key for s in first.manifest.stages] == [s.key for s in second.manifest.stages]
+    assert first.run_dir != second.run_dir
+    remeasured = build(recipe, BuildOptions(artifacts=tmp_path, remeasure=True))
+    assert [s.step for s in remeasured.manifest.stages if not s.cached] == ["latency"]
+
+
+def test_rebuild_without_cache_gives_the_same_hashes(
+    checkpoint, recipe_for, tmp_path: Path
+) -> None:
+    """Reproducible: same inputs and versions -> same artifacts (timings aside)."""
+    recipe = recipe_for(checkpoint("roberta"), latency={"enabled": False})
+    first = build(recipe, BuildOptions(artifacts=tmp_path / "a"))
+    second = build(recipe, BuildOptions(artifacts=tmp_path / "b", no_cache=True))
+
+    def hashes(manifest: Manifest) -> dict:
+        return {
+            s.step: (s.key, {n: o.sha256 for n, o in s.outputs.items()}) for s in manifest.stages
+        }
+
+    assert hashes(first.manifest) == hashes(second.manifest)
+    assert first.manifest.stage("verify[fp32]").stats == second.manifest.stage("verify[fp32]").stats
+
+
+def test_changing_a_gate_reuses_every_stage(checkpoint, recipe_for, tmp_path: Path) -> None:
+    build(
+        recipe_for(checkpoint("bert"), latency={"enabled": False}), BuildOptions(artifacts=tmp_path)
+    )
+    strict = recipe_for(
+        checkpoint("bert"), latency={"enabled": False}, gates={"max_abs_error": 1e-12}
+    )
+    outcome = build(strict, BuildOptions(artifacts=tmp_path))
+    assert all(s.cached for s in outcome.manifest.stages)
+    assert not outcome.passed
+    failed = outcome.manifest.failed_checks
+    assert [(c.source, c.metric) for c in failed] == [("gate", "max_abs_error")]
+    assert json.loads((outcome.run_dir / "report.json").read_text())["passed"] is False
+
+
+def test_dry_run_plan_reports_cache_state(checkpoint, recipe_for, tmp_path: Path) -> None:
+    recipe = recipe_for(checkpoint("bert"), latency={"enabled": False})
+    before = describe_plan(recipe, tmp_path)
+    assert [r.status for r in before] == [
+        "run",
+        "run (after its inputs)",
+        "run (after its inputs)",
+        "run (after its inputs)",
+    ]
+    build(recipe, BuildOptions(artifacts=tmp_path))
+    assert [r.status for r in describe_plan(recipe, tmp_path)] == ["cached"] * 4
+    assert not list((tmp_path / "runs").glob(".tmp-*"))

@@ -1,0 +1,291 @@
+"""The command line through click's CliRunner: exit codes, files, and one-line errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+FAST = """
+shapes: {batch: [1], sequence: [16]}
+data: {max_samples: 16, max_length: 32}
+latency: {warmup: 1, runs: 3, threads: 1, memory: false}
+"""
+
+
+def no_runs(artifacts: Path) -> bool:
+    runs = artifacts / "runs"
+    return not runs.exists() or not [p for p in runs.iterdir() if p.name != "latest"]
+
+
+def test_build_with_model_and_task_on_defaults(checkpoint, tmp_path: Path) -> None:
+    """No recipe: default shapes (b1, b8 at s128), 50 runs, peak memory in fresh processes."""
+    code, output = invoke(
+        "build",
+        "--model",
+        str(checkpoint("bert")),
+        "--task",
+        "feature-extraction",
+        "--artifacts",
+        str(tmp_path),
+        "--quiet",
+    )
+    assert code == 0, output
+    assert output.startswith("passed: report")
+    run = next(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
+    report = json.loads((run / "report.json").read_text())
+    assert report["shapes"] == ["b1s128", "b8s128"]
+    assert all(c["latency"]["b8s128"]["runs"] == 50 for c in report["contenders"])
+    rss = {c["name"]: c["peak_rss_bytes"] for c in report["contenders"]}
+    # A process with only onnxruntime needs far less than one with torch and transformers.
+    assert 0 < rss["fp32"] < rss["pytorch"]
+    assert (run / "models" / "fp32" / "model.onnx").is_file()
+
+    code, output = invoke("report", str(run), "--format", "json")
+    assert code == 0
+    assert json.loads(output)["run_id"] == run.name
+
+
+def test_build_recipe_prints_table_and_caches(checkpoint, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path, f"name: cli\nmodel: {{source: {checkpoint('distilbert')}}}\n{FAST}"
+    )
+    code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
+    assert code == 0, output
+    assert "b1s16 p50 ms" in output and "fp32" in output
+    assert "(0 of 5 steps from cache)" in output
+    code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
+    assert "(5 of 5 steps from cache)" in output
+
+
+def test_dry_run_and_print_recipe_do_no_work(checkpoint, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, f"model: {{source: {checkpoint('bert')}}}\n{FAST}")
+    code, output = invoke("build", str(recipe), "--dry-run", "--artifacts", str(tmp_path / "a"))
+    assert code == 0
+    assert "verify[fp32]" in output and "latency" in output and "run" in output
+    code, output = invoke("build", str(recipe), "--print-recipe")
+    assert code == 0
+    assert "task: feature-extraction" in output and "runs: 3" in output
+    assert not (tmp_path / "a" / "runs").exists()
+
+
+def test_failed_gate_exits_3_and_still_writes_the_report(checkpoint, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path, f"model: {{source: {checkpoint('bert')}}}\n{FAST}gates: {{min_speedup: 1000}}\n"
+    )
+    code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"), "--quiet")
+    assert code == 3
+    assert "failed: 1 check(s) failed, first: fp32 speedup @b1s16" in output
+    assert "would pass with >=" in output
+    run = next(p for p in (tmp_path / "a" / "runs").iterdir() if p.name != "latest")
+    assert json.loads((run / "report.json").read_text())["passed"] is False
+
+
+def _bad_checkpoint(kind: str, good: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / kind
+    if kind == "missing":
+        return folder
+    shutil.copytree(good, folder)
+    if kind == "no-config":
+        (folder / "config.json").unlink()
+    elif kind == "no-weights":
+        (folder / "model.safetensors").unlink()
+    elif kind == "truncated":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif kind == "pickle":
+        import torch
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        (folder / "model.safetensors").unlink()
+        torch.save({**tensors, "hook": _Hook()}, folder / "pytorch_model.bin")
+    return folder
+
+
+class _Hook:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (print, ("unpickled",))
+
+
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("missing", "does not exist"),
+        ("no-config", "has no config.json"),
+        ("no-weights", "has no weights"),
+        ("truncated", "damaged or truncated"),
+        ("pickle", "refuses to unpickle"),
+    ],
+)
+def test_bad_checkpoints_give_one_line_and_exit_1(
+    checkpoint, tmp_path: Path, kind: str, fragment: str
+) -> None:
+    folder = _bad_checkpoint(kind, checkpoint("bert"), tmp_path)
+    artifacts = tmp_path / "artifacts"
+    code, output = invoke("build", "--model", str(folder), "--artifacts", str(artifacts))
+    assert code == 1, output
+    assert output.startswith("error: ") and fragment in output
+    assert "Traceback" not in output and "unpickled" not in output
+    assert no_runs(artifacts)
+
+
+def test_architecture_the_exporter_cannot_handle(tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    from tests.tiny import save_tokenizer
+
+    folder = tmp_path / "longformer"
+    torch.manual_seed(0)
+    config = transformers.LongformerConfig(
+        vocab_size=600,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        attention_window=[8],
+        pad_token_id=0,
+    )
+    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    save_tokenizer(folder, ["input_ids", "attention_mask"])
+    recipe = write_recipe(tmp_path, f"model: {{source: {folder}}}\n{FAST}")
+    code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
+    assert code == 1
+    assert "error: longformer cannot be exported to ONNX" in output
+    assert "Traceback" not in output
+    assert no_runs(tmp_path / "a")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "fragment"),
+    [
+        ("model:\n  task: [oops\n", "YAML syntax error at line"),
+        ("modle: {}\n", "unknown field 'modle'"),
+        ("shapes: {batch: one}\n", "shapes.batch: 'one'"),
+        ("model: {task: summarization}\n", "model.task: 'summarization' is not allowed"),
+    ],
+)
+def test_recipe_mistakes_exit_2(tmp_path: Path, recipe: str, fragment: str) -> None:
+    code, output = invoke(
+        "build", str(write_recipe(tmp_path, recipe)), "--artifacts", str(tmp_path / "a")
+    )
+    assert code == 2
+    assert fragment in output
+    assert "Traceback" not in output
+
+
+def test_unknown_task_option_is_a_usage_error(checkpoint) -> None:
+    code, output = invoke("build", "--model", str(checkpoint("bert")), "--task", "summarization")
+    assert code == 2
+    assert "Invalid value for '--task'" in output
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("", "is empty"),
+        ("this is not json\n", "line 1 is not JSON"),
+        ('{"sentence": "x"}\n', "has no field 'text'"),
+    ],
+)
+def test_bad_evaluation_files_fail_before_any_work(
+    checkpoint, tmp_path: Path, content: str, fragment: str
+) -> None:
+    data = tmp_path / "eval.jsonl"
+    data.write_text(content)
+    recipe = write_recipe(
+        tmp_path, f"model: {{source: {checkpoint('bert')}}}\ndata: {{evaluation: {data}}}\n"
+    )
+    code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
+    assert code == 1
+    assert fragment in output
+    assert not (tmp_path / "a" / "cache").exists() or not list(
+        (tmp_path / "a" / "cache").rglob("record.json")
+    )
+
+
+def test_output_folder_not_writable(checkpoint, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, output = invoke(
+        "build", "--model", str(checkpoint("bert")), "--artifacts", str(blocker / "artifacts")
+    )
+    assert code == 1
+    assert "is not writable" in output and "--artifacts" in output
+
+
+def test_sequence_longer_than_the_model_allows(checkpoint, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path, f"model: {{source: {checkpoint('bert')}}}\nshapes: {{sequence: [512]}}\n"
+    )
+    code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
+    assert code == 1
+    assert "exceed the model's maximum of 128 tokens" in output
+    assert no_runs(tmp_path / "a")
+
+
+def test_build_without_recipe_or_model_is_usage() -> None:
+    code, output = invoke("build")
+    assert code == 2
+    assert "give a RECIPE file or --model PATH" in output
+
+
+def test_inspect_an_exported_model(checkpoint, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, f"model: {{source: {checkpoint('bert')}}}\n{FAST}")
+    code, _ = invoke("build", str(recipe), "--artifacts", str(tmp_path), "--quiet", "--run-id", "r1")
+    assert code == 0
+    code, output = invoke("inspect", str(tmp_path / "runs" / "r1" / "models" / "fp32"), "--json")
+    info = json.loads(output)
+    assert code == 0
+    assert info["opset"]["ai.onnx"] == 20
+    assert [i["name"] for i in info["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert info["inputs"][0]["shape"] == ["batch", "sequence"]
+    assert info["ops"]["MatMul"] == 16
+    code, output = invoke(
+        "inspect", str(tmp_path / "runs" / "r1" / "models" / "fp32" / "model.onnx")
+    )
+    assert code == 0 and "LayerNormalization" in output
+
+
+def test_inspect_rejects_non_onnx(tmp_path: Path) -> None:
+    (tmp_path / "x.onnx").write_bytes(b"definitely not protobuf \x00\xff")
+    code, output = invoke("inspect", str(tmp_path / "x.onnx"))
+    assert code == 1
+    assert "is not an ONNX model" in output
+
+
+def test_doctor_lists_targets() -> None:
+    code, output = invoke("doctor", "--json")
+    assert code == 0
+    findings = json.loads(output)
+    targets = {t["name"]: t for t in findings["targets"]}
+    assert targets["ort-cpu"]["available"] is True
+    assert set(targets) == {"ort-cpu", "ort-cuda", "tensorrt"}
+    for target in targets.values():
+        assert target["detail"]
+
+
+def test_report_rejects_a_non_manifest(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
+    code, output = invoke("report", str(tmp_path))
+    assert code == 1
+    assert "schema version 99" in output

@@ -1,0 +1,123 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import RecipeError
+from pipeline.recipe import (
+    DEFAULT_MODEL,
+    Recipe,
+    default_recipe,
+    dump_recipe,
+    load_recipe,
+    parse_recipe,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_are_the_packaged_model_and_two_shapes() -> None:
+    recipe = parse_recipe({})
+    assert recipe.model.source == DEFAULT_MODEL
+    assert recipe.model.task == "feature-extraction"
+    assert recipe.shapes.pairs() == [(1, 128), (8, 128)]
+    assert [v.name for v in recipe.variants] == ["fp32"]
+    assert recipe.latency.runs >= 50
+
+
+def test_shipped_minilm_recipe_is_valid_and_paths_resolve_against_its_folder() -> None:
+    recipe = load_recipe(ROOT / "models" / "minilm.yaml")
+    assert recipe.name == "minilm"
+    assert recipe.data.evaluation == ROOT / "calibration" / "evaluation.jsonl"
+    assert recipe.data.evaluation.is_file()
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  task: [feature-extraction\nshapes: {}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert "YAML syntax error at line" in caught.value.message
+    assert str(path) in caught.value.message
+
+
+def test_unknown_field_lists_allowed_fields(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  sorce: /tmp/x\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    message = caught.value.message
+    assert "model: unknown field 'sorce'" in message
+    assert "allowed: source, task, pooling" in message
+
+
+def test_wrong_type_names_field_and_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "shapes:\n  batch: [1, eight]\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert "shapes.batch[1]: 'eight'" in caught.value.message
+
+
+def test_literal_error_lists_allowed_values() -> None:
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe({"variants": [{"name": "x", "precision": "fp64"}]}, origin="r")
+    assert (
+        "r: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32')" in caught.value.message
+    )
+
+
+def test_unknown_task_is_a_recipe_error() -> None:
+    with pytest.raises(RecipeError, match="model.task: 'summarization' is not allowed"):
+        parse_recipe({"model": {"task": "summarization"}})
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"variants": [{"name": "a"}, {"name": "a"}]}, "two variants share a name"),
+        ({"gates": {"variants": ["nope"]}}, "['nope'] are not variants"),
+        ({"gates": {"min_speedup": 2.0}, "latency": {"enabled": False}}, "need latency"),
+        ({"gates": {"max_p50_ms": {"b8-s128": 3}}}, "must look like b8s128"),
+        ({"shapes": {"batch": [1, 1]}}, "lists a size twice"),
+        ({"shapes": {"sequence": [0]}}, "shapes.sequence[0]"),
+        ({"variants": [{"name": "Has Space"}]}, "variants[0].name"),
+        ({"name": "UPPER"}, "name: 'UPPER'"),
+    ],
+)
+def test_cross_field_errors(data: dict, fragment: str) -> None:
+    with pytest.raises(RecipeError, match=None) as caught:
+        parse_recipe(data)
+    assert fragment in caught.value.message
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="top level must be a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    recipe = load_recipe(ROOT / "models" / "minilm.yaml")
+    again = load_recipe(write(tmp_path, dump_recipe(recipe)))
+    assert again == recipe
+
+
+def test_default_recipe_from_a_path_is_named_after_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "My_Model"
+    recipe = default_recipe(str(folder), "sequence-classification")
+    assert recipe.name == "my_model"
+    assert recipe.model.source == str(folder.resolve())
+    assert recipe.model.task == "sequence-classification"
+
+
+def test_with_model_overrides_source_and_task() -> None:
+    recipe = Recipe().with_model("/tmp/somewhere", "token-classification")
+    assert recipe.model.source == "/tmp/somewhere"
+    assert recipe.model.task == "token-classification"
