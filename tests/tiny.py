@@ -32,9 +32,12 @@ def save_tokenizer(folder: Path, input_names: list[str]) -> None:
     from transformers import BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocabulary()) + "\n", encoding="utf-8")
+    words = vocabulary()
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    # The vocabulary as a mapping: transformers 5 ignores a ``vocab_file`` argument here and
+    # would tokenise every word to [UNK].
     tokenizer = BertTokenizerFast(
-        vocab_file=str(folder / "vocab.txt"), do_lower_case=True, model_max_length=128
+        vocab={w: i for i, w in enumerate(words)}, do_lower_case=True, model_max_length=128
     )
     tokenizer.model_input_names = input_names
     tokenizer.save_pretrained(folder)
