@@ -12,16 +12,29 @@ from typing import Any
 
 import numpy as np
 
+POOLING_MODES = ("mean", "cls", "max", "last")
+
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
-    """One vector per sequence from token embeddings ``[batch, seq, hidden]``."""
+    """One vector per sequence from token embeddings ``[batch, seq, hidden]``.
+
+    Padded positions are selected out, never multiplied by zero: whatever a runtime leaves
+    there (NaN included) must not reach the pooled vector.
+    """
+    real = mask.astype(bool)
+    rows = np.arange(hidden.shape[0])
+    values = hidden.astype(np.float64)
     if mode == "cls":
         # The first real token: position 0 for right padding, later for left padding.
-        first = np.argmax(mask > 0, axis=1)
-        return hidden[np.arange(hidden.shape[0]), first].astype(np.float64)
-    weights = mask.astype(np.float64)[..., None]
-    total = (hidden.astype(np.float64) * weights).sum(axis=1)
-    return total / np.clip(weights.sum(axis=1), 1e-9, None)
+        return values[rows, np.argmax(real, axis=1)]
+    if mode == "last":
+        return values[rows, real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)]
+    if mode == "max":
+        return np.where(real[..., None], values, -np.inf).max(axis=1)
+    if mode != "mean":
+        raise ValueError(f"unknown pooling {mode!r} (known: {', '.join(POOLING_MODES)})")
+    total = np.where(real[..., None], values, 0.0).sum(axis=1)
+    return total / np.clip(real.sum(axis=1), 1, None)[:, None]
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:
@@ -68,10 +81,24 @@ def neighbour_agreement(
 def token_errors(
     reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray
 ) -> tuple[float, float]:
-    """Max and mean absolute error over real tokens of ``[batch, seq, ...]`` outputs."""
+    """Max and mean absolute error over real tokens of ``[batch, seq, ...]`` outputs.
+
+    A NaN or infinity in the candidate makes both errors infinite: ``max`` would otherwise
+    propagate NaN, and every comparison with NaN is false, so a broken model would pass.
+    """
     valid = mask.astype(bool)
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))[valid]
+    if diff.size and not np.all(np.isfinite(diff)):
+        return float("inf"), float("inf")
     return float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0
+
+
+def nonfinite(values: np.ndarray, mask: np.ndarray | None = None) -> int:
+    """How many NaN or infinite values ``values`` holds (at real tokens when a mask is given)."""
+    bad = ~np.isfinite(values)
+    if mask is not None:
+        bad = bad[mask.astype(bool)]
+    return int(bad.sum())
 
 
 def label_agreement(

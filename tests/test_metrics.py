@@ -57,3 +57,24 @@ def test_neighbour_ties_are_not_disagreements() -> None:
     candidate = _circle([0, 10.0000001, 20, 90])  # round-off decides which one is picked
     assert metrics.neighbour_agreement(ref, candidate) == 1.0
     assert metrics.neighbour_agreement(ref, _circle([0, 10, 20, 9])) < 1.0
+
+
+def test_padding_values_never_reach_the_pooled_vector() -> None:
+    hidden = np.array([[[1.0, 2.0], [3.0, 4.0], [np.nan, np.inf]]])
+    mask = np.array([[1, 1, 0]])
+    for mode, expected in (
+        ("mean", [2.0, 3.0]),
+        ("max", [3.0, 4.0]),
+        ("last", [3.0, 4.0]),
+        ("cls", [1.0, 2.0]),
+    ):
+        assert metrics.pool(hidden, mask, mode).tolist() == [expected]
+
+
+def test_non_finite_outputs_are_infinite_errors() -> None:
+    ref = np.zeros((1, 2, 2))
+    out = np.array([[[0.0, np.nan], [0.0, 0.0]]])
+    mask = np.array([[1, 1]])
+    assert metrics.token_errors(ref, out, mask) == (float("inf"), float("inf"))
+    assert metrics.nonfinite(out, mask) == 1
+    assert metrics.nonfinite(out, np.array([[0, 1]])) == 0

@@ -17,7 +17,7 @@ from pipeline.errors import InputError
 
 #: The data sets shipped with the project (built by calibration/build_data.py).
 _SHIPPED = Path(__file__).resolve().parents[2] / "calibration"
-_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text", ".csv": "csv"}
+_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".txt": "text", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,36 @@ def _text_of(value: Any, where: str, field: str) -> str:
     return value
 
 
+def _sample(record: Any, where: str, text_field: str, label_field: str) -> Sample:
+    if not isinstance(record, dict):
+        raise InputError(
+            f"{where} is a JSON {type(record).__name__}, not an object",
+            'write {"text": "..."} per sample',
+        )
+    if text_field not in record:
+        fields = ", ".join(map(repr, record)) or "none"
+        raise InputError(
+            f"{where} has no field {text_field!r} (fields: {fields})",
+            "set data.text_field in the recipe",
+        )
+    return Sample(_text_of(record[text_field], where, text_field), record.get(label_field))
+
+
+def _read_json(path: Path, text_field: str, label_field: str, limit: int) -> list[Sample]:
+    """A .json file: one array of objects (or JSONL saved with a .json name)."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        return _read_jsonl(path, text_field, label_field, limit)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    return [
+        _sample(r, f"{path} item {i}", text_field, label_field)
+        for i, r in enumerate(records[:limit], start=1)
+    ]
+
+
 def _read_jsonl(path: Path, text_field: str, label_field: str, limit: int) -> list[Sample]:
     samples: list[Sample] = []
     with path.open(encoding="utf-8") as handle:
@@ -63,20 +93,7 @@ def _read_jsonl(path: Path, text_field: str, label_field: str, limit: int) -> li
                     f"{where} is not JSON ({error.msg})",
                     "the file must be JSONL: one JSON object per line",
                 ) from None
-            if not isinstance(record, dict):
-                raise InputError(
-                    f"{where} is a JSON {type(record).__name__}, not an object",
-                    'write {"text": "..."} per line',
-                )
-            if text_field not in record:
-                fields = ", ".join(map(repr, record)) or "none"
-                raise InputError(
-                    f"{where} has no field {text_field!r} (fields: {fields})",
-                    "set data.text_field in the recipe",
-                )
-            samples.append(
-                Sample(_text_of(record[text_field], where, text_field), record.get(label_field))
-            )
+            samples.append(_sample(record, where, text_field, label_field))
             if len(samples) >= limit:
                 break
     return samples
@@ -137,6 +154,8 @@ def read_samples(
     try:
         if form == "jsonl":
             samples = _read_jsonl(path, text_field, label_field, limit)
+        elif form == "json":
+            samples = _read_json(path, text_field, label_field, limit)
         elif form == "csv":
             samples = _read_csv(path, text_field, label_field, limit)
         else:

@@ -32,10 +32,20 @@ def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
         max_abs = override.max_abs_error or default.max_abs_error
         checks.append(
             check(
+                "tolerance",
+                variant.name,
+                "nonfinite_outputs",
+                figures["nonfinite_outputs"],
+                0,
+                "max",
+            )
+        )
+        checks.append(
+            check(
                 "tolerance", variant.name, "max_abs_error", figures["max_abs_error"], max_abs, "max"
             )
         )
-        if "mean_cosine" in figures:
+        if "mean_cosine" in figures:  # feature-extraction
             limit = (
                 override.min_mean_cosine
                 if override.min_mean_cosine is not None

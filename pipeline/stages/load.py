@@ -123,12 +123,24 @@ class CheckpointInfo(BaseModel):
     max_length: int | None
     num_parameters: int
     labels: dict[str, int] | None
+    num_labels: int | None
     missing_head_weights: list[str]
     tokenizer: dict[str, Any]
 
     @classmethod
     def read(cls, artifact: Artifact) -> CheckpointInfo:
         return cls.model_validate_json(artifact.path.read_text(encoding="utf-8"))
+
+
+#: sentence-transformers pooling flags -> our pooling. mean_sqrt_len differs from mean only by
+#: a per-text scale, which cosine and nearest neighbours ignore.
+_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "last",
+}
 
 
 def _pooling(folder: Path, requested: str) -> str:
@@ -138,11 +150,24 @@ def _pooling(folder: Path, requested: str) -> str:
     for config_path in sorted(folder.glob("*_Pooling/config.json")):
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if config.get("pooling_mode_cls_token"):
-            return "cls"
-        return "mean"
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(
+                f"{config_path} is not valid JSON ({error})", "fix it, or set model.pooling"
+            ) from None
+        modes = sorted(
+            {_POOLING_FLAGS[k] for k, v in config.items() if v is True and k in _POOLING_FLAGS}
+        )
+        unknown = sorted(
+            k
+            for k, v in config.items()
+            if v is True and k.startswith("pooling_mode_") and k not in _POOLING_FLAGS
+        )
+        if unknown or len(modes) != 1:
+            raise InputError(
+                f"{config_path} asks for pooling {unknown or modes}, which tforge does not compare on",
+                "set model.pooling to mean, cls, max or last in the recipe",
+            )
+        return modes[0]
     return "mean"
 
 
@@ -170,7 +195,10 @@ class LoadStage(Stage[LoadConfig]):
             ) from None
         if not isinstance(config, dict):
             raise InputError(f"{folder}/config.json is not a JSON object")
-        arch = ArchitectureSpec.from_config(config)
+        try:
+            arch = ArchitectureSpec.from_config(config)
+        except InputError as error:
+            raise InputError(f"{folder}: {error.message}", error.hint) from None
         loaded = loaded_model(ctx, folder, self.config.task)
         tokenizer = loaded.tokenizer
         if tokenizer.pad_token is None:
@@ -186,7 +214,8 @@ class LoadStage(Stage[LoadConfig]):
         model_max = getattr(tokenizer, "model_max_length", None)
         if isinstance(model_max, int) and 0 < model_max < 1_000_000:
             limits.append(model_max)
-        labels = config.get("label2id") if self.config.task != "feature-extraction" else None
+        classifier = self.config.task != "feature-extraction"
+        labels = config.get("label2id") if classifier else None
         info = CheckpointInfo(
             task=self.config.task,
             architecture=arch.summary(),
@@ -200,6 +229,7 @@ class LoadStage(Stage[LoadConfig]):
             labels={str(k): int(v) for k, v in labels.items()}
             if isinstance(labels, dict)
             else None,
+            num_labels=int(loaded.model.config.num_labels) if classifier else None,
             missing_head_weights=loaded.missing_keys,
             tokenizer={
                 "class": type(tokenizer).__name__,

@@ -37,6 +37,9 @@ class ReferenceConfig(StageConfig):
     max_samples: int
     text_field: str
     label_field: str
+    #: PyTorch's intra-op threads: set explicitly, so the recorded outputs never depend on
+    #: whatever an earlier stage of the same process set.
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,14 @@ class Batch:
 
 
 class ReferenceData:
-    """The stored reference: batches with their feeds and PyTorch's output."""
+    """The stored reference: batches with their feeds and PyTorch's output, read lazily."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
         self.index: dict[str, Any] = json.loads((folder / INDEX).read_text(encoding="utf-8"))
-        self.arrays = load_file(str(folder / ARRAYS))
+        # One batch at a time: a large model's outputs on the whole set can exceed memory.
+        self._file = safe_open(str(folder / ARRAYS), framework="numpy")
 
     @classmethod
     def of(cls, artifact: Artifact) -> ReferenceData:
@@ -73,15 +77,16 @@ class ReferenceData:
         return labels
 
     def batches(self, side: str) -> Iterator[Batch]:
+        get = self._file.get_tensor
         for entry in self.index["sides"][side]:
             key = entry["key"]
             yield Batch(
                 side=side,
                 key=key,
                 rows=entry["rows"],
-                feed={name: self.arrays[f"{key}/{name}"] for name in self.index["inputs"]},
-                mask=self.arrays[f"{key}/attention_mask"],
-                output=self.arrays[f"{key}/output"],
+                feed={name: get(f"{key}/{name}") for name in self.index["inputs"]},
+                mask=get(f"{key}/attention_mask"),
+                output=get(f"{key}/output"),
                 word_ids=entry.get("word_ids"),
             )
 
@@ -97,20 +102,30 @@ def _labels(samples: list[Sample], info: CheckpointInfo, source: Path) -> list[A
             "label every sample, or none (then only agreement with PyTorch is measured)",
         )
     label2id = info.labels or {}
+    count = info.num_labels
 
     def to_id(value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise InputError(f"{source}: {where}: label {value!r} is not an int or a label name")
-        if isinstance(value, str):
-            if value.isdigit():
-                return int(value)
-            if value not in label2id:
-                raise InputError(
-                    f"{source}: {where}: label {value!r} is not one of the model's labels {sorted(label2id)}"
-                )
+        # A label name first: "2" may be a name that maps to id 1 (star ratings, CSV files).
+        if isinstance(value, str) and value in label2id:
             return label2id[value]
-        return value
+        if isinstance(value, str) and not value.isdigit():
+            raise InputError(
+                f"{source}: {where}: label {value!r} is not one of the model's labels {sorted(label2id)}"
+            )
+        ident = int(value)
+        if count is not None and not 0 <= ident < count:
+            raise InputError(
+                f"{source}: {where}: label id {ident} is out of range (the model has {count} labels)"
+            )
+        return ident
 
+    if info.task == "token-classification" and not info.tokenizer.get("fast"):
+        raise InputError(
+            f"{source}: per-word labels need a fast tokenizer (tokenizer.json) to map words to tokens",
+            "save the tokenizer with a fast tokenizer class, or drop the labels",
+        )
     out: list[Any] = []
     for number, sample in enumerate(samples, start=1):
         if info.task == "token-classification":
@@ -132,6 +147,9 @@ def _labels(samples: list[Sample], info: CheckpointInfo, source: Path) -> list[A
 
 class ReferenceStage(Stage[ReferenceConfig]):
     name = "reference"
+    # PyTorch's CPU kernels differ by instruction set (AVX2, AVX-512, AMX): so do the last bits.
+    facets = ("versions", "hardware")
+    version = 2  # 2: explicit thread count
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from safetensors.numpy import save_file
@@ -149,14 +167,12 @@ class ReferenceStage(Stage[ReferenceConfig]):
         labels = _labels(samples, info, source)
         loaded = loaded_model(ctx, inputs["checkpoint"].path, info.task)
         tokenizer = loaded.tokenizer
-        runner = TorchRunner(task_module(loaded.model, info.task, tuple(info.inputs)), info.output)
-        max_length = min(cfg.max_length, info.max_length or cfg.max_length)
-        # Word mode (pre-split words, for per-word labels) needs a fast tokenizer's word_ids().
-        words = (
-            info.task == "token-classification"
-            and labels is not None
-            and bool(getattr(tokenizer, "is_fast", False))
+        runner = TorchRunner(
+            task_module(loaded.model, info.task, tuple(info.inputs)), info.output, cfg.threads
         )
+        max_length = min(cfg.max_length, info.max_length or cfg.max_length)
+        # Word mode (pre-split words, for per-word labels) uses the fast tokenizer's word_ids().
+        words = info.task == "token-classification" and labels is not None
         texts: list[Any] = [s.text.split() for s in samples] if words else [s.text for s in samples]
         lengths = [len(ids) for ids in tokenizer(texts, is_split_into_words=words)["input_ids"]]
         truncated = sum(n > max_length for n in lengths)

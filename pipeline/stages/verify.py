@@ -6,7 +6,8 @@ Runs the variant on every reference batch (each padding side) and measures:
 * feature-extraction: cosine of pooled, normalised embeddings (mean and worst) and
   nearest-neighbour agreement (does each text keep its closest other text?);
 * classification: agreement of predicted labels (per text, or per real token);
-* the task metric (accuracy) of both PyTorch and the variant, when the data has labels.
+* the task metric (accuracy) of both PyTorch and the variant, when the data has labels;
+* ``nonfinite_outputs``: NaN or infinite values at real positions (any is a failure).
 
 Each figure is taken per padding side and the worst side is reported. The stage only measures;
 whether the figures are good enough is decided from the tolerances and gates, outside it.
@@ -14,6 +15,7 @@ whether the figures are good enough is decided from the tolerances and gates, ou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from pipeline.progress import NullProgress, Progress
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 from pipeline.stages.export import MODEL_FILE, onnx_size
 from pipeline.stages.reference import ReferenceData
+
+_HIGHER_IS_WORSE = ("max_abs_error", "mean_abs_error")
 
 
 def _side_metrics(
@@ -40,6 +44,7 @@ def _side_metrics(
     max_err = 0.0
     err_sum = err_count = 0.0
     agree = total = 0
+    bad_values = 0
     predictions: list[Any] = [None] * n
     references: list[Any] = [None] * n
     for batch in ref.batches(side):
@@ -49,13 +54,17 @@ def _side_metrics(
                 f"variant output shape {output.shape} differs from PyTorch's {batch.output.shape}"
             )
         if task == "sequence-classification":
-            diff = np.abs(output.astype(np.float64) - batch.output)
-            batch_max, batch_mean, count = float(diff.max()), float(diff.mean()), diff.size
+            bad_values += metrics.nonfinite(output)
+            batch_max, batch_mean = metrics.token_errors(
+                batch.output[:, None], output[:, None], np.ones((len(output), 1))
+            )
+            count = output.size
             got, of = metrics.label_agreement(batch.output, output)
             for i, row in enumerate(batch.rows):
                 predictions[row] = int(np.argmax(output[i]))
                 references[row] = int(np.argmax(batch.output[i]))
         else:
+            bad_values += metrics.nonfinite(output, batch.mask)
             batch_max, batch_mean = metrics.token_errors(batch.output, output, batch.mask)
             count = int(batch.mask.sum()) * int(np.prod(batch.output.shape[2:]))
             got = of = 0
@@ -71,10 +80,11 @@ def _side_metrics(
                     metrics.pool(batch.output, batch.mask, mode),
                     metrics.pool(output, batch.mask, mode),
                 )
-                if pooled_ref is None:
-                    pooled_ref = np.zeros((n, p_ref.shape[1]))
-                    pooled_out = np.zeros((n, p_ref.shape[1]))
-                assert pooled_out is not None
+                if pooled_ref is None or pooled_out is None:
+                    pooled_ref, pooled_out = (
+                        np.zeros((n, p_ref.shape[1])),
+                        np.zeros((n, p_ref.shape[1])),
+                    )
                 pooled_ref[batch.rows], pooled_out[batch.rows] = p_ref, p_out
         max_err = max(max_err, batch_max)
         err_sum += batch_mean * count
@@ -85,6 +95,7 @@ def _side_metrics(
     result: dict[str, Any] = {
         "max_abs_error": max_err,
         "mean_abs_error": err_sum / max(err_count, 1),
+        "nonfinite_outputs": bad_values,
     }
     if pooled_ref is not None and pooled_out is not None:
         cos = metrics.cosine(pooled_ref, pooled_out)
@@ -123,8 +134,18 @@ def compare_to_reference(
     overall: dict[str, Any] = {}
     for name in per_side[ref.sides[0]]:
         values = [m[name] for m in per_side.values()]
-        higher_is_worse = name in ("max_abs_error", "mean_abs_error")
-        overall[name] = max(values) if higher_is_worse else min(values)
+        if name == "nonfinite_outputs":
+            overall[name] = sum(values)
+        elif not all(math.isfinite(v) for v in values):
+            # A NaN or infinite figure is the worst possible result: recorded as "no figure"
+            # (JSON has no NaN), and every check on it fails; nonfinite_outputs says why.
+            overall[name] = None
+        else:
+            overall[name] = max(values) if name in _HIGHER_IS_WORSE else min(values)
+    for figures in per_side.values():
+        for name, value in figures.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                figures[name] = None
     overall["per_side"] = per_side
     overall["samples"] = ref.index["samples"]
     return overall
@@ -140,6 +161,9 @@ class VerifyConfig(StageConfig):
 
 class VerifyStage(Stage[VerifyConfig]):
     name = "verify"
+    # ONNX Runtime picks kernels by CPU features (e.g. VNNI for INT8): results are per machine.
+    facets = ("versions", "hardware")
+    version = 2  # 2: non-finite outputs counted
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.backends.onnxruntime_backend import OrtRunner
@@ -155,7 +179,7 @@ class VerifyStage(Stage[VerifyConfig]):
             ctx.progress,
             f"verify {self.config.variant}",
         )
-        stats["size_bytes"] = onnx_size(inputs["model"].path)
+        stats["size_bytes"] = onnx_size(inputs["model"].path / MODEL_FILE)
         return StageResult(stats=stats)
 
     def describe(self) -> str:

@@ -25,6 +25,16 @@ def test_limit_takes_the_first_samples(tmp_path: Path) -> None:
     assert [s.text for s in read_samples(path, kind="evaluation", limit=3)] == ["t0", "t1", "t2"]
 
 
+def test_json_array_and_jsonl_named_json(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two", "label": 1}]))
+    assert [(s.text, s.label) for s in read_samples(tmp_path / "a.json", kind="evaluation")] == [
+        ("one", None),
+        ("two", 1),
+    ]
+    (tmp_path / "b.json").write_text('{"text": "x"}\n{"text": "y"}\n')
+    assert [s.text for s in read_samples(tmp_path / "b.json", kind="evaluation")] == ["x", "y"]
+
+
 def test_text_and_csv(tmp_path: Path) -> None:
     (tmp_path / "d.txt").write_text("one\n\ntwo\n")
     assert [s.text for s in read_samples(tmp_path / "d.txt", kind="calibration")] == ["one", "two"]

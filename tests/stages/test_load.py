@@ -153,3 +153,30 @@ def test_checkpoint_hash_ignores_clutter_but_not_weights(tmp_path: Path) -> None
     config["layer_norm_eps"] = 1e-6
     (folder / "config.json").write_text(json.dumps(config))
     assert checkpoint_artifact(folder).sha256 != first
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"pooling_mode_cls_token": True}, "cls"),
+        ({"pooling_mode_max_tokens": True}, "max"),
+        ({"pooling_mode_mean_sqrt_len_tokens": True}, "mean"),
+        ({"pooling_mode_weightedmean_tokens": True}, None),
+    ],
+)
+def test_pooling_auto_reads_the_sentence_transformers_config(
+    checkpoint, tmp_path: Path, flags: dict, expected: str | None
+) -> None:
+    folder = _copy(checkpoint("bert"), tmp_path)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, **flags})
+    )
+    if expected is None:
+        with pytest.raises(InputError, match="does not compare on"):
+            run_load(BuildContext(), folder, tmp_path / "out")
+    else:
+        assert (
+            CheckpointInfo.read(run_load(BuildContext(), folder, tmp_path / "out")[0]).pooling
+            == expected
+        )

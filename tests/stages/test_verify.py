@@ -171,3 +171,70 @@ def test_reference_arrays_are_the_fed_inputs(
     assert set(batch.feed) == {"input_ids", "attention_mask"}
     assert batch.output.shape[:2] == batch.feed["input_ids"].shape
     assert np.array_equal(batch.mask, batch.feed["attention_mask"])
+
+
+def test_nan_outputs_fail_the_parity_check(checkpoint, recipe_for, shared_artifacts: Path) -> None:
+    """A variant that writes NaN at one real token must fail, not vanish in max()."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.report.checks import tolerance_checks
+    from pipeline.stages.verify import compare_to_reference
+
+    recipe = recipe_for(checkpoint("bert"), latency={"enabled": False})
+    outcome = build(recipe, BuildOptions(artifacts=shared_artifacts))
+    ref = ReferenceData(
+        ArtifactStore(shared_artifacts).output_path(
+            outcome.manifest.stage("reference"), "reference"
+        )
+    )
+    batches = {b.key: b for side in ref.sides for b in ref.batches(side)}
+    poisoned = "left/0001"
+
+    def run(feed: dict) -> np.ndarray:
+        key = next(
+            k for k, b in batches.items() if np.array_equal(b.feed["input_ids"], feed["input_ids"])
+        )
+        out = batches[key].output.copy()
+        if key == poisoned:
+            row, col = np.argwhere(batches[key].mask)[0]
+            out[row, col, 0] = np.nan
+        return out
+
+    stats = compare_to_reference(ref, run)
+    assert stats["nonfinite_outputs"] == 1
+    assert stats["max_abs_error"] is None and stats["per_side"]["right"]["max_abs_error"] == 0.0
+    stages = [
+        s.model_copy(update={"stats": stats}) if s.step == "verify[fp32]" else s
+        for s in outcome.manifest.stages
+    ]
+    failed = {c.metric for c in tolerance_checks(recipe, stages) if not c}
+    assert {"nonfinite_outputs", "max_abs_error", "mean_cosine"} <= failed
+
+
+def test_label_names_win_over_ids_and_ids_are_range_checked(tmp_path: Path) -> None:
+    from pipeline.calibration import Sample
+    from pipeline.errors import InputError
+    from pipeline.stages.load import CheckpointInfo
+    from pipeline.stages.reference import _labels
+
+    info = CheckpointInfo(
+        task="sequence-classification",
+        architecture={},
+        inputs=["input_ids"],
+        output="logits",
+        pooling="none",
+        max_length=128,
+        num_parameters=1,
+        labels={"1": 0, "2": 1, "3": 2},
+        num_labels=3,
+        missing_head_weights=[],
+        tokenizer={"fast": True},
+    )
+    assert _labels([Sample("a", "2"), Sample("b", 0), Sample("c", "3")], info, tmp_path) == [
+        1,
+        0,
+        2,
+    ]
+    with pytest.raises(InputError, match="label id 5 is out of range"):
+        _labels([Sample("a", 5)], info, tmp_path)
+    with pytest.raises(InputError, match="'POSITIVE' is not one of the model's labels"):
+        _labels([Sample("a", "POSITIVE")], info, tmp_path)
