@@ -179,33 +179,73 @@ class ArtifactStore:
     def writing(self, key: str) -> Iterator[Path]:
         """A fresh temporary folder for a stage to write into; removed unless committed."""
         self.cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=self.cache))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(key[:12]), dir=self.cache))
         try:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def commit(self, tmp: Path, record: StageRecord) -> StageRecord:
-        """Hash the outputs, write the record, and move the folder into place atomically."""
-        outputs = {}
-        for name, out in record.outputs.items():
-            path = tmp / out.path
+    def commit(self, tmp: Path, record: StageRecord, outputs: dict[str, str]) -> StageRecord:
+        """Hash ``outputs`` (name -> path in ``tmp``), write the record, move it all into place."""
+        hashed = {}
+        for name, relative in outputs.items():
+            path = tmp / relative
             if not path.exists():
                 raise RuntimeError(
-                    f"stage {record.stage} declared output {name!r} but did not write {out.path}"
+                    f"stage {record.stage} declared output {name!r} but did not write {relative}"
                 )
-            outputs[name] = OutputRecord(
-                path=out.path, sha256=sha256_path(path), size=size_of(path)
-            )
-        record = record.model_copy(update={"outputs": outputs})
+            hashed[name] = OutputRecord(path=relative, sha256=sha256_path(path), size=size_of(path))
+        record = record.model_copy(update={"outputs": hashed})
         (tmp / self.RECORD).write_text(record.model_dump_json(indent=2), encoding="utf-8")
         final = self.folder(record.key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            # A stale or concurrent entry: the new one is complete, so it replaces the old.
-            shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if final.exists() and self.lookup(record.key) is None:
+            shutil.rmtree(final, ignore_errors=True)  # a damaged entry: replaced by this one
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another build committed the same key first (same key: same result). Keep theirs.
+            existing = self.lookup(record.key)
+            if existing is None:
+                raise
+            return existing.model_copy(update={"seconds": record.seconds, "step": record.step})
         return record
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Temporary folders of builds that died (their process is gone): never results, removed."""
+        removed = []
+        for parent in (self.cache, self.runs):
+            if not parent.is_dir():
+                continue
+            for path in parent.glob(".tmp-*"):
+                pid = _pid_of(path.name)
+                if pid is not None and not _alive(pid):
+                    if path.is_symlink() or path.is_file():
+                        path.unlink(missing_ok=True)
+                    else:
+                        shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+        return removed
+
+
+def temp_prefix(label: str) -> str:
+    """Temporary names carry the owner's pid, so a later build can tell a dead one's leftovers."""
+    return f".tmp-{os.getpid()}-{label}-"
+
+
+def _pid_of(name: str) -> int | None:
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,18 +24,18 @@ from pipeline import __version__, environment
 from pipeline.artifacts import (
     Artifact,
     ArtifactStore,
-    OutputRecord,
     StageRecord,
     canonical_json,
     link_or_copy,
     stage_key,
+    temp_prefix,
     write_text_atomic,
 )
 from pipeline.calibration import read_samples, shipped_data
-from pipeline.errors import InputError
+from pipeline.errors import InputError, RecipeError
 from pipeline.manifest import InputRecord, Manifest
 from pipeline.progress import NullProgress, Progress
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, check_name
 from pipeline.recipes import Plan, encoder_pipeline
 from pipeline.report import build_report, render_json, render_markdown
 from pipeline.report.checks import evaluate
@@ -71,7 +72,8 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
     folder = resolve_source(recipe.model.source)
     data = recipe.data
     evaluation = data.evaluation or shipped_data("evaluation")
-    # Read the evaluation data now: a bad file fails the build before minutes of export.
+    # Read the data now: a bad file fails the build before minutes of export. The calibration
+    # set is checked when the recipe names one (static INT8 variants read it).
     read_samples(
         evaluation,
         kind="evaluation",
@@ -79,6 +81,8 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         label_field=data.label_field,
         limit=data.max_samples,
     )
+    if data.calibration is not None:
+        read_samples(data.calibration, kind="calibration", text_field=data.text_field, limit=1)
     return {
         "checkpoint": checkpoint_artifact(folder),
         "evaluation": Artifact.of("evaluation", evaluation),
@@ -92,7 +96,7 @@ def plan_for(recipe: Recipe) -> Plan:
 def _key(step: Step, inputs: dict[str, Artifact]) -> str:
     stage = step.stage
     return stage_key(
-        stage.name,
+        f"{stage.name}@{stage.version}",
         stage.key_config(),
         {n: a.sha256 for n, a in inputs.items()},
         environment.facets(stage.facets),
@@ -118,14 +122,11 @@ def run_step(
             key=key,
             config=step.stage.key_config(),
             inputs={name: a.sha256 for name, a in inputs.items()},
-            outputs={
-                name: OutputRecord(path=path, sha256="", size=0)
-                for name, path in result.outputs.items()
-            },
+            outputs={},
             stats=result.stats,
             seconds=round(seconds, 4),
         )
-        record = store.commit(tmp, record)
+        record = store.commit(tmp, record, result.outputs)
     log.info("stage %-16s key %s built    %.2fs", step.id, key[:12], seconds)
     return record
 
@@ -140,13 +141,25 @@ def run_plan(
     produced = {f"input:{name}": artifact for name, artifact in external.items()}
     for index, step in enumerate(plan.steps):
         ctx.progress.step_started(index, len(plan.steps), step.id)
-        inputs = {name: produced[ref] for name, ref in step.inputs.items()}
+        inputs = _wire(step, produced)
+        if inputs is None:
+            raise RuntimeError(f"plan error: {step.id} runs before one of its inputs {step.inputs}")
         force = options.no_cache or (options.remeasure and step.stage.name == "latency")
         record = run_step(step, inputs, ctx, store, force)
-        for name, artifact in store.artifacts(record).items():
-            produced[f"{step.id}.{name}"] = artifact
+        produced.update(_outputs(step, store, record))
         ctx.progress.step_finished(record)
         yield record
+
+
+def _wire(step: Step, produced: dict[str, Artifact]) -> dict[str, Artifact] | None:
+    """The step's inputs from what earlier steps produced; None while one is still missing."""
+    if not all(ref in produced for ref in step.inputs.values()):
+        return None
+    return {name: produced[ref] for name, ref in step.inputs.items()}
+
+
+def _outputs(step: Step, store: ArtifactStore, record: StageRecord) -> dict[str, Artifact]:
+    return {f"{step.id}.{name}": artifact for name, artifact in store.artifacts(record).items()}
 
 
 @dataclass(frozen=True)
@@ -166,15 +179,15 @@ def describe_plan(recipe: Recipe, artifacts: Path) -> list[PlannedStep]:
     produced: dict[str, Artifact] = {f"input:{name}": a for name, a in external.items()}
     rows = []
     for step in plan.steps:
-        refs = list(step.inputs.values())
-        if all(ref in produced for ref in refs):
-            inputs = {name: produced[ref] for name, ref in step.inputs.items()}
-            hit = store.lookup(_key(step, inputs))
-            if hit is not None:
-                produced.update({f"{step.id}.{n}": a for n, a in store.artifacts(hit).items()})
-            status = "cached" if hit is not None else "run"
-        else:
-            status = "run (after its inputs)"
+        inputs = _wire(step, produced)
+        hit = store.lookup(_key(step, inputs)) if inputs is not None else None
+        if hit is not None:
+            produced.update(_outputs(step, store, hit))
+        status = (
+            "cached"
+            if hit is not None
+            else ("run" if inputs is not None else "run (after its inputs)")
+        )
         rows.append(
             PlannedStep(
                 step=step.id, stage=step.stage.describe(), inputs=step.inputs, status=status
@@ -194,7 +207,18 @@ def check_against_checkpoint(recipe: Recipe, info: CheckpointInfo) -> None:
             )
 
 
-def new_run_id(store: ArtifactStore, name: str) -> str:
+def choose_run_id(store: ArtifactStore, requested: str | None, name: str) -> str:
+    """The run folder's name, checked before any work: a given one must be new and file-safe."""
+    if requested is not None:
+        try:
+            check_name(requested)
+        except ValueError as error:
+            raise RecipeError(f"--run-id {requested!r}: {error}") from None
+        if (store.runs / requested).exists():
+            raise InputError(
+                f"run folder {store.runs / requested} already exists", "pass another --run-id"
+            )
+        return requested
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_id = f"{stamp}-{name}"
     suffix = 1
@@ -207,10 +231,7 @@ def new_run_id(store: ArtifactStore, name: str) -> str:
 def write_run(store: ArtifactStore, manifest: Manifest, report: Report) -> Path:
     """Assemble the run folder in a temporary folder, then rename it into place."""
     final = store.runs / manifest.run_id
-    if final.exists():
-        raise InputError(f"run folder {final} already exists", "pass another --run-id")
-    tmp = store.runs / f".tmp-{manifest.run_id}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(manifest.run_id), dir=store.runs))
     try:
         for variant, step in manifest.variant_models.items():
             step_id, _, output = step.partition(".")
@@ -221,12 +242,17 @@ def write_run(store: ArtifactStore, manifest: Manifest, report: Report) -> Path:
         write_text_atomic(tmp / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
         write_text_atomic(tmp / "report.json", render_json(report))
         write_text_atomic(tmp / "report.md", render_markdown(report))
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            raise InputError(
+                f"run folder {final} appeared while this build ran", "pass another --run-id"
+            ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     latest = store.runs / "latest"
     with contextlib.suppress(OSError):
-        link = store.runs / f".latest-{os.getpid()}"
+        link = store.runs / f"{temp_prefix('latest')}link"
         link.unlink(missing_ok=True)
         link.symlink_to(manifest.run_id)
         os.replace(link, latest)
@@ -246,6 +272,8 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     clock = _Clock()
     store = ArtifactStore(options.artifacts)
     store.ensure_writable()
+    store.remove_stale_temporaries()
+    run_id = choose_run_id(store, options.run_id, recipe.name)
     external = resolve_inputs(recipe)
     plan = plan_for(recipe)
     ctx = BuildContext(progress=progress or NullProgress())
@@ -257,7 +285,7 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     recipe_json = recipe.model_dump(mode="json")
     manifest = Manifest(
         tforge_version=__version__,
-        run_id=options.run_id or new_run_id(store, recipe.name),
+        run_id=run_id,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         recipe=recipe_json,
         recipe_sha256=hashlib.sha256(canonical_json(recipe_json).encode()).hexdigest(),
@@ -272,8 +300,6 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
         build={
             "seconds": clock.seconds(),
             "peak_rss_bytes": environment.peak_rss_bytes(),
-            "steps": len(records),
-            "cached_steps": sum(r.cached for r in records),
         },
     )
     report = build_report(manifest)

@@ -7,7 +7,6 @@ import pytest
 from pipeline.artifacts import (
     Artifact,
     ArtifactStore,
-    OutputRecord,
     StageRecord,
     link_or_copy,
     sha256_path,
@@ -17,14 +16,15 @@ from pipeline.artifacts import (
 from pipeline.errors import InputError
 
 
-def record(key: str, outputs: dict[str, str]) -> StageRecord:
+def record(key: str) -> StageRecord:
+    """A stage record before commit: ``commit`` hashes the outputs and fills them in."""
     return StageRecord(
         step="s",
         stage="s",
         key=key,
         config={},
         inputs={},
-        outputs={n: OutputRecord(path=p, sha256="", size=0) for n, p in outputs.items()},
+        outputs={},
         stats={"n": 1},
         seconds=0.1,
     )
@@ -71,7 +71,7 @@ def test_commit_then_lookup_returns_the_record(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     with store.writing("k" * 64) as tmp:
         (tmp / "out.txt").write_text("hello")
-        committed = store.commit(tmp, record("k" * 64, {"out": "out.txt"}))
+        committed = store.commit(tmp, record("k" * 64), {"out": "out.txt"})
     found = store.lookup("k" * 64)
     assert found == committed
     assert found.outputs["out"].size == 5
@@ -92,7 +92,7 @@ def test_changed_output_invalidates_the_entry(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     with store.writing("c" * 64) as tmp:
         (tmp / "out.txt").write_text("hello")
-        committed = store.commit(tmp, record("c" * 64, {"out": "out.txt"}))
+        committed = store.commit(tmp, record("c" * 64), {"out": "out.txt"})
     store.output_path(committed, "out").write_text("jello")
     assert store.lookup("c" * 64) is None
 
@@ -108,7 +108,7 @@ def test_corrupt_record_is_a_miss(tmp_path: Path) -> None:
 def test_missing_declared_output_is_a_bug_not_a_result(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     with pytest.raises(RuntimeError, match="did not write"), store.writing("e" * 64) as tmp:
-        store.commit(tmp, record("e" * 64, {"out": "missing.txt"}))
+        store.commit(tmp, record("e" * 64), {"out": "missing.txt"})
     assert store.lookup("e" * 64) is None
 
 
@@ -140,3 +140,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_second_commit_of_the_same_key_keeps_the_first(tmp_path: Path) -> None:
+    """Two builds racing on one key: same key, same result; the loser's copy is dropped."""
+    store = ArtifactStore(tmp_path)
+    with store.writing("r" * 64) as tmp:
+        (tmp / "out.txt").write_text("first")
+        store.commit(tmp, record("r" * 64), {"out": "out.txt"})
+    with store.writing("r" * 64) as tmp:
+        (tmp / "out.txt").write_text("first")
+        again = store.commit(tmp, record("r" * 64), {"out": "out.txt"})
+    assert store.lookup("r" * 64) == again.model_copy(update={"seconds": 0.1})
+    assert not [p for p in store.cache.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_stale_temporaries_of_dead_builds_are_removed(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    store.ensure_writable()
+    dead = store.cache / ".tmp-999999999-abc-x"
+    mine = store.runs / f".tmp-{os.getpid()}-run-y"
+    dead.mkdir()
+    mine.mkdir()
+    assert store.remove_stale_temporaries() == [dead]
+    assert not dead.exists() and mine.exists()

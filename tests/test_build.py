@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from pipeline.build import BuildOptions, build, describe_plan
 from pipeline.manifest import Manifest
@@ -107,3 +108,67 @@ def test_dry_run_plan_reports_cache_state(checkpoint, recipe_for, tmp_path: Path
     build(recipe, BuildOptions(artifacts=tmp_path))
     assert [r.status for r in describe_plan(recipe, tmp_path)] == ["cached"] * 4
     assert not list((tmp_path / "runs").glob(".tmp-*"))
+
+
+def test_no_cache_reruns_a_warm_store(checkpoint, recipe_for, tmp_path: Path) -> None:
+    recipe = recipe_for(checkpoint("bert"), latency={"enabled": False})
+    first = build(recipe, BuildOptions(artifacts=tmp_path))
+    again = build(recipe, BuildOptions(artifacts=tmp_path, no_cache=True))
+    assert not any(s.cached for s in again.manifest.stages)
+    assert [s.key for s in again.manifest.stages] == [s.key for s in first.manifest.stages]
+    assert [s.outputs for s in again.manifest.stages] == [s.outputs for s in first.manifest.stages]
+
+
+def test_each_setting_reruns_exactly_the_stages_that_read_it(
+    checkpoint, recipe_for, tmp_path: Path
+) -> None:
+    base = recipe_for(checkpoint("bert"))
+    build(base, BuildOptions(artifacts=tmp_path))
+    changes = {
+        "data.max_length": ({"data": {"max_length": 24}}, {"reference", "verify[fp32]"}),
+        "verify.padding": ({"verify": {"padding": ["left"]}}, {"reference", "verify[fp32]"}),
+        "latency.runs": ({"latency": {"runs": 4}}, {"latency"}),
+        "shapes": ({"shapes": {"batch": [1], "sequence": [16]}}, {"latency"}),
+        "variant session level": (
+            {"variants": [{"name": "fp32", "session_optimization": "basic"}]},
+            {"verify[fp32]", "latency"},
+        ),
+        "export.opset": ({"export": {"opset": 19}}, {"export", "verify[fp32]", "latency"}),
+    }
+    for label, (sections, expected) in changes.items():
+        outcome = build(
+            recipe_for(checkpoint("bert"), **sections), BuildOptions(artifacts=tmp_path)
+        )
+        ran = {s.step for s in outcome.manifest.stages if not s.cached}
+        assert ran == expected, label
+
+
+def test_a_failure_while_writing_the_run_leaves_no_run_folder(
+    checkpoint, recipe_for, tmp_path: Path, monkeypatch
+) -> None:
+    import pipeline.build
+
+    def broken(source: Path, target: Path) -> None:
+        (target / "partial").mkdir(parents=True)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline.build, "link_or_copy", broken)
+    recipe = recipe_for(checkpoint("bert"), latency={"enabled": False})
+    with pytest.raises(OSError, match="disk full"):
+        build(recipe, BuildOptions(artifacts=tmp_path, run_id="doomed"))
+    runs = tmp_path / "runs"
+    assert not (runs / "doomed").exists()
+    assert not [p for p in runs.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_run_id_is_checked_before_any_work(checkpoint, recipe_for, tmp_path: Path) -> None:
+
+    from pipeline.errors import InputError, RecipeError
+
+    recipe = recipe_for(checkpoint("bert"), latency={"enabled": False})
+    with pytest.raises(RecipeError, match="--run-id 'a/b'"):
+        build(recipe, BuildOptions(artifacts=tmp_path, run_id="a/b"))
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    with pytest.raises(InputError, match="already exists"):
+        build(recipe, BuildOptions(artifacts=tmp_path, run_id="taken"))
+    assert not list((tmp_path / "cache").rglob("record.json"))

@@ -53,6 +53,8 @@ class Stage(ABC, Generic[ConfigT]):
     name: ClassVar[str]
     #: Environment parts the result depends on (see pipeline.environment.facets).
     facets: ClassVar[tuple[str, ...]] = ("versions",)
+    #: Bumped when the stage's output changes for the same inputs and config; part of the key.
+    version: ClassVar[int] = 1
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

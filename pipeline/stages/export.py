@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import shutil
 import warnings
 from collections import Counter
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import Artifact
-from pipeline.errors import ExportError
+from pipeline.errors import ExportError, first_line
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 from pipeline.stages.load import TOKENIZER_FILES, CheckpointInfo, loaded_model
 
@@ -66,14 +65,6 @@ def _quiet_exporter() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
 def _summarise(error: BaseException) -> str:
     """The exporter's own words, short: its outer message and the root cause's first line.
 
@@ -83,18 +74,25 @@ def _summarise(error: BaseException) -> str:
     root = error
     while (cause := root.__cause__ or root.__context__) is not None and cause is not root:
         root = cause
-    outer = _first_line(error).split(". ")[0][:160]
+    outer = first_line(error).split(". ")[0][:160]
     if root is error:
         return f"{type(error).__name__}: {outer}"
-    return f"{outer}: {type(root).__name__}: {_first_line(root)[:240]}"
+    return f"{outer}: {type(root).__name__}: {first_line(root, 240)}"
 
 
-def onnx_size(folder: Path) -> int:
-    """Bytes of the ONNX graph and its weights in a model folder (not config or tokenizer)."""
-    from pipeline.artifacts import size_of
+def onnx_size(path: Path) -> int:
+    """Bytes of an ONNX file plus the external-data files its initializers name."""
+    import onnx
 
-    shipped = {"config.json", *TOKENIZER_FILES}
-    return sum(size_of(p) for p in folder.iterdir() if p.is_file() and p.name not in shipped)
+    model = onnx.load(str(path), load_external_data=False)
+    external = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external)
 
 
 def onnx_dims(value_info: Any) -> list[str | int]:
@@ -105,7 +103,11 @@ def graph_stats(path: Path) -> dict[str, Any]:
     """Counts of an ONNX file (without loading external weights)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    return model_stats(onnx.load(str(path), load_external_data=False))
+
+
+def model_stats(model: Any) -> dict[str, Any]:
+    """Opsets, node and initializer counts, op histogram, input and output shapes."""
     ops = Counter(
         node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         for node in model.graph.node
@@ -120,12 +122,30 @@ def graph_stats(path: Path) -> dict[str, Any]:
     }
 
 
+#: Node metadata that names files on this machine (the exporter's Python stack traces, with
+#: absolute paths of site-packages): dropped, or the same model exported from two installs
+#: gives two different files. The module namespace and name scopes, which map nodes back to
+#: the model's modules, stay.
+_MACHINE_SPECIFIC = ("pkg.torch.onnx.stack_trace",)
+
+
+def _drop_machine_specific_metadata(model: Any) -> None:
+    import onnx_ir as ir
+
+    graphs = [model.graph, *(f for f in model.functions.values())]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for key in _MACHINE_SPECIFIC:
+                node.metadata_props.pop(key, None)
+
+
 class ExportConfig(StageConfig):
     opset: int
 
 
 class ExportStage(Stage[ExportConfig]):
     name = "export"
+    version = 2  # 2: machine-specific stack traces dropped from node metadata
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         import torch
@@ -170,6 +190,7 @@ class ExportStage(Stage[ExportConfig]):
         target.mkdir()
         model_path = target / MODEL_FILE
         size = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+        _drop_machine_specific_metadata(program.model)
         with _quiet_exporter():
             program.save(str(model_path), external_data=size > _TWO_GB)
         self._check(model_path, info)

@@ -23,11 +23,21 @@ from pipeline.backends.memory import MemoryProbe, peak_rss
 from pipeline.backends.timing import LatencyStats, time_interleaved
 from pipeline.backends.torch_backend import TorchRunner, task_module
 from pipeline.calibration import read_samples
+from pipeline.errors import InputError
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 from pipeline.stages.export import MODEL_FILE, onnx_size
-from pipeline.stages.load import WEIGHT_FILES, CheckpointInfo, loaded_model
+from pipeline.stages.load import CheckpointInfo, loaded_model
 
 PYTORCH = "pytorch"
+
+
+def weights_size(folder: Path) -> int:
+    """Bytes of a checkpoint's weights: its safetensors shards, else its pickle shards."""
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return sum(size_of(f) for f in files)
+    return 0
 
 
 def shape_key(batch: int, sequence: int) -> str:
@@ -39,7 +49,10 @@ def token_stream(tokenizer: Any, texts: list[str]) -> np.ndarray:
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     stream = np.fromiter((t for row in ids for t in row), dtype=np.int64)
     if stream.size == 0:
-        raise ValueError("the evaluation texts produce no tokens")
+        raise InputError(
+            "the evaluation texts produce no tokens to time with",
+            "give data.evaluation some real text",
+        )
     return stream
 
 
@@ -127,9 +140,8 @@ class LatencyStage(Stage[LatencyConfig]):
                         seconds, batch
                     ).as_dict()
 
-        weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
-        sizes = {PYTORCH: sum(size_of(p) for p in weights)}
-        sizes.update({name: onnx_size(path.parent) for name, path in paths.items()})
+        sizes = {PYTORCH: weights_size(folder)}
+        sizes.update({name: onnx_size(path) for name, path in paths.items()})
         stats: dict[str, Any] = {
             "threads": cfg.threads,
             "warmup": cfg.warmup,

@@ -63,6 +63,18 @@ def test_export_is_reproducible(checkpoint, tmp_path: Path) -> None:
     assert hashes[0] == hashes[1]
 
 
+def test_export_names_no_file_of_this_machine(checkpoint, tmp_path: Path) -> None:
+    """Install paths must not reach the graph, or two installs export different bytes."""
+    ctx = BuildContext()
+    info, _ = run_load(ctx, checkpoint("bert"), tmp_path / "load")
+    model_dir, _ = run_export(ctx, checkpoint("bert"), info, tmp_path / "export")
+    raw = (model_dir.path / MODEL_FILE).read_bytes()
+    assert b"site-packages" not in raw and str(Path(__file__).parents[2]).encode() not in raw
+    model = onnx.load(str(model_dir.path / MODEL_FILE))
+    keys = {p.key for node in model.graph.node for p in node.metadata_props}
+    assert "namespace" in keys and "pkg.torch.onnx.stack_trace" not in keys
+
+
 def test_unexportable_model_is_an_export_error_with_the_reason(tmp_path: Path) -> None:
     """A Longformer (data-dependent sliding-window shapes) fails torch.export; we summarise why."""
     import transformers
