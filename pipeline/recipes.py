@@ -49,6 +49,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                     max_samples=data.max_samples,
                     text_field=data.text_field,
                     label_field=data.label_field,
+                    threads=threads,
                 )
             ),
             {**checkpoint, "evaluation": "input:evaluation"},

@@ -19,8 +19,13 @@ def test_the_two_commands_are_make_targets_that_build_and_test() -> None:
     assert commands == ["make build", "make test"]
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    for target, expected in (("build", "tforge build models/minilm.yaml"), ("test", "python -m pytest")):
-        plan = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for target, expected in (
+        ("build", "tforge build models/minilm.yaml"),
+        ("test", "python -m pytest"),
+    ):
+        plan = subprocess.run(
+            ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
         assert expected in plan
         assert "torch==2.13.0" in plan  # torch first, so no CUDA build is pulled
 

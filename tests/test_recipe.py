@@ -85,6 +85,11 @@ def test_unknown_task_is_a_recipe_error() -> None:
         ({"shapes": {"sequence": [0]}}, "shapes.sequence[0]"),
         ({"variants": [{"name": "Has Space"}]}, "variants[0].name"),
         ({"name": "UPPER"}, "name: 'UPPER'"),
+        ({"name": "latest"}, "not 'latest'"),
+        ({"gates": {"max_p50_ms": {"b8s256": 100}}}, "['b8s256'] are not timed shapes"),
+        ({"verify": {"padding": ["right", "right"]}}, "lists a side twice"),
+        ({"shapes": {"sequence": [2, 128]}}, "shorter than 4 tokens"),
+        ({"model": {"source": "package:../evil"}}, "package: needs a distribution name"),
     ],
 )
 def test_cross_field_errors(data: dict, fragment: str) -> None:

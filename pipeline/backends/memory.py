@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.errors import TforgeError
 
 
 @dataclass(frozen=True)
@@ -61,4 +64,10 @@ def peak_rss(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
     with ProcessPoolExecutor(
         max_workers=1, mp_context=multiprocessing.get_context("spawn")
     ) as pool:
-        return pool.submit(_probe, probe, feed).result()
+        try:
+            return pool.submit(_probe, probe, feed).result()
+        except BrokenProcessPool:
+            raise TforgeError(
+                f"the memory probe for {probe.path} died (out of memory?)",
+                "set latency.memory: false to skip peak-memory measurement",
+            ) from None

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import TforgeError, first_line
+
 #: ORT's own graph optimisation levels, by the recipe's names.
 OPTIMIZATION_LEVELS = {
     "disabled": "ORT_DISABLE_ALL",
@@ -44,11 +46,19 @@ class OrtRunner:
 
         self.name = name
         self.path = path
-        self.session = ort.InferenceSession(
-            str(path),
-            sess_options=session_options(threads, optimization),
-            providers=["CPUExecutionProvider"],
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path),
+                sess_options=session_options(threads, optimization),
+                providers=["CPUExecutionProvider"],
+            )
+        # onnxruntime's load errors are pybind11 exception types (Fail, InvalidGraph,
+        # NotImplemented...) with no common public base but Exception.
+        except Exception as error:
+            raise TforgeError(
+                f"ONNX Runtime {ort.__version__} cannot load {path}: {first_line(error)}",
+                "check the opset and operators against this onnxruntime (tforge inspect shows them)",
+            ) from error
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +53,11 @@ def load_model(folder: Path, task: str) -> LoadedModel:
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
+    # The tokenizers library raises a bare Exception for a damaged tokenizer.json, so this one
+    # call catches everything: any failure here means "these tokenizer files are unusable".
+    except Exception as error:
         raise InputError(
-            f"{folder}: the tokenizer cannot be loaded ({_first_line(error)})",
+            f"{folder}: the tokenizer cannot be loaded ({first_line(error)})",
             "the folder needs tokenizer files (tokenizer.json or vocab files) saved by save_pretrained",
         ) from None
     try:
@@ -70,12 +72,12 @@ def load_model(folder: Path, task: str) -> LoadedModel:
         ) from None
     except SafetensorError as error:
         raise InputError(
-            f"{folder}: the safetensors weights are damaged or truncated ({_first_line(error)})",
+            f"{folder}: the safetensors weights are damaged or truncated ({first_line(error)})",
             "copy the checkpoint again",
         ) from None
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise InputError(
-            f"{folder}: the weights cannot be loaded for {task} ({_first_line(error)})"
+            f"{folder}: the weights cannot be loaded for {task} ({first_line(error)})"
         ) from None
     model.eval()
     missing = sorted(info.get("missing_keys", []))
@@ -87,11 +89,6 @@ def load_model(folder: Path, task: str) -> LoadedModel:
             task,
         )
     return LoadedModel(model=model, tokenizer=tokenizer, missing_keys=missing)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]
 
 
 def task_module(model: Any, task: str, inputs: tuple[str, ...]) -> torch.nn.Module:

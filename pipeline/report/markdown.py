@@ -9,18 +9,18 @@ def _mb(size: int | None) -> str:
     return "–" if size is None else f"{size / 1e6:.1f}"
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def figure(value: float | None, spec: str) -> str:
+    """A figure for a table; a dash where there is none (not measured, or not finite)."""
     return "–" if value is None else format(value, spec)
 
 
 def _accuracy_cells(c: Contender) -> list[str]:
     if c.accuracy is None:
         return ["reference", "–", "–"]
-    cos = c.accuracy.get("mean_cosine")
     return [
-        _fmt(c.accuracy.get("max_abs_error"), ".2e"),
-        _fmt(cos, ".6f") if cos is not None else "–",
-        _fmt(c.accuracy.get("agreement"), ".3f"),
+        figure(c.accuracy.get("max_abs_error"), ".2e"),
+        figure(c.accuracy.get("mean_cosine"), ".6f"),
+        figure(c.accuracy.get("agreement"), ".3f"),
     ]
 
 
@@ -79,9 +79,11 @@ def render_markdown(report: Report) -> str:
         lines.append(f"- {mark} {check.source}: {check}")
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
-    lines += ["", "## Stages", "", "| step | cached | seconds |", "|---|---|---|"]
+    lines += ["", "## Stages", "", "| step | this build | seconds |", "|---|---|---|"]
     for stage in report.stages:
-        lines.append(f"| {stage.step} | {'yes' if stage.cached else 'no'} | {stage.seconds:.2f} |")
+        done = "from cache" if stage.cached else "ran"
+        seconds = f"({stage.seconds:.2f} when built)" if stage.cached else f"{stage.seconds:.2f}"
+        lines.append(f"| {stage.step} | {done} | {seconds} |")
     hw = report.environment.get("hardware", {})
     versions = report.environment.get("versions", {})
     lines += [

@@ -13,14 +13,18 @@ from pipeline.report.model import json_schema, read_report
 def test_check_is_truthy_and_says_what_would_pass() -> None:
     ok = check("gate", "fp32", "mean_cosine", 0.9995, 0.999, "min")
     bad = check("gate", "int8", "p50_ms", 12.5, 10.0, "max", shape="b1s128")
-    missing = check("gate", "fp32", "task_metric", None, 0.9, "min", note="the evaluation data has no labels")
+    missing = check(
+        "gate", "fp32", "task_metric", None, 0.9, "min", note="the evaluation data has no labels"
+    )
     assert ok and not bad and not missing
     assert str(ok) == "fp32 mean_cosine = 0.9995, limit >= 0.999: ok"
     assert str(bad) == "int8 p50_ms @b1s128 = 12.5, limit <= 10: FAILED (would pass with <= 12.5)"
     assert "not measured (the evaluation data has no labels)" in str(missing)
 
 
-def test_reports_are_pure_functions_of_the_manifest(checkpoint, recipe_for, shared_artifacts: Path) -> None:
+def test_reports_are_pure_functions_of_the_manifest(
+    checkpoint, recipe_for, shared_artifacts: Path
+) -> None:
     outcome = build(recipe_for(checkpoint("bert")), BuildOptions(artifacts=shared_artifacts))
     text = (outcome.run_dir / "manifest.json").read_text()
     manifest = Manifest.parse(text, "manifest")
