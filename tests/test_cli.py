@@ -71,9 +71,9 @@ def test_build_recipe_prints_table_and_caches(checkpoint, tmp_path: Path) -> Non
     code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
     assert code == 0, output
     assert "b1s16 p50 ms" in output and "fp32" in output
-    assert "(0 of 5 steps from cache)" in output
+    assert "(0 of 6 steps from cache)" in output
     code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
-    assert "(5 of 5 steps from cache)" in output
+    assert "(6 of 6 steps from cache)" in output
 
 
 def test_dry_run_and_print_recipe_do_no_work(checkpoint, tmp_path: Path) -> None:
@@ -89,6 +89,7 @@ def test_dry_run_and_print_recipe_do_no_work(checkpoint, tmp_path: Path) -> None
         "load": "run",
         "export": "run (after its inputs)",
         "reference": "run (after its inputs)",
+        "optimize[fp32]": "run (after its inputs)",
         "verify[fp32]": "run (after its inputs)",
         "latency": "run (after its inputs)",
     }
@@ -273,7 +274,9 @@ def test_inspect_an_exported_model(checkpoint, tmp_path: Path) -> None:
     assert info["opset"]["ai.onnx"] == 20
     assert [i["name"] for i in info["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     assert info["inputs"][0]["shape"] == ["batch", "sequence"]
-    assert info["ops"]["MatMul"] == 16
+    # The fused graph: per layer one Attention, and three MatMuls left (output, FFN in and out).
+    assert info["ops"]["com.microsoft.Attention"] == 2
+    assert info["ops"]["MatMul"] == 6
     code, output = invoke(
         "inspect", str(tmp_path / "runs" / "r1" / "models" / "fp32" / "model.onnx")
     )

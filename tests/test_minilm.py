@@ -44,6 +44,11 @@ def test_minilm_builds_and_matches_pytorch(tmp_path: Path) -> None:
     assert set(fp32["latency"]) == {"b1s128", "b8s128"}
     assert report["model"]["model_type"] == "bert" and report["model"]["layers"] == 6
     assert report["passed"] is True
+    # One fused attention and one BiasGelu per layer, checked against the architecture spec.
+    assert fp32["graph"]["fused_ops"]["Attention"] == 6
+    assert fp32["graph"]["fused_ops"]["BiasGelu"] == 6
+    fusion = {c["metric"]: c for c in report["checks"] if c["source"] == "fusion"}
+    assert set(fusion) == {"Attention", "BiasGelu"} and all(c["passed"] for c in fusion.values())
     manifest = json.loads((run / "manifest.json").read_text())
     assert (
         manifest["stages"][0]["stats"]["pooling"] == "mean"

@@ -90,6 +90,12 @@ def test_unknown_task_is_a_recipe_error() -> None:
         ({"verify": {"padding": ["right", "right"]}}, "lists a side twice"),
         ({"shapes": {"sequence": [2, 128]}}, "shorter than 4 tokens"),
         ({"model": {"source": "package:../evil"}}, "package: needs a distribution name"),
+        (
+            {"variants": [{"name": "a", "optimize": "standard", "fusions": ["attention"]}]},
+            "need optimize: ort",
+        ),
+        ({"variants": [{"name": "a", "fusions": ["ffn", "ffn"]}]}, "lists a fusion twice"),
+        ({"variants": [{"name": "a", "fusions": ["softmax"]}]}, "variants[0].fusions[0]"),
     ],
 )
 def test_cross_field_errors(data: dict, fragment: str) -> None:
@@ -126,3 +132,24 @@ def test_with_model_overrides_source_and_task() -> None:
     recipe = Recipe().with_model("/tmp/somewhere", "token-classification")
     assert recipe.model.source == "/tmp/somewhere"
     assert recipe.model.task == "token-classification"
+
+
+def test_variant_defaults_come_from_the_target() -> None:
+    fused, plain, chosen = parse_recipe(
+        {
+            "variants": [
+                {"name": "fused"},
+                {"name": "plain", "optimize": "none"},
+                {"name": "chosen", "fusions": ["attention"], "session_optimization": "all"},
+            ]
+        }
+    ).variants
+    assert (fused.optimize, fused.fusions, fused.session_optimization) == (
+        "ort",
+        ["attention", "ffn"],
+        "basic",
+    )
+    assert (plain.fusions, plain.session_optimization) == ([], "all")
+    assert (chosen.fusions, chosen.session_optimization) == (["attention"], "all")
+    # The resolved recipe round-trips: printing it and reading it back gives the same variants.
+    assert parse_recipe({"variants": [fused.model_dump()]}).variants[0] == fused

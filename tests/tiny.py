@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FAMILIES = ("bert", "distilbert", "roberta")
+#: Every family with an architecture spec (tests of the graph passes cover them all).
+ALL_FAMILIES = (*FAMILIES, "xlm-roberta", "albert", "electra", "mpnet", "deberta-v2")
 
 
 def vocabulary(size: int = 600) -> list[str]:
@@ -72,6 +74,60 @@ def config_for(family: str, task: str = "feature-extraction", num_labels: int = 
             type_vocab_size=1,
             **common,
         )
+    elif family == "xlm-roberta":
+        common["max_position_embeddings"] = 130
+        config = transformers.XLMRobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            type_vocab_size=1,
+            **common,
+        )
+    elif family == "albert":
+        config = transformers.AlbertConfig(
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            pad_token_id=0,
+            **common,
+        )
+    elif family == "electra":
+        config = transformers.ElectraConfig(
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            **common,
+        )
+    elif family == "mpnet":
+        common["max_position_embeddings"] = 130
+        config = transformers.MPNetConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            **common,
+        )
+    elif family == "deberta-v2":
+        config = transformers.DebertaV2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            pad_token_id=0,
+            type_vocab_size=0,
+            **common,
+        )
     else:
         raise ValueError(family)
     if task != "feature-extraction":
@@ -97,7 +153,7 @@ def make_checkpoint(
     model.save_pretrained(folder)
     inputs = (
         ["input_ids", "token_type_ids", "attention_mask"]
-        if family == "bert"
+        if family in ("bert", "albert", "electra")
         else ["input_ids", "attention_mask"]
     )
     save_tokenizer(folder, inputs)

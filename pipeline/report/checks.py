@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pipeline.architectures import family_of
 from pipeline.artifacts import StageRecord
 from pipeline.manifest import Check, check
+from pipeline.passes import FUSED_OPS
 from pipeline.recipe import Recipe
 from pipeline.stages.latency import PYTORCH
 
@@ -137,5 +138,44 @@ def gate_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
     return checks
 
 
+def fusion_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
+    """Each fusion a variant asked for made as many fused ops as its architecture expects.
+
+    A family that cannot fuse something expects 0 of it and is not checked (its note in the
+    report says why); an architecture without a spec expects nothing.
+    """
+    steps = _by_step(stages)
+    load = steps["load"].stats
+    family = family_of(str(load["model_type"]))
+    layers = int(load["layers"])
+    checks = []
+    for variant in recipe.variants:
+        record = steps.get(f"optimize[{variant.name}]")
+        if record is None or variant.optimize != "ort":
+            continue
+        made = record.stats["fusions"]
+        for fusion in variant.fusions:
+            per_layer = family.fusions.get(fusion)
+            if not per_layer:
+                continue
+            op, _ = FUSED_OPS[fusion]
+            checks.append(
+                check(
+                    "fusion",
+                    variant.name,
+                    op,
+                    made.get(op, 0),
+                    per_layer * layers,
+                    "min",
+                    note=f"{fusion}: {per_layer} per layer x {layers} layers",
+                )
+            )
+    return checks
+
+
 def evaluate(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
-    return tolerance_checks(recipe, stages) + gate_checks(recipe, stages)
+    return (
+        fusion_checks(recipe, stages)
+        + tolerance_checks(recipe, stages)
+        + gate_checks(recipe, stages)
+    )

@@ -71,6 +71,25 @@ def render_markdown(report: Report) -> str:
             "Task metric (accuracy on the labelled evaluation data): "
             + ", ".join(f"{c.name} {c.task_metric:.4f}" for c in metrics),
         ]
+    graphs = [c for c in report.contenders if c.graph]
+    if graphs:
+        lines += [
+            "",
+            "## Graph",
+            "",
+            "| variant | optimize | fusions | fused ops | nodes (exported -> now) | session level |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in graphs:
+            g = c.graph or {}
+            fused = ", ".join(f"{op} {n}" for op, n in (g.get("fused_ops") or {}).items())
+            nodes = (
+                f"{g.get('exported_nodes', '?')} -> {g.get('nodes', g.get('exported_nodes', '?'))}"
+            )
+            lines.append(
+                f"| {c.name} | {g.get('optimize')} | {', '.join(g.get('fusions') or []) or '–'} "
+                f"| {fused or '–'} | {nodes} | {g.get('session_optimization')} |"
+            )
     lines += ["", "## Checks", ""]
     if not report.checks:
         lines.append("No checks.")

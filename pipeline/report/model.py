@@ -45,6 +45,8 @@ class Contender(_Frozen):
     size_bytes: int | None
     peak_rss_bytes: int | None
     task_metric: float | None = None
+    #: How the graph was prepared: profile, fusions asked for, fused ops made, session level.
+    graph: dict[str, Any] | None = None
 
 
 class StageTiming(_Frozen):
@@ -121,6 +123,7 @@ def build_report(manifest: Manifest) -> Report:
                 size_bytes=verify.stats.get("size_bytes") if verify else None,
                 peak_rss_bytes=rss.get(variant["name"]),
                 task_metric=accuracy.get("task_metric"),
+                graph=_graph(manifest, variant),
             )
         )
     pytorch = Contender(
@@ -177,6 +180,21 @@ def build_report(manifest: Manifest) -> Report:
         environment=manifest.environment,
         notes=notes,
     )
+
+
+def _graph(manifest: Manifest, variant: dict[str, Any]) -> dict[str, Any]:
+    export = manifest.stage("export")
+    optimize = manifest.stage(f"optimize[{variant['name']}]")
+    graph: dict[str, Any] = {
+        "optimize": variant.get("optimize", "none"),
+        "fusions": variant.get("fusions", []),
+        "session_optimization": variant.get("session_optimization"),
+        "exported_nodes": export.stats.get("nodes") if export else None,
+    }
+    if optimize is not None:
+        graph["nodes"] = optimize.stats.get("nodes")
+        graph["fused_ops"] = optimize.stats.get("fusions", {})
+    return graph
 
 
 def render_json(report: Report) -> str:
