@@ -9,9 +9,9 @@ Fairness between runtimes in one process: ONNX Runtime sessions use tforge's ses
 (intra-op threads set, spinning off, which otherwise steals the core from the next contender)
 and ORT_ENABLE_ALL, except where a tforge variant chose its level (its recipe's
 ``session_optimization``: part of what tforge builds).
-PyTorch keeps its OpenMP defaults: its threads spin only briefly after a call, and its
-interleaved medians match its standalone ones within noise (OMP_WAIT_POLICY=PASSIVE would slow
-PyTorch itself by 5-15%).
+PyTorch keeps its OpenMP defaults (OMP_WAIT_POLICY=PASSIVE would slow PyTorch itself by
+5-15%), and the loop idles 10 ms, untimed, after each PyTorch call: its OpenMP threads keep
+spinning after a call, and without the pause the contender that runs next loses a core to them.
 
 Usage: python -m benchmarks.harness SPEC.json --mode time --shape 8x128 --threads 2 --out OUT.json
        python -m benchmarks.harness SPEC.json --mode accuracy --out OUT.json
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import metrics  # noqa: E402
-from pipeline.backends.timing import LatencyStats, time_interleaved  # noqa: E402
+from pipeline.backends.timing import SETTLE_AFTER_TORCH, LatencyStats, time_interleaved  # noqa: E402
 from pipeline.calibration import read_samples  # noqa: E402
 
 
@@ -155,9 +155,12 @@ def time_shape(
         if out.shape[:2] != (batch, sequence):
             raise RuntimeError(f"{name}: output shape {out.shape} for input {batch}x{sequence}")
         calls[name] = lambda contender=contender, prepared=prepared: contender.call(prepared)
+    # PyTorch's OpenMP threads spin after a call; the next contender would pay for it.
+    kinds = {item["name"]: item["kind"] for item in spec["contenders"]}
+    settle = {name: SETTLE_AFTER_TORCH for name in calls if kinds.get(name, "").startswith("torch")}
     results: dict[str, Any] = {name: {"passes": []} for name in calls}
     for _ in range(passes):
-        times = time_interleaved(calls, warmup=warmup, runs=rounds)
+        times = time_interleaved(calls, warmup=warmup, runs=rounds, settle_after=settle)
         for name, seconds in times.items():
             results[name]["passes"].append(LatencyStats.of(seconds, batch).as_dict())
     for name, result in results.items():

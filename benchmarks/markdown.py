@@ -63,9 +63,11 @@ def render(results: dict[str, Any]) -> str:
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- Timing: per model, shape and thread count a fresh process loads every contender; {results['plan']['warmup']} warm-up rounds, "
         f"then {results['plan']['rounds']} rounds of one call each, round-robin, repeated {results['plan']['passes']}x; "
-        "the table shows the median of the passes' medians. ONNX Runtime: identical session options (ORT_ENABLE_ALL, "
-        "intra-op threads as stated, spinning off, which otherwise steals the core from the next contender); PyTorch: its defaults "
-        "(interleaved medians match standalone ones within noise; OMP_WAIT_POLICY=PASSIVE would slow it 5-15%). Inputs: real text tokens, full attention mask.",
+        "the table shows the median of the passes' medians. ONNX Runtime: identical session options (intra-op threads as stated, "
+        "spinning off, which otherwise steals the core from the next contender; ORT_ENABLE_ALL, except tforge variants, which run at "
+        "the level their recipe chose, noted under Build cost); PyTorch: its defaults "
+        "(OMP_WAIT_POLICY=PASSIVE would slow it 5-15%), with a 10 ms untimed pause after each PyTorch call, because its OpenMP "
+        "threads spin after a call and the next contender would lose a core to them. Inputs: real text tokens, full attention mask.",
         "",
     ]
     builds = {

@@ -54,13 +54,13 @@ class Build:
     group: str
     kind: str  # torch | torch-bf16 | torch-compile | onnx
     path: str | None = None
-    #: ONNX Runtime's graph optimisation level for this contender's session.
-    session: str = "all"
     seconds: float | None = None
     peak_rss_mb: float | None = None
     size_mb: float | None = None
     note: str = ""
     error: str | None = None
+    #: ONNX Runtime's graph optimisation level for this contender's session.
+    session: str = "all"
 
 
 @dataclass
@@ -224,7 +224,8 @@ ABLATIONS = [
 
 def build_tforge(model: Model) -> None:
     recipe = yaml.safe_load((ROOT / "models" / "minilm.yaml").read_text())
-    recipe["variants"] = recipe["variants"] + ABLATIONS
+    if model.accuracy:  # the ablations on MiniLM only: BERT-base is there for scaling
+        recipe["variants"] = recipe["variants"] + ABLATIONS
     recipe["model"]["source"] = str(model.folder)
     recipe["data"] = {
         **recipe["data"],
@@ -428,10 +429,8 @@ def run_harness(model: Model, args: list[str]) -> dict[str, Any]:
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text(json.dumps(spec_for(model), indent=1))
     out = WORK / "specs" / f"{slug(model)}-out.json"
-    # PyTorch keeps its OpenMP defaults: measured here, OMP_WAIT_POLICY=PASSIVE slows it by
-    # 5-15%, while with the defaults its interleaved medians match its standalone ones within
-    # noise (libgomp spins only briefly after a call; ONNX Runtime's spinning is the one that
-    # distorts, and tforge's session options switch it off).
+    # PyTorch keeps its OpenMP defaults (OMP_WAIT_POLICY=PASSIVE slows it by 5-15% here); the
+    # harness pauses after its calls instead (pipeline.backends.timing.SETTLE_AFTER_TORCH).
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [PY, "-m", "benchmarks.harness", str(spec), *args, "--out", str(out)],

@@ -42,17 +42,33 @@ class LatencyStats:
         return asdict(self)
 
 
+#: Idle time after each call of a PyTorch contender. PyTorch's OpenMP worker threads keep
+#: spinning for a while after a call; whatever runs next loses a core to them (measured here:
+#: the ONNX Runtime model timed right after PyTorch eager read 20.0 ms at b1s128 instead of 16.7;
+#: a 5 ms pause left 0.9 ms of it, 10 ms none). ONNX Runtime's own spinning is switched off in
+#: its session options instead.
+SETTLE_AFTER_TORCH = 0.010
+
+
 def time_interleaved(
     calls: Mapping[str, Callable[[], object]],
     *,
     warmup: int,
     runs: int,
     on_round: Callable[[], None] | None = None,
+    settle_after: Mapping[str, float] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call for each contender: ``warmup`` untimed rounds, then ``runs`` timed ones."""
+    """Seconds per call for each contender: ``warmup`` untimed rounds, then ``runs`` timed ones.
+
+    ``settle_after`` names contenders after whose calls the loop idles (untimed) for so many
+    seconds, so their lingering threads do not slow the next contender.
+    """
+    settle = settle_after or {}
     for _ in range(warmup):
-        for call in calls.values():
+        for name, call in calls.items():
             call()
+            if settle.get(name):
+                time.sleep(settle[name])
     times: dict[str, list[float]] = {name: [] for name in calls}
     clock = time.perf_counter
     for _ in range(runs):
@@ -60,6 +76,8 @@ def time_interleaved(
             start = clock()
             call()
             times[name].append(clock() - start)
+            if settle.get(name):
+                time.sleep(settle[name])
         if on_round is not None:
             on_round()
     return times

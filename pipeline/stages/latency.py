@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.artifacts import Artifact, size_of
 from pipeline.backends.memory import MemoryProbe, peak_rss
-from pipeline.backends.timing import LatencyStats, time_interleaved
+from pipeline.backends.timing import SETTLE_AFTER_TORCH, LatencyStats, time_interleaved
 from pipeline.backends.torch_backend import TorchRunner, task_module
 from pipeline.calibration import read_samples
 from pipeline.errors import InputError
@@ -133,7 +133,11 @@ class LatencyStage(Stage[LatencyConfig]):
                     prepared = runner.prepare(feed)
                     calls[name] = lambda runner=runner, prepared=prepared: runner.call(prepared)
                 times = time_interleaved(
-                    calls, warmup=cfg.warmup, runs=cfg.runs, on_round=lambda: advance(1)
+                    calls,
+                    warmup=cfg.warmup,
+                    runs=cfg.runs,
+                    on_round=lambda: advance(1),
+                    settle_after={PYTORCH: SETTLE_AFTER_TORCH},
                 )
                 for name, seconds in times.items():
                     results[name][shape_key(batch, sequence)] = LatencyStats.of(

@@ -27,3 +27,14 @@ def test_interleaving_calls_each_contender_once_per_round() -> None:
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     assert len(rounds) == 3
     assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_settle_pause_is_taken_but_not_timed() -> None:
+    import time
+
+    calls = {"torch": lambda: None, "ort": lambda: None}
+    start = time.perf_counter()
+    times = time_interleaved(calls, warmup=1, runs=4, settle_after={"torch": 0.02})
+    elapsed = time.perf_counter() - start
+    assert elapsed >= 5 * 0.02  # one pause after every torch call, warm-up included
+    assert max(times["torch"]) < 0.01 and max(times["ort"]) < 0.01

@@ -106,3 +106,32 @@ def test_unfused_variants_have_no_fusion_checks(
     steps = {s.step for s in outcome.manifest.stages}
     assert ("optimize[plain]" in steps) == (optimize != "none")
     assert outcome.passed
+
+
+def test_the_fused_graph_quantizes_to_dynamic_int8(checkpoint, tmp_path: Path) -> None:
+    """The fused graph stays a valid input to ONNX Runtime's INT8 quantizer, and close."""
+    import numpy as np
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoTokenizer
+
+    from pipeline import metrics
+    from pipeline.backends.onnxruntime_backend import OrtRunner
+
+    folder, _ = _optimize(checkpoint, tmp_path, "bert", profile="ort", fusions=("attention", "ffn"))
+    int8 = tmp_path / "int8.onnx"
+    quantize_dynamic(folder / MODEL_FILE, int8, weight_type=QuantType.QInt8, per_channel=True)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint("bert"))
+    texts = ["Return a new list containing all items.", "Short.", "The parser reads the header."]
+    encoded = tokenizer(texts, padding=True, return_tensors="np")
+    feed = {
+        k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    fused = OrtRunner(folder / MODEL_FILE, 1, "basic", name="fused").run(feed)["last_hidden_state"]
+    quantized = OrtRunner(int8, 1, "basic", name="int8").run(feed)["last_hidden_state"]
+    mask = encoded["attention_mask"]
+    cosine = metrics.cosine(
+        metrics.pool(fused, mask, "mean"), metrics.pool(quantized, mask, "mean")
+    )
+    assert cosine.min() > 0.99
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
