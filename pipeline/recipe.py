@@ -3,7 +3,7 @@
 Every check on user input that does not need the model or the data happens in this module, so
 a mistake is reported before any work starts, naming the field, the value and what is allowed::
 
-    recipe models/minilm.yaml: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32')
+    recipe models/minilm.yaml: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32' or 'int8')
 
 Relative paths in a recipe are resolved against the folder the recipe lives in.
 """
@@ -32,7 +32,7 @@ TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
 Pooling = Literal["auto", "mean", "cls", "max", "last"]
 PaddingSide = Literal["right", "left"]
 Target = Literal["ort-cpu"]
-Precision = Literal["fp32"]
+Precision = Literal["fp32", "int8"]
 SessionOptimization = Literal["disabled", "basic", "extended", "all"]
 Optimize = Literal["none", "standard", "ort"]
 Fusion = Literal["attention", "skip-layernorm", "ffn"]
@@ -176,6 +176,19 @@ TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class QuantizeSpec(_Strict):
+    """INT8 settings of a variant with ``precision: int8``."""
+
+    #: Weights INT8 ahead of time, activations quantized at run time (no calibration data).
+    method: Literal["dynamic"] = "dynamic"
+    #: One scale per output channel of each weight matrix.
+    per_channel: bool = True
+    #: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate.
+    reduce_range: bool = False
+    #: Node names kept in float (see `tforge inspect` of the float model).
+    exclude: list[str] = Field(default_factory=list)
+
+
 class VariantSpec(_Strict):
     name: Name
     target: Target = "ort-cpu"
@@ -187,6 +200,8 @@ class VariantSpec(_Strict):
     #: ONNX Runtime's own graph optimisation level when the session is created (default: the
     #: target's with ``optimize: ort``, else "all").
     session_optimization: SessionOptimization = "all"
+    #: INT8 settings (``precision: int8`` only).
+    quantize: QuantizeSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -198,6 +213,8 @@ class VariantSpec(_Strict):
         optimize = data.get("optimize", "ort")
         if "fusions" not in data and optimize == "ort":
             data["fusions"] = list(defaults.get("fusions", ["attention", "skip-layernorm", "ffn"]))
+        if data.get("precision") == "int8" and data.get("quantize") is None:
+            data["quantize"] = {}
         if "session_optimization" not in data:
             data["session_optimization"] = (
                 defaults.get("session_optimization", "all") if optimize == "ort" else "all"
@@ -212,6 +229,8 @@ class VariantSpec(_Strict):
             )
         if len(set(self.fusions)) != len(self.fusions):
             raise ValueError(f"fusions: {self.fusions} lists a fusion twice")
+        if self.quantize is not None and self.precision != "int8":
+            raise ValueError(f"quantize: needs precision: int8 (this variant has {self.precision})")
         return self
 
 

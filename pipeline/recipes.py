@@ -13,6 +13,7 @@ from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.latency import LatencyConfig, LatencyStage
 from pipeline.stages.load import LoadConfig, LoadStage
 from pipeline.stages.optimize import OptimizeConfig, OptimizeStage
+from pipeline.stages.quantize import QuantizeConfig, QuantizeStage
 from pipeline.stages.reference import ReferenceConfig, ReferenceStage
 from pipeline.stages.verify import VerifyConfig, VerifyStage
 
@@ -24,9 +25,16 @@ class Plan:
     variant_models: dict[str, str]
 
 
-def variant_model(variant: VariantSpec) -> str:
-    """Where a variant's model comes from: the exported graph, or its optimized version."""
+def float_model(variant: VariantSpec) -> str:
+    """The variant's float graph: the exported one, or its optimized version."""
     return "export.model" if variant.optimize == "none" else f"optimize[{variant.name}].model"
+
+
+def variant_model(variant: VariantSpec) -> str:
+    """Where a variant's final model comes from."""
+    if variant.precision == "int8":
+        return f"quantize[{variant.name}].model"
+    return float_model(variant)
 
 
 def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
@@ -64,6 +72,21 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                     f"optimize[{variant.name}]",
                     OptimizeStage(config_o),
                     {"model": "export.model", "info": "load.info"},
+                )
+            )
+        if variant.precision == "int8" and variant.quantize is not None:
+            q = variant.quantize
+            config_q = QuantizeConfig(
+                method=q.method,
+                per_channel=q.per_channel,
+                reduce_range=q.reduce_range,
+                exclude=tuple(q.exclude),
+            )
+            steps.append(
+                Step(
+                    f"quantize[{variant.name}]",
+                    QuantizeStage(config_q),
+                    {"model": float_model(variant)},
                 )
             )
     models = {v.name: variant_model(v) for v in recipe.variants}

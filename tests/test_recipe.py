@@ -65,7 +65,8 @@ def test_literal_error_lists_allowed_values() -> None:
     with pytest.raises(RecipeError) as caught:
         parse_recipe({"variants": [{"name": "x", "precision": "fp64"}]}, origin="r")
     assert (
-        "r: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32')" in caught.value.message
+        "r: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32' or 'int8')"
+        in caught.value.message
     )
 
 
@@ -96,6 +97,7 @@ def test_unknown_task_is_a_recipe_error() -> None:
         ),
         ({"variants": [{"name": "a", "fusions": ["ffn", "ffn"]}]}, "lists a fusion twice"),
         ({"variants": [{"name": "a", "fusions": ["softmax"]}]}, "variants[0].fusions[0]"),
+        ({"variants": [{"name": "a", "quantize": {}}]}, "quantize: needs precision: int8"),
     ],
 )
 def test_cross_field_errors(data: dict, fragment: str) -> None:
@@ -153,3 +155,6 @@ def test_variant_defaults_come_from_the_target() -> None:
     assert (chosen.fusions, chosen.session_optimization) == (["attention"], "all")
     # The resolved recipe round-trips: printing it and reading it back gives the same variants.
     assert parse_recipe({"variants": [fused.model_dump()]}).variants[0] == fused
+    assert fused.quantize is None
+    (int8,) = parse_recipe({"variants": [{"name": "q", "precision": "int8"}]}).variants
+    assert int8.quantize is not None and int8.quantize.per_channel and not int8.quantize.exclude
