@@ -46,7 +46,20 @@ def fusion_section(fusion: dict[str, Any]) -> list[str]:
             + " | ".join(f"{r:.2f}x" for r in ratios)
             + " |"
         )
-    lines.append("")
+    lines += [
+        "",
+        "Reading it: the fused Attention is the whole gain, and it grows with sequence length (the "
+        "decomposed attention's per-head MatMul, Softmax, Reshape and Transpose chain is what a fused "
+        "kernel removes, and at s512 attention is a large part of the work). ONNX Runtime's own session "
+        "optimiser does not fuse attention in a `torch.onnx.export(dynamo=True)` graph, which is why the "
+        "plain export, even at `all`, is no faster than PyTorch at b8s128 and slower at b1s512. "
+        "BiasGelu is neutral. SkipLayerNormalization makes it slower at every shape: ONNX Runtime's CPU "
+        "kernel for it is slower than the `Add` and `LayerNormalization` it replaces, and the session "
+        "levels `extended` and `all` fuse it back in on their own (`attention + ffn @all` equals `all three`). "
+        "Hence tforge's `ort-cpu` default: `[attention, ffn]` at `basic`. The `standard` profile (folding "
+        "only) equals the export: the session does the same folding.",
+        "",
+    ]
     return lines
 
 
