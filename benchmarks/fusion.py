@@ -10,15 +10,11 @@ benchmark harness, one fresh process per shape, round-robin. The tables in BENCH
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "fusion"
-PY = sys.executable
 
 #: (name, optimize profile, fusions, ORT session level)
 COMBINATIONS: list[tuple[str, str, tuple[str, ...], str]] = [
@@ -64,6 +60,8 @@ def make_graphs(exported: Path) -> list[dict[str, Any]]:
 def ablation(
     model_folder: Path, exported: Path, threads: int, rounds: int, passes: int
 ) -> dict[str, Any]:
+    from benchmarks.run import harness, timing_args
+
     graphs = make_graphs(exported)
     spec = {
         "model": {
@@ -77,37 +75,14 @@ def ablation(
             for g in graphs
         ],
     }
-    spec_path = WORK / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=1))
-    timings = []
-    for batch, sequence in SHAPES:
-        out = WORK / f"b{batch}s{sequence}.json"
-        subprocess.run(
-            [
-                PY,
-                "-m",
-                "benchmarks.harness",
-                str(spec_path),
-                "--mode",
-                "time",
-                "--shape",
-                f"{batch}x{sequence}",
-                "--threads",
-                str(threads),
-                "--warmup",
-                "3",
-                "--rounds",
-                str(rounds),
-                "--passes",
-                str(passes),
-                "--out",
-                str(out),
-            ],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
+    timings = [
+        harness(
+            spec,
+            f"fusion-b{batch}s{sequence}",
+            timing_args(batch, sequence, threads, 3, rounds, passes),
         )
-        timings.append(json.loads(out.read_text()))
+        for batch, sequence in SHAPES
+    ]
     return {"graphs": graphs, "timings": timings, "threads": threads}
 
 

@@ -424,16 +424,27 @@ def spec_for(model: Model) -> dict[str, Any]:
     }
 
 
-def run_harness(model: Model, args: list[str]) -> dict[str, Any]:
-    spec = WORK / "specs" / f"{slug(model)}.json"
-    spec.parent.mkdir(parents=True, exist_ok=True)
-    spec.write_text(json.dumps(spec_for(model), indent=1))
-    out = WORK / "specs" / f"{slug(model)}-out.json"
+def timing_args(
+    batch: int, sequence: int, threads: int, warmup: int, rounds: int, passes: int
+) -> list[str]:
+    """The harness's arguments for timing one shape."""
+    return [
+        "--mode", "time", "--shape", f"{batch}x{sequence}", "--threads", str(threads),
+        "--warmup", str(warmup), "--rounds", str(rounds), "--passes", str(passes),
+    ]  # fmt: skip
+
+
+def harness(spec: dict[str, Any], name: str, args: list[str]) -> dict[str, Any]:
+    """Run the measuring harness in a fresh process on ``spec``; its JSON result."""
+    path = WORK / "specs" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=1))
+    out = WORK / "specs" / f"{name}-out.json"
     # PyTorch keeps its OpenMP defaults (OMP_WAIT_POLICY=PASSIVE slows it by 5-15% here); the
     # harness pauses after its calls instead (pipeline.backends.timing.SETTLE_AFTER_TORCH).
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        [PY, "-m", "benchmarks.harness", str(spec), *args, "--out", str(out)],
+        [PY, "-m", "benchmarks.harness", str(path), *args, "--out", str(out)],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,
@@ -445,6 +456,10 @@ def run_harness(model: Model, args: list[str]) -> dict[str, Any]:
         )
     data: dict[str, Any] = json.loads(out.read_text())
     return data
+
+
+def run_harness(model: Model, args: list[str]) -> dict[str, Any]:
+    return harness(spec_for(model), slug(model), args)
 
 
 @dataclass(frozen=True)
@@ -552,23 +567,8 @@ def main() -> None:
     timings: list[dict[str, Any]] = []
     for key, threads, batch, sequence in plan.cells:
         log(f"timing {key} b{batch}s{sequence} with {threads} thread(s)")
-        result = run_harness(
-            models[key],
-            [
-                "--mode",
-                "time",
-                "--shape",
-                f"{batch}x{sequence}",
-                "--threads",
-                str(threads),
-                "--warmup",
-                str(plan.warmup),
-                "--rounds",
-                str(plan.rounds),
-                "--passes",
-                str(plan.passes),
-            ],
-        )
+        args = timing_args(batch, sequence, threads, plan.warmup, plan.rounds, plan.passes)
+        result = run_harness(models[key], args)
         result["model"] = key
         result["flops"] = floor.encoder_flops(
             batch, sequence, models[key].layers, models[key].hidden, models[key].intermediate

@@ -48,13 +48,19 @@ def save_tokenizer(folder: Path, input_names: list[str]) -> None:
 def config_for(family: str, task: str = "feature-extraction", num_labels: int = 3):  # type: ignore[no-untyped-def]
     import transformers
 
-    common = {"vocab_size": 600, "max_position_embeddings": 128}
+    common: dict[str, int] = {"vocab_size": 600, "max_position_embeddings": 128}
+    #: Every BERT-style family: 2 layers of width 32, 4 heads.
+    sizes = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    }
+    #: RoBERTa-style families reserve two positions and name their special tokens.
+    roberta_style = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
     if family == "bert":
         config = transformers.BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
+            **sizes,
             **common,
         )
     elif family == "distilbert":
@@ -64,66 +70,42 @@ def config_for(family: str, task: str = "feature-extraction", num_labels: int = 
     elif family == "roberta":
         common["max_position_embeddings"] = 130  # RoBERTa reserves two positions
         config = transformers.RobertaConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
+            **sizes,
+            **roberta_style,
             type_vocab_size=1,
             **common,
         )
     elif family == "xlm-roberta":
         common["max_position_embeddings"] = 130
         config = transformers.XLMRobertaConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
+            **sizes,
+            **roberta_style,
             type_vocab_size=1,
             **common,
         )
     elif family == "albert":
         config = transformers.AlbertConfig(
             embedding_size=16,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
+            **sizes,
             pad_token_id=0,
             **common,
         )
     elif family == "electra":
         config = transformers.ElectraConfig(
             embedding_size=16,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
+            **sizes,
             **common,
         )
     elif family == "mpnet":
         common["max_position_embeddings"] = 130
         config = transformers.MPNetConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
+            **sizes,
+            **roberta_style,
             **common,
         )
     elif family == "deberta-v2":
         config = transformers.DebertaV2Config(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
+            **sizes,
             pad_token_id=0,
             type_vocab_size=0,
             **common,
