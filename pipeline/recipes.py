@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.recipe import Recipe, VariantSpec
+from pipeline.recipe import QuantizeSpec, Recipe, VariantSpec
 from pipeline.stages.base import Step
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.latency import LatencyConfig, LatencyStage
@@ -66,7 +66,10 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
     ]
     for variant in recipe.variants:
         if variant.optimize != "none":
-            config_o = OptimizeConfig(profile=variant.optimize, fusions=tuple(variant.fusions))
+            # Sorted: the passes run in a fixed order, so the listed order must not change the key.
+            config_o = OptimizeConfig(
+                profile=variant.optimize, fusions=tuple(sorted(variant.fusions))
+            )
             steps.append(
                 Step(
                     f"optimize[{variant.name}]",
@@ -74,8 +77,8 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                     {"model": "export.model", "info": "load.info"},
                 )
             )
-        if variant.precision == "int8" and variant.quantize is not None:
-            q = variant.quantize
+        if variant.precision == "int8":
+            q = variant.quantize or QuantizeSpec()
             config_q = QuantizeConfig(
                 method=q.method,
                 per_channel=q.per_channel,

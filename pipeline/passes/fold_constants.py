@@ -3,10 +3,11 @@
     Concat(Constant, Constant) -> Constant        Shape(x)[1] on a static dim -> Constant
     Identity(x) -> x                              a node nobody reads -> (removed)
 
-onnxscript's optimizer does the folding. The size limits matter: with its defaults a tensor
-above 256 KiB is never folded, so the packed QKV weight the attention fusion builds
+onnxscript's optimizer does the folding. The size limits matter: with its defaults (8192 input
+and 262144 output elements) a weight matrix is never folded, so the packed QKV weight the attention fusion builds
 (Concat of three weight matrices) would stay a Concat run on every call. After fusion this
-pass runs again with ``large=True`` for exactly that.
+pass runs again with ``large=True`` for exactly that, then merges identical weights: layers
+that share one weight (ALBERT) would otherwise get one folded copy each.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 import onnxscript.optimizer
 from onnxscript.rewriter.ort_fusions import shape_optimization
 
@@ -49,7 +51,14 @@ class FoldConstants(GraphPass):
                 break
             shapes += changed
             fold()
+        merged = 0
+        if self.large:
+            initializers = len(model.graph.initializers)
+            common.DeduplicateInitializersPass(size_limit=LARGE)(model)
+            merged = initializers - len(model.graph.initializers)
         removed = before - len(model.graph)
         return PassResult(
-            model, bool(removed or shapes), {"nodes_removed": removed, "shape_rewrites": shapes}
+            model,
+            bool(removed or shapes or merged),
+            {"nodes_removed": removed, "shape_rewrites": shapes, "weights_merged": merged},
         )

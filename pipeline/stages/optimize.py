@@ -19,8 +19,9 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+from pipeline.architectures import family_of
 from pipeline.artifacts import Artifact
-from pipeline.errors import PreconditionError
+from pipeline.errors import PassError, PreconditionError, first_line
 from pipeline.passes import (
     FUSED_OP_TYPES,
     FUSED_OPS,
@@ -37,6 +38,13 @@ from pipeline.stages.export import _TWO_GB, MODEL_FILE, graph_stats, onnx_dims
 from pipeline.stages.load import TOKENIZER_FILES, CheckpointInfo
 
 log = logging.getLogger(__name__)
+
+
+def _uses_external_data(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
 
 
 class OptimizeConfig(StageConfig):
@@ -81,12 +89,23 @@ class OptimizeStage(Stage[OptimizeConfig]):
         target = out / "model"
         target.mkdir()
         path = target / MODEL_FILE
-        proto = ir.to_proto(model)
-        if proto.ByteSize() > _TWO_GB:
-            onnx.save(proto, str(path), save_as_external_data=True, location=MODEL_FILE + ".data")
-        else:
-            onnx.save(proto, str(path))
-        onnx.checker.check_model(str(path))
+        # Weights go to a data file beside the graph when the exported model kept them there
+        # (over 2 GB) or the optimized one would pass protobuf's limit; onnx-ir reads weights
+        # from the old file and writes every one into the new, so nothing points back.
+        weights = sum(
+            t.const_value.nbytes
+            for t in model.graph.initializers.values()
+            if t.const_value is not None
+        )
+        external = _uses_external_data(source / MODEL_FILE) or weights > _TWO_GB
+        try:
+            ir.save(model, path, external_data=MODEL_FILE + ".data" if external else None)
+            onnx.checker.check_model(str(path))
+        except (OSError, ValueError, onnx.checker.ValidationError) as error:
+            raise PassError(
+                f"the optimized graph could not be written or is not valid ONNX: {first_line(error)}",
+                "run with -v for the passes' records; build with optimize: none to skip graph passes",
+            ) from error
         self._check_interface(path, source / MODEL_FILE)
         for name in ("config.json", *TOKENIZER_FILES):
             if (source / name).is_file():
@@ -111,10 +130,12 @@ class OptimizeStage(Stage[OptimizeConfig]):
         import onnx_ir as ir
 
         layers = int(info.architecture["layers"])
+        expected = family_of(str(info.architecture["model_type"])).fusions
         passes = profile_passes(self.config.profile, self.config.fusions)
         for name in self.config.fusions:
-            op, per_layer = FUSED_OPS[name]
-            if fused.get(op, 0) >= layers * per_layer:
+            op, _ = FUSED_OPS[name]
+            per_layer = expected.get(name, 0)
+            if not per_layer or fused.get(op, 0) >= layers * per_layer:
                 continue
             index = next(i for i, p in enumerate(passes) if isinstance(p, FUSIONS[name]))
             fusion = passes[index]

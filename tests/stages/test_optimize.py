@@ -47,14 +47,26 @@ def test_standard_profile_keeps_to_standard_ops(checkpoint, tmp_path: Path) -> N
 
 
 def test_with_verbose_logging_a_missed_fusion_is_explained(
-    checkpoint, tmp_path: Path, caplog
+    checkpoint, tmp_path: Path, caplog, monkeypatch
 ) -> None:
+    import pipeline.stages.optimize
+
     caplog.set_level(logging.DEBUG, logger="pipeline.stages.optimize")
-    _, result = _optimize(checkpoint, tmp_path, "mpnet", profile="ort", fusions=("attention",))
-    assert "Attention" not in result.stats["fusions"]
-    explained = [r.getMessage() for r in caplog.records if "the rewriter says" in r.getMessage()]
-    assert explained and "0 Attention for 2 layers" in explained[0]
-    assert "SDPA" in explained[0]  # the rewriter's own account of the first pattern it tried
+
+    def explained() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "the rewriter says" in r.getMessage()]
+
+    # MPNet's spec expects no fused attention: nothing to explain.
+    _, result = _optimize(
+        checkpoint, tmp_path / "a", "mpnet", profile="ort", fusions=("attention",)
+    )
+    assert "Attention" not in result.stats["fusions"] and not explained()
+    # A spec that expects one per layer gets the rewriter's reasons why none matched.
+    expects = Family("mpnet", ("mpnet",), fusions={"attention": 1})
+    monkeypatch.setattr(pipeline.stages.optimize, "family_of", lambda _: expects)
+    _optimize(checkpoint, tmp_path / "b", "mpnet", profile="ort", fusions=("attention",))
+    assert explained() and "0 Attention for 2 layers" in explained()[0]
+    assert "SDPA" in explained()[0]  # the rewriter's own account of the first pattern it tried
 
 
 def test_build_checks_fusions_against_the_architecture(checkpoint, recipe_for, tmp_path) -> None:
@@ -135,3 +147,56 @@ def test_the_fused_graph_quantizes_to_dynamic_int8(checkpoint, tmp_path: Path) -
     assert cosine.min() > 0.99
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+
+
+def test_a_model_with_external_weights_is_optimized_into_its_own_data_file(
+    checkpoint, tmp_path: Path
+) -> None:
+    """Large models keep weights in model.onnx.data; the optimized folder must hold its own."""
+    import numpy as np
+
+    from pipeline.artifacts import Artifact
+    from pipeline.backends.onnxruntime_backend import OrtRunner
+
+    ctx = BuildContext()
+    folder = checkpoint("bert")
+    info, _ = run_load(ctx, folder, tmp_path / "load")
+    exported, _ = run_export(ctx, folder, info, tmp_path / "export")
+    external = tmp_path / "external"
+    external.mkdir()
+    onnx.save(
+        onnx.load(str(exported.path / MODEL_FILE)),
+        str(external / MODEL_FILE),
+        save_as_external_data=True,
+        location=MODEL_FILE + ".data",
+        size_threshold=0,
+    )
+    out = tmp_path / "optimize"
+    out.mkdir()
+    stage = OptimizeStage(OptimizeConfig(profile="ort", fusions=("attention", "ffn")))
+    stage.run(ctx, {"model": Artifact.of("model", external), "info": info}, out)
+    optimized = out / "model" / MODEL_FILE
+    assert (out / "model" / (MODEL_FILE + ".data")).is_file()
+    # The source can go: nothing in the optimized model points back at it.
+    (external / (MODEL_FILE + ".data")).unlink()
+    ids = np.array([[2, 40, 41, 42, 3]], dtype=np.int64)
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+    }
+    got = OrtRunner(optimized, 1, "basic", name="t").run(feed)["last_hidden_state"]
+    want = OrtRunner(exported.path / MODEL_FILE, 1, "all", name="t").run(feed)["last_hidden_state"]
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_weights_shared_by_layers_stay_shared_after_folding(checkpoint, tmp_path: Path) -> None:
+    """ALBERT's layers share one weight: folding the packed QKV must not copy it per layer."""
+    folder, result = _optimize(
+        checkpoint, tmp_path, "albert", profile="ort", fusions=("attention",)
+    )
+    model = onnx.load(str(folder / MODEL_FILE))
+    big = [init.raw_data for init in model.graph.initializer if len(init.raw_data) > 4096]
+    assert len(big) == len(set(big))  # no two large initializers hold the same bytes
+    large_fold = [p for p in result.stats["passes"] if p["pass"] == "fold-constants"][-1]
+    assert large_fold["stats"]["weights_merged"] >= 1

@@ -103,3 +103,14 @@ def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp
     assert int8["mean_cosine"].passed and int8["mean_cosine"].limit < 0.99999
     assert (outcome.run_dir / "models" / "int8" / MODEL_FILE).is_file()
     assert outcome.passed
+
+
+def test_a_graph_without_value_types_is_a_clear_error(fused_bert, tmp_path) -> None:
+    untyped = tmp_path / "untyped"
+    untyped.mkdir()
+    model = onnx.load(str(fused_bert / MODEL_FILE))
+    del model.graph.value_info[:]
+    onnx.save(model, str(untyped / MODEL_FILE))
+    with pytest.raises(PreconditionError, match="quantiz") as caught:
+        _quantize(untyped, tmp_path / "q")
+    assert "optimize: ort or standard" in str(caught.value)
