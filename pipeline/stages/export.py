@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import Artifact
-from pipeline.errors import ExportError, first_line
+from pipeline.errors import ExportError, PreconditionError, first_line
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 from pipeline.stages.load import TOKENIZER_FILES, CheckpointInfo, loaded_model
 
@@ -93,6 +93,19 @@ def onnx_size(path: Path) -> int:
         if entry.key == "location"
     }
     return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external)
+
+
+def uses_external_data(model: Any) -> bool:
+    """Whether an ONNX model (loaded without its weights) keeps weights in a data file."""
+    import onnx
+
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def require_model_file(stage: str, folder: Path) -> None:
+    """The precondition of every stage that reads a model folder."""
+    if not (folder / MODEL_FILE).is_file():
+        raise PreconditionError(f"{stage}: {folder} has no {MODEL_FILE}", "run export first")
 
 
 def onnx_dims(value_info: Any) -> list[str | int]:

@@ -34,17 +34,17 @@ from pipeline.passes import (
 )
 from pipeline.passes._fusion import FusionPass
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
-from pipeline.stages.export import _TWO_GB, MODEL_FILE, graph_stats, onnx_dims
+from pipeline.stages.export import (
+    _TWO_GB,
+    MODEL_FILE,
+    graph_stats,
+    onnx_dims,
+    require_model_file,
+    uses_external_data,
+)
 from pipeline.stages.load import TOKENIZER_FILES, CheckpointInfo
 
 log = logging.getLogger(__name__)
-
-
-def _uses_external_data(path: Path) -> bool:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
 
 
 class OptimizeConfig(StageConfig):
@@ -56,10 +56,7 @@ class OptimizeStage(Stage[OptimizeConfig]):
     name = "optimize"
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
-        if not (inputs["model"].path / MODEL_FILE).is_file():
-            raise PreconditionError(
-                f"optimize: {inputs['model'].path} has no {MODEL_FILE}", "run export first"
-            )
+        require_model_file("optimize", inputs["model"].path)
 
     def describe(self) -> str:
         fusions = f" ({', '.join(self.config.fusions)})" if self.config.fusions else ""
@@ -97,7 +94,8 @@ class OptimizeStage(Stage[OptimizeConfig]):
             for t in model.graph.initializers.values()
             if t.const_value is not None
         )
-        external = _uses_external_data(source / MODEL_FILE) or weights > _TWO_GB
+        exported = onnx.load(str(source / MODEL_FILE), load_external_data=False)
+        external = uses_external_data(exported) or weights > _TWO_GB
         try:
             ir.save(model, path, external_data=MODEL_FILE + ".data" if external else None)
             onnx.checker.check_model(str(path))

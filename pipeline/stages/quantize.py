@@ -21,7 +21,13 @@ from typing import Any, Literal
 from pipeline.artifacts import Artifact
 from pipeline.errors import PreconditionError, first_line
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
-from pipeline.stages.export import _TWO_GB, MODEL_FILE, graph_stats
+from pipeline.stages.export import (
+    _TWO_GB,
+    MODEL_FILE,
+    graph_stats,
+    require_model_file,
+    uses_external_data,
+)
 from pipeline.stages.load import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -50,20 +56,11 @@ def weight_matmuls(model: Any) -> list[str]:
     ]
 
 
-def _uses_external_data(model: Any) -> bool:
-    import onnx
-
-    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
-
-
 class QuantizeStage(Stage[QuantizeConfig]):
     name = "quantize"
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
-        if not (inputs["model"].path / MODEL_FILE).is_file():
-            raise PreconditionError(
-                f"quantize: {inputs['model'].path} has no {MODEL_FILE}", "run export first"
-            )
+        require_model_file("quantize", inputs["model"].path)
 
     def describe(self) -> str:
         return f"quantize int8 {self.config.method}"
@@ -98,7 +95,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                     # nearest-neighbour agreement 0.48 on the evaluation set.
                     op_types_to_quantize=["MatMul"],
                     nodes_to_exclude=list(self.config.exclude),
-                    use_external_data_format=large or _uses_external_data(float_model),
+                    use_external_data_format=large or uses_external_data(float_model),
                     extra_options={"MatMulConstBOnly": True},
                 )
             # The quantizer fails in library terms (e.g. "Unable to find data type for
