@@ -362,7 +362,9 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             message = "is required"
         else:
             reason = item["msg"].removeprefix("Value error, ")
-            message = f"{_describe_value(value)}: {reason}"
+            # A check across a section's fields gets the whole section as its value: the
+            # reason names the fields, and echoing the mapping only buries it.
+            message = reason if isinstance(value, dict) else f"{_describe_value(value)}: {reason}"
         lines.append(f"{origin}: {_format_loc(loc)}: {message}")
     # Unions (e.g. float | dict) report one error per branch; keep them but drop exact repeats.
     return "\n".join(dict.fromkeys(lines))

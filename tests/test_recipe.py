@@ -136,6 +136,14 @@ def test_with_model_overrides_source_and_task() -> None:
     assert recipe.model.task == "token-classification"
 
 
+def test_a_cross_field_error_names_the_section_without_echoing_it() -> None:
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe({"variants": [{"name": "a", "optimize": "standard", "fusions": ["ffn"]}]})
+    assert caught.value.message == (
+        "recipe: variants[0]: fusions: ['ffn'] need optimize: ort (this variant has optimize: standard)"
+    )
+
+
 def test_variant_defaults_come_from_the_target() -> None:
     fused, plain, chosen = parse_recipe(
         {

@@ -77,7 +77,7 @@ def render_markdown(report: Report) -> str:
             "",
             "## Graph",
             "",
-            "| variant | optimize | fusions | fused ops | nodes (exported -> now) | session level |",
+            "| variant | optimize | fusions | fused and normalisation ops | nodes (exported -> now) | session level |",
             "|---|---|---|---|---|---|",
         ]
         for c in graphs:
