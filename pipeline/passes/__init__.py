@@ -4,8 +4,10 @@ Profiles:
 
 * ``standard``: standard ONNX ops only, folded and cleaned: the input for TensorRT and any
   other runtime.
-* ``ort``: ONNX Runtime's contrib ops (Attention, SkipLayerNormalization, BiasGelu) for its
-  CPU and CUDA execution providers; which fusions run is the variant's ``fusions`` list.
+* ``ort``: ONNX Runtime's contrib ops (Attention or MultiHeadAttention, SkipLayerNormalization,
+  BiasGelu) for its CPU and CUDA execution providers; which fusions run is the variant's
+  ``fusions`` list (``attention`` packs the Q/K/V projections into the op, ``mha`` fuses only
+  the attention core and leaves the projections as MatMuls, for INT8).
 """
 
 from __future__ import annotations
@@ -18,23 +20,26 @@ from pipeline.passes.fold_constants import FoldConstants
 from pipeline.passes.fuse_attention import FuseAttention
 from pipeline.passes.fuse_ffn import FuseFFN
 from pipeline.passes.fuse_layernorm import FuseLayerNorm
+from pipeline.passes.fuse_mha import FuseMultiHeadAttention
 from pipeline.passes.infer_shapes import InferShapes
 from pipeline.passes.remove_unused import RemoveUnused
 
 Profile = Literal["standard", "ort"]
-Fusion = Literal["attention", "skip-layernorm", "ffn"]
+Fusion = Literal["attention", "mha", "skip-layernorm", "ffn"]
 
 #: Fusion name -> its pass, in the order they run (the skip fusion first, as onnxscript's
 #: own pipeline does: the attention patterns expect the residual adds already absorbed).
 FUSIONS: dict[str, type[GraphPass]] = {
     "skip-layernorm": FuseLayerNorm,
     "attention": FuseAttention,
+    "mha": FuseMultiHeadAttention,
     "ffn": FuseFFN,
 }
 
 #: Fusion name -> (the op it makes, how many one encoder layer has).
 FUSED_OPS: dict[str, tuple[str, int]] = {
     "attention": ("Attention", 1),
+    "mha": ("MultiHeadAttention", 1),
     "skip-layernorm": ("SkipLayerNormalization", 2),
     "ffn": ("BiasGelu", 1),
 }

@@ -155,7 +155,7 @@ def fusion_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
             continue
         made = record.stats["fusions"]
         for fusion in variant.fusions:
-            per_layer = family.fusions.get(fusion)
+            per_layer = family.expects(fusion)
             if not per_layer:
                 continue
             op, _ = FUSED_OPS[fusion]

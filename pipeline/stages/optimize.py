@@ -128,11 +128,11 @@ class OptimizeStage(Stage[OptimizeConfig]):
         import onnx_ir as ir
 
         layers = int(info.architecture["layers"])
-        expected = family_of(str(info.architecture["model_type"])).fusions
+        family = family_of(str(info.architecture["model_type"]))
         passes = profile_passes(self.config.profile, self.config.fusions)
         for name in self.config.fusions:
             op, _ = FUSED_OPS[name]
-            per_layer = expected.get(name, 0)
+            per_layer = family.expects(name)
             if not per_layer or fused.get(op, 0) >= layers * per_layer:
                 continue
             index = next(i for i, p in enumerate(passes) if isinstance(p, FUSIONS[name]))

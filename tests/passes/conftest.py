@@ -36,7 +36,7 @@ class Exported:
 
     def expected(self, fusion: str) -> int:
         """Fused ops the architecture spec expects for ``fusion`` in this model."""
-        return family_of(self.info.architecture["model_type"]).fusions.get(fusion, 0) * self.layers
+        return family_of(self.info.architecture["model_type"]).expects(fusion) * self.layers
 
     def load(self) -> ir.Model:
         return ir.load(self.path)
