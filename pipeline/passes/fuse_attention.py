@@ -23,7 +23,7 @@ from pipeline.passes._fusion import FusionPass, Step
 
 class FuseAttention(FusionPass):
     name = "fuse-attention"
-    produces = ("Attention", "MultiHeadAttention")
+    produces: tuple[str, ...] = ("Attention", "MultiHeadAttention")
 
     def steps(self) -> Sequence[Step]:
         return (
