@@ -1,5 +1,5 @@
 """Reading calibration and evaluation text, and where the shipped sets live."""
 
-from pipeline.calibration.readers import Sample, read_samples, shipped_data
+from pipeline.calibration.readers import Sample, draw_samples, read_samples, shipped_data
 
-__all__ = ["Sample", "read_samples", "shipped_data"]
+__all__ = ["Sample", "draw_samples", "read_samples", "shipped_data"]

@@ -1,14 +1,17 @@
-"""Readers for evaluation and calibration text: JSONL, plain text and CSV.
+"""Readers for evaluation and calibration text: JSONL, plain text, CSV and saved datasets.
 
-Every reader returns the same :class:`Sample` records and fails with the file, the line and
-what to change. Samples are taken in file order (the first ``max_samples``), so the same file
-always gives the same data.
+Every reader yields the same :class:`Sample` records and fails with the file, the line and
+what to change. Evaluation takes the first ``max_samples`` in file order; calibration draws its
+samples with a seed (:func:`draw_samples`). Either way the same file gives the same data.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,23 +67,21 @@ def _sample(record: Any, where: str, text_field: str, label_field: str) -> Sampl
     return Sample(_text_of(record[text_field], where, text_field), record.get(label_field))
 
 
-def _read_json(path: Path, text_field: str, label_field: str, limit: int) -> list[Sample]:
+def _read_json(path: Path, text_field: str, label_field: str) -> Iterator[Sample]:
     """A .json file: one array of objects (or JSONL saved with a .json name)."""
     text = path.read_text(encoding="utf-8")
     if not text.lstrip().startswith("["):
-        return _read_jsonl(path, text_field, label_field, limit)
+        yield from _read_jsonl(path, text_field, label_field)
+        return
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from None
-    return [
-        _sample(r, f"{path} item {i}", text_field, label_field)
-        for i, r in enumerate(records[:limit], start=1)
-    ]
+    for i, record in enumerate(records, start=1):
+        yield _sample(record, f"{path} item {i}", text_field, label_field)
 
 
-def _read_jsonl(path: Path, text_field: str, label_field: str, limit: int) -> list[Sample]:
-    samples: list[Sample] = []
+def _read_jsonl(path: Path, text_field: str, label_field: str) -> Iterator[Sample]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -93,77 +94,137 @@ def _read_jsonl(path: Path, text_field: str, label_field: str, limit: int) -> li
                     f"{where} is not JSON ({error.msg})",
                     "the file must be JSONL: one JSON object per line",
                 ) from None
-            samples.append(_sample(record, where, text_field, label_field))
-            if len(samples) >= limit:
-                break
-    return samples
+            yield _sample(record, where, text_field, label_field)
 
 
-def _read_text(path: Path, limit: int) -> list[Sample]:
-    samples = []
+def _read_text(path: Path) -> Iterator[Sample]:
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             if line.strip():
-                samples.append(Sample(line.strip()))
-                if len(samples) >= limit:
-                    break
-    return samples
+                yield Sample(line.strip())
 
 
-def _read_csv(path: Path, text_field: str, label_field: str, limit: int) -> list[Sample]:
-    samples: list[Sample] = []
+def _read_csv(path: Path, text_field: str, label_field: str) -> Iterator[Sample]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
-            return samples
+            return
         if text_field not in reader.fieldnames:
             raise InputError(
                 f"{path}: the header has no column {text_field!r} (columns: {', '.join(reader.fieldnames)})",
                 "set data.text_field in the recipe",
             )
         for number, row in enumerate(reader, start=2):
-            samples.append(
-                Sample(
-                    _text_of(row[text_field], f"{path} line {number}", text_field),
-                    row.get(label_field),
-                )
+            yield Sample(
+                _text_of(row[text_field], f"{path} line {number}", text_field),
+                row.get(label_field),
             )
-            if len(samples) >= limit:
-                break
-    return samples
+
+
+def _read_dataset(path: Path, text_field: str, label_field: str) -> Iterator[Sample]:
+    """A Hugging Face dataset saved with ``save_to_disk`` (one split: its folder)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "dataset_info.json").is_file())
+        raise InputError(
+            f"{path} holds a dataset with splits {splits}, not one split",
+            f"point the recipe at one split's folder, e.g. {path / (splits[0] if splits else 'train')}",
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            f"{path} is a Hugging Face dataset folder, and reading it needs the datasets package",
+            "pip install 'tforge[datasets]', or export the text to JSONL",
+        ) from None
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as error:
+        raise InputError(f"{path} is not a dataset saved with save_to_disk ({error})") from None
+    columns = list(dataset.column_names)
+    if text_field not in columns:
+        raise InputError(
+            f"{path}: the dataset has no column {text_field!r} (columns: {', '.join(columns)})",
+            "set data.text_field in the recipe",
+        )
+    labels = label_field in columns
+    for number, row in enumerate(dataset, start=1):
+        yield Sample(
+            _text_of(row[text_field], f"{path} row {number}", text_field),
+            row[label_field] if labels else None,
+        )
+
+
+def _samples(path: Path, kind: str, text_field: str, label_field: str) -> Iterator[Sample]:
+    """Every sample of a file or dataset folder, in order; errors name the file and line."""
+    help_ = f"set data.{kind} to a JSONL, .txt or .csv file, or a dataset folder"
+    if not path.exists():
+        raise InputError(f"{kind} file {path} does not exist", help_)
+    if path.is_dir():
+        if (
+            not (path / "dataset_info.json").is_file()
+            and not (path / "dataset_dict.json").is_file()
+        ):
+            raise InputError(f"{kind} path {path} is a folder but not a saved dataset", help_)
+        yield from _read_dataset(path, text_field, label_field)
+        return
+    if not path.is_file():
+        raise InputError(f"{kind} file {path} is not a file", help_)
+    form = _SUFFIXES.get(path.suffix.lower())
+    if form is None:
+        raise InputError(
+            f"{kind} file {path} has an unknown extension {path.suffix!r}",
+            f"use one of {', '.join(_SUFFIXES)}, or a dataset folder",
+        )
+    try:
+        if form == "jsonl":
+            yield from _read_jsonl(path, text_field, label_field)
+        elif form == "json":
+            yield from _read_json(path, text_field, label_field)
+        elif form == "csv":
+            yield from _read_csv(path, text_field, label_field)
+        else:
+            yield from _read_text(path)
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{kind} file {path} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
 
 
 def read_samples(
     path: Path, *, kind: str, text_field: str = "text", label_field: str = "label", limit: int = 256
 ) -> list[Sample]:
-    """Read up to ``limit`` samples from a JSONL, .txt or .csv file."""
-    if not path.exists():
-        raise InputError(
-            f"{kind} file {path} does not exist", f"set data.{kind} to a JSONL, .txt or .csv file"
-        )
-    if not path.is_file():
-        raise InputError(
-            f"{kind} file {path} is not a file", f"set data.{kind} to a JSONL, .txt or .csv file"
-        )
-    form = _SUFFIXES.get(path.suffix.lower())
-    if form is None:
-        raise InputError(
-            f"{kind} file {path} has an unknown extension {path.suffix!r}",
-            f"use one of {', '.join(_SUFFIXES)}",
-        )
-    try:
-        if form == "jsonl":
-            samples = _read_jsonl(path, text_field, label_field, limit)
-        elif form == "json":
-            samples = _read_json(path, text_field, label_field, limit)
-        elif form == "csv":
-            samples = _read_csv(path, text_field, label_field, limit)
-        else:
-            samples = _read_text(path, limit)
-    except UnicodeDecodeError as error:
-        raise InputError(
-            f"{kind} file {path} is not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
+    """The first ``limit`` samples of a JSONL, .json, .txt or .csv file or a dataset folder."""
+    samples = list(itertools.islice(_samples(path, kind, text_field, label_field), limit))
     if not samples:
         raise InputError(f"{kind} file {path} is empty", "it needs at least one sample")
     return samples
+
+
+def draw_samples(
+    path: Path, *, kind: str, count: int, seed: int, text_field: str = "text"
+) -> list[Sample]:
+    """``count`` samples drawn uniformly from the whole file with a seeded generator.
+
+    Reservoir sampling: one pass, memory for ``count`` samples only, and the same file and
+    seed always give the same samples, returned in file order. Fewer than ``count`` samples in
+    the file is an error: a calibration set quietly smaller than asked for changes the scales.
+    """
+    rng = random.Random(seed)
+    chosen: list[tuple[int, Sample]] = []
+    seen = 0
+    for index, sample in enumerate(_samples(path, kind, text_field, "label")):
+        seen += 1
+        if len(chosen) < count:
+            chosen.append((index, sample))
+        else:
+            slot = rng.randrange(index + 1)
+            if slot < count:
+                chosen[slot] = (index, sample)
+    if seen < count:
+        raise InputError(
+            f"{kind} file {path} has {seen} samples; {count} are asked for",
+            f"give more text, or lower the calibration sample count to at most {seen}"
+            if seen
+            else "it needs at least one sample",
+        )
+    return [sample for _, sample in sorted(chosen, key=lambda pair: pair[0])]

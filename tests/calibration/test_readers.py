@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.calibration import read_samples, shipped_data
+from pipeline.calibration import draw_samples, read_samples, shipped_data
 from pipeline.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +73,53 @@ def test_missing_and_non_utf8(tmp_path: Path) -> None:
     (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(InputError, match="not UTF-8"):
         read_samples(tmp_path / "latin.txt", kind="evaluation")
+
+
+def test_saved_dataset_folder(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    table = {"sentence": ["one text", "two texts", "three"], "label": [0, 1, 0]}
+    dataset = datasets.Dataset.from_dict(table)
+    dataset.save_to_disk(str(tmp_path / "ds"))
+    samples = read_samples(tmp_path / "ds", kind="evaluation", text_field="sentence")
+    assert [(s.text, s.label) for s in samples] == list(
+        zip(table["sentence"], table["label"], strict=True)
+    )
+    with pytest.raises(InputError, match="no column 'text' \\(columns: sentence, label\\)"):
+        read_samples(tmp_path / "ds", kind="calibration")
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(InputError, match="splits \\['train'\\]") as caught:
+        read_samples(tmp_path / "dd", kind="calibration", text_field="sentence")
+    assert str(tmp_path / "dd" / "train") in (caught.value.hint or "")
+    assert (
+        len(read_samples(tmp_path / "dd" / "train", kind="calibration", text_field="sentence")) == 3
+    )
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InputError, match="is a folder but not a saved dataset"):
+        read_samples(tmp_path / "plain", kind="calibration")
+
+
+def test_draw_is_seeded_uniform_and_in_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "d.txt"
+    path.write_text("".join(f"text {i}\n" for i in range(1000)))
+    first = [s.text for s in draw_samples(path, kind="calibration", count=50, seed=3)]
+    assert first == [s.text for s in draw_samples(path, kind="calibration", count=50, seed=3)]
+    assert first != [s.text for s in draw_samples(path, kind="calibration", count=50, seed=4)]
+    indices = [int(t.split()[1]) for t in first]
+    assert indices == sorted(indices) and len(set(indices)) == 50
+    assert max(indices) > 500  # drawn from the whole file, not its head
+    everything = draw_samples(path, kind="calibration", count=1000, seed=0)
+    assert [s.text for s in everything] == [f"text {i}" for i in range(1000)]
+
+
+def test_draw_says_when_the_file_is_too_short(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(InputError, match="has 2 samples; 8 are asked for") as caught:
+        draw_samples(path, kind="calibration", count=8, seed=0)
+    assert "at most 2" in (caught.value.hint or "")
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(InputError, match="has 0 samples"):
+        draw_samples(tmp_path / "e.txt", kind="calibration", count=8, seed=0)
 
 
 def test_shipped_sets_are_disjoint_and_sized() -> None:
