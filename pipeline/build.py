@@ -31,7 +31,7 @@ from pipeline.artifacts import (
     temp_prefix,
     write_text_atomic,
 )
-from pipeline.calibration import read_samples, shipped_data
+from pipeline.calibration import draw_samples, read_samples, shipped_data
 from pipeline.errors import InputError, RecipeError
 from pipeline.manifest import InputRecord, Manifest
 from pipeline.progress import NullProgress, Progress
@@ -81,12 +81,25 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         label_field=data.label_field,
         limit=data.max_samples,
     )
-    if data.calibration is not None:
-        read_samples(data.calibration, kind="calibration", text_field=data.text_field, limit=1)
-    return {
+    inputs = {
         "checkpoint": checkpoint_artifact(folder),
         "evaluation": Artifact.of("evaluation", evaluation),
     }
+    counts = [
+        v.quantize.calibration.samples
+        for v in recipe.variants
+        if v.quantize is not None and v.quantize.calibration is not None
+    ]
+    if counts:
+        calibration = data.calibration or shipped_data("calibration")
+        # Drawn now as the stage will: a short or broken file fails before the export.
+        draw_samples(
+            calibration, kind="calibration", count=max(counts), seed=0, text_field=data.text_field
+        )
+        inputs["calibration"] = Artifact.of("calibration", calibration)
+    elif data.calibration is not None:
+        read_samples(data.calibration, kind="calibration", text_field=data.text_field, limit=1)
+    return inputs
 
 
 def plan_for(recipe: Recipe) -> Plan:

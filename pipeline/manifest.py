@@ -36,7 +36,7 @@ class Check(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    source: Literal["tolerance", "gate", "fusion"]
+    source: Literal["tolerance", "gate", "fusion", "budget"]
     variant: str
     metric: str
     shape: str | None = None
@@ -62,7 +62,7 @@ class Check(BaseModel):
 
 
 def check(
-    source: Literal["tolerance", "gate", "fusion"],
+    source: Literal["tolerance", "gate", "fusion", "budget"],
     variant: str,
     metric: str,
     value: float | None,

@@ -175,7 +175,12 @@ class LatencySpec(_Strict):
 #: ONNX Runtime merges each quantize-MatMul-dequantize chain into one kernel.
 TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
     "ort-cpu": {"fusions": ["attention", "ffn"], "session_optimization": "basic"},
-    "ort-cpu/int8": {"fusions": ["mha", "ffn"], "session_optimization": "all"},
+    "ort-cpu/int8": {
+        "fusions": ["mha", "ffn"],
+        "session_optimization": "all",
+        # MiniLM, MinMax: asymmetric U8 activations keep mean cosine 0.94, symmetric S8 0.85.
+        "symmetric_activations": False,
+    },
 }
 
 
@@ -184,17 +189,75 @@ def target_defaults(target: str, precision: str) -> dict[str, Any]:
     return TARGET_DEFAULTS.get(f"{target}/{precision}", TARGET_DEFAULTS.get(target, {}))
 
 
+class CalibrationSpec(_Strict):
+    """How static INT8 measures activation ranges (the ``calibrate`` stage)."""
+
+    #: minmax: the observed range; entropy: the range minimising KL divergence of the
+    #: quantized histogram; percentile: the range holding ``percentile`` % of the values.
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=0, le=100)
+    num_bins: int = Field(2048, ge=128)
+    #: Texts drawn from data.calibration (seeded, uniform over the file).
+    samples: PositiveInt = 512
+    seed: int = 0
+    batch_size: PositiveInt = 8
+    #: Symmetric activation ranges (signed INT8; what TensorRT takes). Default: per target
+    #: (ONNX Runtime CPU: asymmetric, unsigned activations with a zero point).
+    symmetric: bool | None = None
+
+
+class BudgetSpec(_Strict):
+    """Accuracy an INT8 variant must keep; its most sensitive nodes stay float until it does."""
+
+    min_mean_cosine: Fraction | None = None
+    min_worst_cosine: Fraction | None = None
+    min_agreement: Fraction | None = None
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetSpec:
+        if not self.limits():
+            raise ValueError(
+                "budget: set at least one of min_mean_cosine, min_worst_cosine, min_agreement"
+            )
+        return self
+
+    def limits(self) -> dict[str, float]:
+        return {k: v for k, v in sorted(self.model_dump().items()) if v is not None}
+
+
 class QuantizeSpec(_Strict):
     """INT8 settings of a variant with ``precision: int8``."""
 
-    #: Weights INT8 ahead of time, activations quantized at run time (no calibration data).
-    method: Literal["dynamic"] = "dynamic"
+    #: dynamic: weights INT8 ahead of time, activations quantized at run time (no calibration
+    #: data); static: QDQ with activation ranges from calibration data.
+    method: Literal["dynamic", "static"] = "dynamic"
     #: One scale per output channel of each weight matrix.
     per_channel: bool = True
     #: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate.
     reduce_range: bool = False
     #: Node names kept in float (see `tforge inspect` of the float model).
     exclude: list[str] = Field(default_factory=list)
+    #: Static only: calibration settings.
+    calibration: CalibrationSpec | None = None
+    #: Keep the most sensitive nodes in float until these limits hold on the evaluation data.
+    budget: BudgetSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _static_calibrates(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("method") == "static"
+            and data.get("calibration") is None
+        ):
+            data = {**data, "calibration": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _calibration_is_static(self) -> QuantizeSpec:
+        if self.calibration is not None and self.method != "static":
+            raise ValueError(f"calibration: needs method: static (this variant has {self.method})")
+        return self
 
 
 class VariantSpec(_Strict):

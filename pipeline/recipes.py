@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.recipe import QuantizeSpec, Recipe, VariantSpec
+from pipeline.recipe import CalibrationSpec, QuantizeSpec, Recipe, VariantSpec, target_defaults
 from pipeline.stages.base import Step
+from pipeline.stages.calibrate import CalibrateConfig, CalibrateStage
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.latency import LatencyConfig, LatencyStage
 from pipeline.stages.load import LoadConfig, LoadStage
@@ -35,6 +36,28 @@ def variant_model(variant: VariantSpec) -> str:
     if variant.precision == "int8":
         return f"quantize[{variant.name}].model"
     return float_model(variant)
+
+
+def calibrate_config(
+    recipe: Recipe, variant: VariantSpec, spec: CalibrationSpec
+) -> CalibrateConfig:
+    """The calibrate stage's settings: the variant's, its target's defaults, the data's."""
+    symmetric = spec.symmetric
+    if symmetric is None:
+        defaults = target_defaults(variant.target, variant.precision)
+        symmetric = bool(defaults.get("symmetric_activations", True))
+    return CalibrateConfig(
+        method=spec.method,
+        symmetric=symmetric,
+        # Settings a method does not use stay at their defaults, so they do not split the key.
+        percentile=spec.percentile if spec.method == "percentile" else 99.999,
+        num_bins=spec.num_bins if spec.method != "minmax" else 2048,
+        samples=spec.samples,
+        seed=spec.seed,
+        batch_size=spec.batch_size,
+        max_length=recipe.data.max_length,
+        text_field=recipe.data.text_field,
+    )
 
 
 def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
@@ -84,14 +107,26 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 per_channel=q.per_channel,
                 reduce_range=q.reduce_range,
                 exclude=tuple(q.exclude),
+                budget=q.budget.limits() if q.budget is not None else None,
+                session_optimization=variant.session_optimization,
+                threads=threads,
             )
-            steps.append(
-                Step(
-                    f"quantize[{variant.name}]",
-                    QuantizeStage(config_q),
-                    {"model": float_model(variant)},
+            inputs_q = {"model": float_model(variant), "reference": "reference.reference"}
+            if q.method == "static":
+                config_c = calibrate_config(recipe, variant, q.calibration or CalibrationSpec())
+                steps.append(
+                    Step(
+                        f"calibrate[{variant.name}]",
+                        CalibrateStage(config_c),
+                        {
+                            "model": float_model(variant),
+                            "calibration": "input:calibration",
+                            "info": "load.info",
+                        },
+                    )
                 )
-            )
+                inputs_q["calibration"] = f"calibrate[{variant.name}].calibration"
+            steps.append(Step(f"quantize[{variant.name}]", QuantizeStage(config_q), inputs_q))
     models = {v.name: variant_model(v) for v in recipe.variants}
     for variant in recipe.variants:
         config = VerifyConfig(

@@ -75,6 +75,10 @@ def test_unknown_task_is_a_recipe_error() -> None:
         parse_recipe({"model": {"task": "summarization"}})
 
 
+def _int8(quantize: dict) -> dict:
+    return {"variants": [{"name": "q", "precision": "int8", "quantize": quantize}]}
+
+
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
@@ -98,12 +102,42 @@ def test_unknown_task_is_a_recipe_error() -> None:
         ({"variants": [{"name": "a", "fusions": ["ffn", "ffn"]}]}, "lists a fusion twice"),
         ({"variants": [{"name": "a", "fusions": ["softmax"]}]}, "variants[0].fusions[0]"),
         ({"variants": [{"name": "a", "quantize": {}}]}, "quantize: needs precision: int8"),
+        (
+            {"variants": [{"name": "a", "fusions": ["attention", "mha"]}]},
+            "two forms of the same fusion",
+        ),
+        (_int8({"method": "dynamic", "calibration": {}}), "calibration: needs method: static"),
+        (_int8({"method": "kl"}), "'kl' is not allowed"),
+        (_int8({"method": "static", "calibration": {"method": "kl"}}), "calibration.method"),
+        (_int8({"method": "static", "calibration": {"percentile": 0}}), "greater than 0"),
+        (
+            _int8({"method": "static", "calibration": {"percentile": 100.5}}),
+            "less than or equal to 100",
+        ),
+        (_int8({"budget": {}}), "set at least one of min_mean_cosine"),
+        (_int8({"budget": {"min_mean_cosine": 1.5}}), "budget.min_mean_cosine"),
     ],
 )
 def test_cross_field_errors(data: dict, fragment: str) -> None:
     with pytest.raises(RecipeError, match=None) as caught:
         parse_recipe(data)
     assert fragment in caught.value.message
+
+
+def test_int8_defaults_per_target_and_method() -> None:
+    recipe = parse_recipe(
+        {
+            "variants": [
+                {"name": "d", "precision": "int8"},
+                _int8({"method": "static"})["variants"][0],
+            ]
+        }
+    )
+    dynamic, static = recipe.variants
+    assert dynamic.fusions == ["mha", "ffn"] and dynamic.session_optimization == "all"
+    assert static.quantize is not None and static.quantize.calibration is not None
+    assert static.quantize.calibration.method == "minmax"
+    assert static.quantize.calibration.samples == 512
 
 
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pipeline.architectures import family_of
 from pipeline.artifacts import StageRecord
+from pipeline.budget import FIGURES as BUDGET_FIGURES
 from pipeline.manifest import Check, check
 from pipeline.passes import FUSED_OPS
 from pipeline.recipe import Recipe
@@ -173,9 +174,28 @@ def fusion_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
     return checks
 
 
+def budget_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
+    """An INT8 variant with an accuracy budget meets it (on verify's figures, both sides)."""
+    steps = _by_step(stages)
+    checks = []
+    for variant in recipe.variants:
+        if variant.quantize is None or variant.quantize.budget is None:
+            continue
+        figures = steps[f"verify[{variant.name}]"].stats
+        search = steps[f"quantize[{variant.name}]"].stats.get("budget", {})
+        note = f"{search.get('kept_float', '?')} of {search.get('of', '?')} nodes kept in float"
+        for key, limit in variant.quantize.budget.limits().items():
+            figure = BUDGET_FIGURES[key]
+            checks.append(
+                check("budget", variant.name, figure, figures.get(figure), limit, "min", note=note)
+            )
+    return checks
+
+
 def evaluate(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
     return (
         fusion_checks(recipe, stages)
         + tolerance_checks(recipe, stages)
+        + budget_checks(recipe, stages)
         + gate_checks(recipe, stages)
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pipeline.budget import FIGURES as BUDGET_FIGURES
 from pipeline.report.model import Contender, Report
 
 
@@ -22,6 +25,66 @@ def _accuracy_cells(c: Contender) -> list[str]:
         figure(c.accuracy.get("mean_cosine"), ".6f"),
         figure(c.accuracy.get("agreement"), ".3f"),
     ]
+
+
+def _node(entry: dict[str, Any]) -> str:
+    return f"`{entry.get('module') or entry['node']}`"
+
+
+def _int8_section(report: Report) -> list[str]:
+    """Per INT8 variant: how it was quantized, what stayed float, and the most sensitive nodes."""
+    quantized = [c for c in report.contenders if c.quantization]
+    if not quantized:
+        return []
+    lines = ["", "## INT8"]
+    for c in quantized:
+        q = c.quantization or {}
+        how = str(q.get("method"))
+        if q.get("calibration"):
+            data = q.get("calibration_data") or {}
+            sign = "symmetric" if q.get("symmetric") else "asymmetric"
+            how += f", {q['calibration']} calibration on {data.get('samples', '?')} samples, {sign} activations"
+        lines += [
+            "",
+            f"**{c.name}** ({how}): {q.get('quantized_matmuls')} of {q.get('weight_matmuls')} "
+            "weight MatMuls in INT8.",
+        ]
+        budget = q.get("budget")
+        if budget:
+            limits = ", ".join(f"{k} {v}" for k, v in budget["limits"].items())
+            verdict = "met" if budget["met"] else "NOT met (best attempt kept)"
+            lines.append(
+                f"Accuracy budget ({limits}): {verdict} with {budget['kept_float']} of "
+                f"{budget['of']} nodes in float. Attempts:"
+            )
+            lines += ["", "| nodes in float | " + " | ".join(budget["limits"]) + " | meets |"]
+            lines.append("|---|" + "---|" * len(budget["limits"]) + "---|")
+            for attempt in sorted(budget["attempts"], key=lambda a: a["kept_float"]):
+                cells = [figure(attempt.get(BUDGET_FIGURES[k]), ".5f") for k in budget["limits"]]
+                mark = "yes" if attempt["passed"] else "no"
+                lines.append(f"| {attempt['kept_float']} | " + " | ".join(cells) + f" | {mark} |")
+            lines.append("")
+        kept = q.get("kept_float") or []
+        if kept:
+            lines.append("Kept in float: " + ", ".join(_node(k) for k in kept) + ".")
+        sensitive = q.get("sensitivity") or []
+        if sensitive:
+            by_output = any("output_error" in s for s in sensitive)
+            lines += [
+                "",
+                "The most sensitive nodes"
+                + (" (by output error with only that node in INT8)" if by_output else " (by SQNR)")
+                + ":",
+                "",
+                "| node | module | SQNR dB | output error |",
+                "|---|---|---|---|",
+            ]
+            for s in sensitive:
+                lines.append(
+                    f"| {s['node']} | {s.get('module') or '–'} | {figure(s.get('sqnr_db'), '.1f')} "
+                    f"| {figure(s.get('output_error'), '.2e')} |"
+                )
+    return lines
 
 
 def render_markdown(report: Report) -> str:
@@ -90,6 +153,7 @@ def render_markdown(report: Report) -> str:
                 f"| {c.name} | {g.get('optimize')} | {', '.join(g.get('fusions') or []) or '–'} "
                 f"| {fused or '–'} | {nodes} | {g.get('session_optimization')} |"
             )
+    lines += _int8_section(report)
     lines += ["", "## Checks", ""]
     if not report.checks:
         lines.append("No checks.")

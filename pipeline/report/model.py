@@ -47,6 +47,8 @@ class Contender(_Frozen):
     task_metric: float | None = None
     #: How the graph was prepared: profile, fusions asked for, fused ops made, session level.
     graph: dict[str, Any] | None = None
+    #: INT8 variants: method, what was quantized, kept float, most sensitive nodes, budget.
+    quantization: dict[str, Any] | None = None
 
 
 class StageTiming(_Frozen):
@@ -124,6 +126,7 @@ def build_report(manifest: Manifest) -> Report:
                 peak_rss_bytes=rss.get(variant["name"]),
                 task_metric=accuracy.get("task_metric"),
                 graph=_graph(manifest, variant),
+                quantization=_quantization(manifest, variant["name"]),
             )
         )
     pytorch = Contender(
@@ -195,6 +198,29 @@ def _graph(manifest: Manifest, variant: dict[str, Any]) -> dict[str, Any]:
         graph["nodes"] = optimize.stats.get("nodes")
         graph["fused_ops"] = optimize.stats.get("fusions", {})
     return graph
+
+
+def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
+    quantize = manifest.stage(f"quantize[{name}]")
+    if quantize is None:
+        return None
+    keys = (
+        "method",
+        "weight_matmuls",
+        "quantized_matmuls",
+        "kept_float",
+        "sensitivity",
+        "budget",
+        "calibration",
+        "symmetric",
+    )
+    out = {k: quantize.stats[k] for k in keys if k in quantize.stats}
+    calibrate = manifest.stage(f"calibrate[{name}]")
+    if calibrate is not None:
+        out["calibration_data"] = {
+            k: calibrate.stats.get(k) for k in ("samples", "tokens", "truncated", "max_length")
+        }
+    return out
 
 
 def render_json(report: Report) -> str:

@@ -1,25 +1,44 @@
-"""Stage ``quantize``: INT8 with weights quantized per channel and activations at run time.
+"""Stage ``quantize``: INT8 weights per channel; activations at run time or from calibration.
 
-ONNX Runtime's dynamic quantizer does the rewrite (MatMul with a constant weight ->
-DynamicQuantizeLinear + MatMulInteger); the attention core (MultiHeadAttention) stays in float. Its call succeeds even
-when it quantized nothing (a graph without value types gets no quantized MatMul at all), so the
-stage counts what was quantized and fails when a graph that has weight MatMuls came back
-without any.
+* ``dynamic``: ONNX Runtime's dynamic quantizer (MatMul with a constant weight ->
+  DynamicQuantizeLinear + MatMulInteger): each batch's activation range is measured as it runs.
+* ``static``: QDQ (QuantizeLinear/DequantizeLinear pairs around each quantized MatMul) with the
+  activation ranges of a calibration table (the ``calibrate`` stage), through ONNX Runtime's
+  QDQ quantizer. QDQ is the form TensorRT takes; ONNX Runtime's CPU provider fuses each pair
+  chain into an integer kernel when the session optimises at "extended" or "all".
 
-Input: a model folder (exported or optimized); output: ``model/`` in the same layout.
+The attention core (MultiHeadAttention) stays in float either way. The quantizer's call
+succeeds even when it quantized nothing (a graph without value types gets no quantized MatMul
+at all), so the stage counts what was quantized and fails on a shortfall.
+
+Input: a model folder (exported or optimized), and for ``static`` the calibration folder;
+output: ``model/`` in the same layout.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import logging
+import math
 import shutil
+import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.artifacts import Artifact
+from pipeline.budget import FIGURES, BudgetResult, search
+from pipeline.calibration.table import CalibrationTable
 from pipeline.errors import PreconditionError, first_line
+from pipeline.sensitivity import (
+    matmul_sensitivity,
+    module_name,
+    output_error,
+    rank_by_output_error,
+)
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 from pipeline.stages.export import (
     _TWO_GB,
@@ -29,6 +48,8 @@ from pipeline.stages.export import (
     uses_external_data,
 )
 from pipeline.stages.load import TOKENIZER_FILES
+from pipeline.stages.reference import ReferenceData
+from pipeline.stages.verify import compare_to_reference
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +58,62 @@ QUANTIZED_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat
 
 
 class QuantizeConfig(StageConfig):
-    method: Literal["dynamic"] = "dynamic"
+    method: Literal["dynamic", "static"] = "dynamic"
     #: One scale per output channel of each weight (per-tensor loses ~0.03 cosine on MiniLM).
     per_channel: bool = True
     #: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate.
     reduce_range: bool = False
     #: Node names kept in float.
     exclude: tuple[str, ...] = ()
+    #: Accuracy limits (pipeline.budget.FIGURES keys); None: quantize every weight MatMul.
+    budget: dict[str, float] | None = None
+    #: How the budget search runs candidates (as the variant will run).
+    session_optimization: str = "all"
+    threads: int = 1
+    #: Evaluation batches the per-node sensitivity is measured on.
+    sensitivity_batches: int = 8
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """Keep ONNX Runtime's quantization tools from writing to the build's log and stdout.
+
+    They log through the root logger (per-tensor INFO lines, and advice to run their
+    pre-processing, which infer-shapes already does) and print histogram settings; what the
+    stage needs from them it counts and records itself.
+    """
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.name != "root":
+            return True
+        return record.levelno >= logging.ERROR
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    for handler in handlers:
+        handler.addFilter(keep)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(keep)
+
+
+def quantized_matmuls(model: Any) -> tuple[int, set[str]]:
+    """How many MatMuls are quantized, and which weight MatMuls are still float.
+
+    Dynamic: the integer ops the quantizer leaves. Static (QDQ): MatMuls whose weight comes
+    through a DequantizeLinear.
+    """
+    ops = Counter(node.op_type for node in model.graph.node)
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    qdq = sum(
+        1
+        for n in model.graph.node
+        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in dequantized
+    )
+    return sum(ops[op] for op in QUANTIZED_OPS) + qdq, set(weight_matmuls(model))
 
 
 def weight_matmuls(model: Any) -> list[str]:
@@ -56,76 +126,278 @@ def weight_matmuls(model: Any) -> list[str]:
     ]
 
 
+def quantize_file(
+    source: Path,
+    target: Path,
+    config: QuantizeConfig,
+    exclude: Sequence[str],
+    table: CalibrationTable | None = None,
+) -> dict[str, Any]:
+    """Quantize ``source`` into ``target`` (both model.onnx paths); returns what was quantized.
+
+    Fails when the quantizer itself fails or leaves weight MatMuls outside ``exclude`` in float.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_model = onnx.load(str(source), load_external_data=False)
+    candidates = weight_matmuls(float_model)
+    external = sum(
+        init.ByteSize() for init in float_model.graph.initializer
+    ) > _TWO_GB or uses_external_data(float_model)
+    # MatMul only: INT8 variants fuse attention as MultiHeadAttention, so the Q/K/V
+    # projections are MatMuls here. A packed Attention would become QAttention, which loses
+    # far more (mean cosine 0.84, agreement 0.48). Quantizing every op type wrecks accuracy.
+    common: dict[str, Any] = {
+        "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range,
+        "weight_type": QuantType.QInt8,
+        "op_types_to_quantize": ["MatMul"],
+        "nodes_to_exclude": list(exclude),
+        "use_external_data_format": external,
+    }
+    try:
+        with quiet_quantizer():
+            if config.method == "dynamic":
+                quantize_dynamic(source, target, extra_options={"MatMulConstBOnly": True}, **common)
+            else:
+                if table is None:
+                    raise ValueError("static quantization needs a calibration table")
+                _quantize_static(source, target, table, common)
+    # The quantizer fails in library terms (e.g. "Unable to find data type for
+    # weight_name" on a graph without value types): said in one line, with the fix.
+    except Exception as error:
+        log.debug("quantization failed", exc_info=True)
+        raise PreconditionError(
+            f"ONNX Runtime's quantizer failed: {type(error).__name__}: {first_line(error)}",
+            "quantize an optimized graph (optimize: ort or standard), which carries value types",
+        ) from error
+    quantized, still_float = quantized_matmuls(onnx.load(str(target), load_external_data=False))
+    expected = [name for name in candidates if name not in set(exclude)]
+    missed = sorted(set(expected) & still_float)
+    if quantized < len(expected) or missed:
+        raise PreconditionError(
+            f"only {quantized} of {len(expected)} weight MatMuls were quantized; still float: {missed[:5]}",
+            "the graph probably lacks value types; quantize an optimized graph (optimize: ort or standard)",
+        )
+    return {"weight_matmuls": len(candidates), "quantized_matmuls": quantized}
+
+
+def _quantize_static(
+    source: Path, target: Path, table: CalibrationTable, common: dict[str, Any]
+) -> None:
+    """QDQ with the table's ranges: ONNX Runtime reads them as a calibration cache file."""
+    import inspect
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise PreconditionError(
+            "static INT8 from a stored calibration table needs a newer onnxruntime "
+            "(quantize_static with calibration_cache_path)",
+            "pip install -U onnxruntime",
+        )
+    data = table.tensors_data()
+    with tempfile.TemporaryDirectory(prefix="ranges-", dir=target.parent) as work:
+        cache = Path(work) / "ranges.json"
+        save_tensors_data(data, cache)
+        quantize_static(
+            source,
+            target,
+            None,
+            quant_format=QuantFormat.QDQ,
+            # Signed activations with symmetric ranges (TensorRT's form); unsigned with the
+            # range's own zero point otherwise (ONNX Runtime CPU's U8S8 kernels).
+            activation_type=QuantType.QInt8 if table.symmetric else QuantType.QUInt8,
+            calibrate_method=data.calibration_method,
+            calibration_cache_path=cache,
+            extra_options={
+                "ActivationSymmetric": table.symmetric,
+                "WeightSymmetric": True,
+                "MatMulConstBOnly": True,
+            },
+            **common,
+        )
+
+
 class QuantizeStage(Stage[QuantizeConfig]):
     name = "quantize"
+    version = 2  # 2: per-node sensitivity, the accuracy budget, static QDQ
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
         require_model_file("quantize", inputs["model"].path)
+        if self.config.method == "static" and "calibration" not in inputs:
+            raise PreconditionError(
+                "static quantization has no calibration table", "this is a bug in the pipeline"
+            )
 
     def describe(self) -> str:
         return f"quantize int8 {self.config.method}"
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        from pipeline.stages.calibrate import TABLE
+
+        cfg = self.config
         source = inputs["model"].path
         float_model = onnx.load(str(source / MODEL_FILE), load_external_data=False)
-        candidates = weight_matmuls(float_model)
-        unknown = sorted(set(self.config.exclude) - {n.name for n in float_model.graph.node})
+        modules = {n.name: module_name(n) for n in float_model.graph.node}
+        unknown = sorted(set(cfg.exclude) - set(modules))
         if unknown:
             raise PreconditionError(
                 f"quantize.exclude names nodes the graph does not have: {unknown[:5]}",
                 "take node names from `tforge inspect` of the variant's float model",
             )
+        table = None
+        if cfg.method == "static":
+            table = CalibrationTable.read(inputs["calibration"].path / TABLE)
+        ref = ReferenceData.of(inputs["reference"])
+        feeds = [
+            b.feed for b in itertools.islice(ref.batches(ref.sides[0]), cfg.sensitivity_batches)
+        ]
+        with ctx.progress.task("INT8 sensitivity per node", 1) as advance:
+            ranking = matmul_sensitivity(
+                source / MODEL_FILE,
+                feeds,
+                per_channel=cfg.per_channel,
+                reduce_range=cfg.reduce_range,
+                table=table,
+                threads=cfg.threads,
+            )
+            advance(1)
+        candidates = [s.node for s in ranking if s.node not in cfg.exclude]
+        kept: list[str] = []
+        budget: dict[str, Any] | None = None
         target = out / "model"
         target.mkdir()
         path = target / MODEL_FILE
-        large = sum(init.ByteSize() for init in float_model.graph.initializer) > _TWO_GB
-        with ctx.progress.task("quantize (int8, dynamic)", 1) as advance:
-            try:
-                quantize_dynamic(
-                    source / MODEL_FILE,
-                    path,
-                    weight_type=QuantType.QInt8,
-                    per_channel=self.config.per_channel,
-                    reduce_range=self.config.reduce_range,
-                    # MatMul only: INT8 variants fuse attention as MultiHeadAttention, so the
-                    # Q/K/V projections are MatMuls here. A packed Attention would become
-                    # QAttention, which loses far more (mean cosine 0.84, agreement 0.48).
-                    op_types_to_quantize=["MatMul"],
-                    nodes_to_exclude=list(self.config.exclude),
-                    use_external_data_format=large or uses_external_data(float_model),
-                    extra_options={"MatMulConstBOnly": True},
-                )
-            # The quantizer fails in library terms (e.g. "Unable to find data type for
-            # weight_name" on a graph without value types): said in one line, with the fix.
-            except Exception as error:
-                log.debug("quantization failed", exc_info=True)
-                raise PreconditionError(
-                    f"ONNX Runtime's quantizer failed: {type(error).__name__}: {first_line(error)}",
-                    "quantize an optimized graph (optimize: ort or standard), which carries value types",
-                ) from error
+        output_errors: dict[str, float] = {}
+        if cfg.budget:
+            with tempfile.TemporaryDirectory(prefix="budget-", dir=out) as work:
+                result, ranked = self._search(ctx, source, Path(work), candidates, ref, table)
+            output_errors = dict(ranked)
+            kept = [node for node, _ in ranked][: result.kept_float]
+            budget = {
+                "limits": cfg.budget,
+                "met": result.met,
+                "kept_float": result.kept_float,
+                "of": len(candidates),
+                "attempts": [a.as_dict() for a in result.attempts],
+            }
+        with ctx.progress.task(f"quantize (int8, {cfg.method})", 1) as advance:
+            counts = quantize_file(source / MODEL_FILE, path, cfg, [*cfg.exclude, *kept], table)
             advance(1)
-        quantized_model = onnx.load(str(path), load_external_data=False)
-        ops = Counter(node.op_type for node in quantized_model.graph.node)
-        quantized = sum(ops[op] for op in QUANTIZED_OPS)
-        float_matmuls = {n.name for n in quantized_model.graph.node if n.op_type == "MatMul"}
-        still_float = sorted((set(candidates) - set(self.config.exclude)) & float_matmuls)
-        expected = len(candidates) - len(set(self.config.exclude) & set(candidates))
-        if quantized < expected:
-            raise PreconditionError(
-                f"only {quantized} of {expected} weight MatMuls were quantized; still float: {still_float[:5]}",
-                "the graph probably lacks value types; quantize an optimized graph (optimize: ort or standard)",
-            )
         for name in ("config.json", *TOKENIZER_FILES):
             if (source / name).is_file():
                 shutil.copy2(source / name, target / name)
+        sqnr = {s.node: s.sqnr_db for s in ranking}
+
+        def described(node: str) -> dict[str, Any]:
+            entry = {"node": node, "module": modules.get(node), "sqnr_db": _rounded(sqnr.get(node))}
+            if node in output_errors:
+                entry["output_error"] = float(f"{output_errors[node]:.4g}")
+            return entry
+
+        # Most sensitive first: by output error when it was measured, else by SQNR.
+        worst = (
+            sorted(output_errors, key=lambda n: -output_errors[n])
+            if output_errors
+            else [s.node for s in ranking]
+        )
         stats = {
-            "method": self.config.method,
-            "weight_matmuls": len(candidates),
-            "quantized_matmuls": quantized,
-            "kept_float": sorted(set(self.config.exclude)),
+            "method": cfg.method,
+            **counts,
+            "kept_float": [described(n) for n in [*cfg.exclude, *kept]],
+            "sensitivity": [described(n) for n in worst[:SHOWN]],
+            **({"budget": budget} if budget is not None else {}),
+            **({"calibration": table.method, "symmetric": table.symmetric} if table else {}),
             **graph_stats(path),
         }
         return StageResult(outputs={"model": "model"}, stats=stats)
+
+    def _search(
+        self,
+        ctx: BuildContext,
+        source: Path,
+        work: Path,
+        candidates: list[str],
+        ref: ReferenceData,
+        table: CalibrationTable | None,
+    ) -> tuple[BudgetResult, list[tuple[str, float]]]:
+        """Rank nodes by output error alone, then keep 0, 1, 2, 4... of the worst in float."""
+        from pipeline.backends.onnxruntime_backend import OrtRunner
+
+        cfg = self.config
+        assert cfg.budget is not None
+        output = ref.index["output"]
+        missing = [key for key in cfg.budget if FIGURES[key] not in _task_figures(ref)]
+        if missing:
+            raise PreconditionError(
+                f"quantize.budget sets {missing}, which a {ref.index['task']} model does not measure",
+                "use min_agreement (and the cosine limits only for feature-extraction)",
+            )
+
+        def quantized(exclude: list[str], label: str) -> OrtRunner:
+            folder = work / label
+            folder.mkdir()
+            quantize_file(source / MODEL_FILE, folder / MODEL_FILE, cfg, exclude, table)
+            return OrtRunner(folder / MODEL_FILE, cfg.threads, cfg.session_optimization)
+
+        batches = [
+            (b.feed, b.output, b.mask)
+            for b in itertools.islice(ref.batches(ref.sides[0]), cfg.sensitivity_batches)
+        ]
+
+        def error_with_only(node: str) -> float:
+            others = [n for n in candidates if n != node]
+            runner = quantized([*cfg.exclude, *others], f"only-{candidates.index(node)}")
+            error = output_error(lambda feed: runner.run(feed)[output], batches)
+            shutil.rmtree(runner.path.parent)
+            return error
+
+        with ctx.progress.task("INT8 output error per node", len(candidates)) as advance:
+
+            def measured(node: str) -> float:
+                error = error_with_only(node)
+                advance(1)
+                return error
+
+            ranking = rank_by_output_error(candidates, measured)
+        order = [node for node, _ in ranking]
+
+        def evaluate(k: int) -> dict[str, Any]:
+            runner = quantized([*cfg.exclude, *order[:k]], f"k{k}")
+            figures = compare_to_reference(ref, lambda feed: runner.run(feed)[output])
+            shutil.rmtree(runner.path.parent)
+            return figures
+
+        steps = 2 * max(1, math.ceil(math.log2(len(order) + 1))) + 1
+        with ctx.progress.task("accuracy budget search", steps) as advance:
+            result = search(order, cfg.budget, evaluate, on_attempt=lambda _: advance(1))
+        for made in result.attempts:
+            log.info(
+                "budget: %d node(s) in float -> %s (%s)",
+                made.kept_float,
+                ", ".join(
+                    f"{k} {v:.5f}" if v is not None else f"{k} -" for k, v in made.figures.items()
+                ),
+                "meets" if made.passed else "misses",
+            )
+        return result, ranking
+
+
+#: How many of the most sensitive nodes the stage records.
+SHOWN = 10
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _task_figures(ref: ReferenceData) -> set[str]:
+    """The figures verify measures for the reference's task."""
+    if ref.index["task"] == "feature-extraction":
+        return {"mean_cosine", "worst_cosine", "agreement"}
+    return {"agreement"}

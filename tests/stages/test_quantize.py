@@ -5,40 +5,23 @@ import onnx
 import pytest
 
 from pipeline import metrics
+from pipeline.artifacts import Artifact
 from pipeline.backends.onnxruntime_backend import OrtRunner
 from pipeline.build import BuildOptions, build
 from pipeline.errors import PreconditionError
 from pipeline.stages.base import BuildContext
 from pipeline.stages.export import MODEL_FILE
-from pipeline.stages.optimize import OptimizeConfig, OptimizeStage
 from pipeline.stages.quantize import QuantizeConfig, QuantizeStage, weight_matmuls
-from tests.stages.helpers import run_export, run_load
 
 TEXTS = ["Return a new list containing all items.", "Short.", "The parser reads the header."]
 
 
-@pytest.fixture(scope="module")
-def fused_bert(checkpoint, tmp_path_factory) -> Path:
-    """A tiny BERT, exported and fused the default way: the usual input of INT8."""
-    tmp = tmp_path_factory.mktemp("fused")
-    ctx = BuildContext()
-    folder = checkpoint("bert")
-    info, _ = run_load(ctx, folder, tmp / "load")
-    model, _ = run_export(ctx, folder, info, tmp / "export")
-    (tmp / "optimize").mkdir()
-    OptimizeStage(OptimizeConfig(profile="ort", fusions=("attention", "ffn"))).run(
-        ctx, {"model": model, "info": info}, tmp / "optimize"
-    )
-    return tmp / "optimize" / "model"
-
-
-def _quantize(source: Path, out: Path, **config):  # type: ignore[no-untyped-def]
-    from pipeline.artifacts import Artifact
-
+def _quantize(source: Path, out: Path, reference: Artifact, **config):  # type: ignore[no-untyped-def]
     out.mkdir()
-    result = QuantizeStage(QuantizeConfig(**config)).run(
-        BuildContext(), {"model": Artifact.of("model", source)}, out
-    )
+    inputs = {"model": Artifact.of("model", source), "reference": reference}
+    if "calibration" in config:
+        inputs["calibration"] = config.pop("calibration")
+    result = QuantizeStage(QuantizeConfig(**config)).run(BuildContext(), inputs, out)
     return out / "model", result
 
 
@@ -54,11 +37,18 @@ def _hidden(path: Path, checkpoint) -> tuple[np.ndarray, np.ndarray]:  # type: i
     return out, encoded["attention_mask"]
 
 
-def test_every_weight_matmul_is_quantized_and_stays_close(fused_bert, checkpoint, tmp_path) -> None:
-    folder, result = _quantize(fused_bert, tmp_path / "q")
+def test_every_weight_matmul_is_quantized_and_stays_close(
+    fused_bert, bert_parts, checkpoint, tmp_path
+) -> None:
+    folder, result = _quantize(fused_bert, tmp_path / "q", bert_parts["reference"])
     float_model = onnx.load(str(fused_bert / MODEL_FILE))
-    assert result.stats["weight_matmuls"] == len(weight_matmuls(float_model)) == 6
-    assert result.stats["quantized_matmuls"] == 6
+    # Per layer: Q, K, V, the attention output and the two FFN projections.
+    assert result.stats["weight_matmuls"] == len(weight_matmuls(float_model)) == 12
+    assert result.stats["quantized_matmuls"] == 12
+    sensitivity = result.stats["sensitivity"]
+    assert len(sensitivity) == 10 and all(s["sqnr_db"] > 10 for s in sensitivity)
+    assert [s["sqnr_db"] for s in sensitivity] == sorted(s["sqnr_db"] for s in sensitivity)
+    assert sensitivity[0]["module"].startswith("encoder.layer.")
     assert (folder / "tokenizer.json").is_file()
     assert (folder / MODEL_FILE).stat().st_size < (fused_bert / MODEL_FILE).stat().st_size
     reference, mask = _hidden(fused_bert / MODEL_FILE, checkpoint)
@@ -70,17 +60,18 @@ def test_every_weight_matmul_is_quantized_and_stays_close(fused_bert, checkpoint
     assert 0 < metrics.token_errors(reference, quantized, mask)[0] < 0.5
 
 
-def test_excluded_nodes_stay_float(fused_bert, tmp_path) -> None:
+def test_excluded_nodes_stay_float(fused_bert, bert_parts, tmp_path) -> None:
     keep = weight_matmuls(onnx.load(str(fused_bert / MODEL_FILE)))[-1]
-    folder, result = _quantize(fused_bert, tmp_path / "q", exclude=(keep,))
-    assert result.stats["quantized_matmuls"] == 5 and result.stats["kept_float"] == [keep]
+    folder, result = _quantize(fused_bert, tmp_path / "q", bert_parts["reference"], exclude=(keep,))
+    assert result.stats["quantized_matmuls"] == 11
+    assert [k["node"] for k in result.stats["kept_float"]] == [keep]
     nodes = {n.name: n.op_type for n in onnx.load(str(folder / MODEL_FILE)).graph.node}
     assert nodes[keep] == "MatMul"
 
 
-def test_excluding_an_unknown_node_is_an_error(fused_bert, tmp_path) -> None:
+def test_excluding_an_unknown_node_is_an_error(fused_bert, bert_parts, tmp_path) -> None:
     with pytest.raises(PreconditionError, match="nodes the graph does not have"):
-        _quantize(fused_bert, tmp_path / "q", exclude=("no_such_node",))
+        _quantize(fused_bert, tmp_path / "q", bert_parts["reference"], exclude=("no_such_node",))
 
 
 def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp_path) -> None:
@@ -105,12 +96,139 @@ def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp
     assert outcome.passed
 
 
-def test_a_graph_without_value_types_is_a_clear_error(fused_bert, tmp_path) -> None:
+def test_a_graph_without_value_types_is_a_clear_error(fused_bert, bert_parts, tmp_path) -> None:
     untyped = tmp_path / "untyped"
     untyped.mkdir()
     model = onnx.load(str(fused_bert / MODEL_FILE))
     del model.graph.value_info[:]
     onnx.save(model, str(untyped / MODEL_FILE))
     with pytest.raises(PreconditionError, match="quantiz") as caught:
-        _quantize(untyped, tmp_path / "q")
+        _quantize(untyped, tmp_path / "q", bert_parts["reference"])
     assert "optimize: ort or standard" in str(caught.value)
+
+
+def _with_sensitive_node(source: Path, folder: Path) -> str:
+    """The model with one FFN down-projection made fragile under INT8, the same in float.
+
+    Its input's channel 0 is multiplied by 1e4 and the matching weight row divided by 1e4:
+    the float product is unchanged, but a per-tensor activation scale now spans the outlier
+    and rounds every other channel to zero.
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source / MODEL_FILE))
+    weights = {i.name: i for i in model.graph.initializer}
+    node = [n for n in model.graph.node if n.name in weight_matmuls(model)][-1]
+    weight = numpy_helper.to_array(weights[node.input[1]]).copy()
+    weight[0, :] /= 1e4
+    weights[node.input[1]].CopyFrom(numpy_helper.from_array(weight, node.input[1]))
+    scale = np.ones(weight.shape[0], dtype=np.float32)
+    scale[0] = 1e4
+    model.graph.initializer.append(numpy_helper.from_array(scale, "fragile_factor"))
+    nodes = list(model.graph.node)
+    nodes.insert(
+        nodes.index(node),
+        helper.make_node("Mul", [node.input[0], "fragile_factor"], ["outlier"], name="outlier"),
+    )
+    node.input[0] = "outlier"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.value_info.append(
+        helper.make_tensor_value_info("outlier", onnx.TensorProto.FLOAT, None)
+    )
+    folder.mkdir()
+    onnx.save(model, str(folder / MODEL_FILE))
+    for extra in source.iterdir():
+        if extra.name != MODEL_FILE:
+            (folder / extra.name).write_bytes(extra.read_bytes())
+    return node.name
+
+
+def test_the_budget_keeps_a_sensitive_node_in_float(fused_bert, bert_parts, tmp_path) -> None:
+    fragile = _with_sensitive_node(fused_bert, tmp_path / "fragile")
+    _, plain = _quantize(tmp_path / "fragile", tmp_path / "plain", bert_parts["reference"])
+    # Locally the fragile node's INT8 output is all rounding noise (about 0 dB).
+    assert plain.stats["sensitivity"][0]["node"] == fragile
+    assert plain.stats["sensitivity"][0]["sqnr_db"] < 3
+    folder, result = _quantize(
+        tmp_path / "fragile",
+        tmp_path / "budget",
+        bert_parts["reference"],
+        budget={"min_mean_cosine": 0.99999},
+        threads=1,
+    )
+    budget = result.stats["budget"]
+    # Everything quantized misses the limit; the fragile node alone in float meets it.
+    assert [(a["kept_float"], a["passed"]) for a in budget["attempts"]] == [(0, False), (1, True)]
+    assert budget["met"] and budget["kept_float"] == 1
+    assert result.stats["kept_float"][0]["node"] == fragile
+    assert result.stats["sensitivity"][0]["node"] == fragile
+    assert result.stats["quantized_matmuls"] == 12 - budget["kept_float"]
+    nodes = {n.name: n.op_type for n in onnx.load(str(folder / MODEL_FILE)).graph.node}
+    assert nodes[fragile] == "MatMul"
+
+
+def test_static_qdq_takes_its_activation_scales_from_the_table(
+    fused_bert, bert_parts, checkpoint, tmp_path
+) -> None:
+    from pipeline.calibration.table import CalibrationTable
+    from pipeline.stages.calibrate import TABLE
+    from tests.stages.test_calibrate import calibrate
+
+    table_folder, _ = calibrate(bert_parts, tmp_path / "c", method="percentile")
+    folder, result = _quantize(
+        fused_bert,
+        tmp_path / "q",
+        bert_parts["reference"],
+        method="static",
+        calibration=Artifact.of("calibration", table_folder),
+    )
+    assert result.stats["quantized_matmuls"] == 12 and result.stats["calibration"] == "percentile"
+    model = onnx.load(str(folder / MODEL_FILE))
+    assert not any(n.op_type == "MatMulInteger" for n in model.graph.node)
+    table = CalibrationTable.read(table_folder / TABLE)
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in table.ranges:
+            low, high = table.ranges[node.input[0]]
+            expected = (max(high, 0.0) - min(low, 0.0)) / 255  # asymmetric, unsigned
+            assert float(constants[node.input[1]]) == pytest.approx(expected, rel=1e-5)
+            checked += 1
+    assert checked >= 6
+    reference, mask = _hidden(fused_bert / MODEL_FILE, checkpoint)
+    quantized, _ = _hidden(folder / MODEL_FILE, checkpoint)
+    cosine = metrics.cosine(
+        metrics.pool(reference, mask, "mean"), metrics.pool(quantized, mask, "mean")
+    )
+    assert cosine.min() > 0.98
+
+
+def test_static_and_budget_variants_build_and_share_one_calibration(
+    checkpoint, recipe_for, tmp_path
+) -> None:
+    static = {"method": "static", "calibration": {"samples": 16}}
+    recipe = recipe_for(
+        checkpoint("bert"),
+        variants=[
+            {"name": "static", "precision": "int8", "quantize": static},
+            {"name": "static-x", "precision": "int8", "quantize": {**static, "per_channel": False}},
+            {
+                "name": "budget",
+                "precision": "int8",
+                "quantize": {"budget": {"min_mean_cosine": 0.9}},
+            },
+        ],
+    )
+    outcome = build(recipe, BuildOptions(artifacts=tmp_path))
+    stages = {s.step: s for s in outcome.manifest.stages}
+    assert stages["calibrate[static]"].key == stages["calibrate[static-x]"].key
+    assert stages["calibrate[static]"].stats["samples"] == 16
+    assert stages["quantize[budget]"].stats["budget"]["met"]
+    budget_checks = [c for c in outcome.manifest.checks if c.source == "budget"]
+    assert [(c.variant, c.metric, c.passed) for c in budget_checks] == [
+        ("budget", "mean_cosine", True)
+    ]
+    assert outcome.passed
+    markdown = (outcome.run_dir / "report.md").read_text()
+    assert "## INT8" in markdown and "most sensitive" in markdown
