@@ -11,6 +11,7 @@ from pipeline.recipe import CalibrationSpec, QuantizeSpec, Recipe, VariantSpec, 
 from pipeline.stages.base import Step
 from pipeline.stages.calibrate import CalibrateConfig, CalibrateStage
 from pipeline.stages.export import ExportConfig, ExportStage
+from pipeline.stages.fp16 import Fp16Config, Fp16Stage
 from pipeline.stages.latency import LatencyConfig, LatencyStage
 from pipeline.stages.load import LoadConfig, LoadStage
 from pipeline.stages.optimize import OptimizeConfig, OptimizeStage
@@ -35,6 +36,8 @@ def variant_model(variant: VariantSpec) -> str:
     """Where a variant's final model comes from."""
     if variant.precision == "int8":
         return f"quantize[{variant.name}].model"
+    if variant.precision == "fp16":
+        return f"fp16[{variant.name}].model"
     return float_model(variant)
 
 
@@ -98,6 +101,14 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                     f"optimize[{variant.name}]",
                     OptimizeStage(config_o),
                     {"model": "export.model", "info": "load.info"},
+                )
+            )
+        if variant.precision == "fp16":
+            steps.append(
+                Step(
+                    f"fp16[{variant.name}]",
+                    Fp16Stage(Fp16Config()),
+                    {"model": float_model(variant)},
                 )
             )
         if variant.precision == "int8":

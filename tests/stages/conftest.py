@@ -27,6 +27,7 @@ def bert_parts(checkpoint, tmp_path_factory) -> dict[str, Artifact]:
         "model": Artifact.of("model", tmp / "optimize" / "model"),
         "info": info,
         "reference": reference,
+        "export": model,
     }
 
 

@@ -77,7 +77,11 @@ def test_excluding_an_unknown_node_is_an_error(fused_bert, bert_parts, tmp_path)
 def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp_path) -> None:
     recipe = recipe_for(
         checkpoint("bert"),
-        variants=[{"name": "fp32"}, {"name": "int8", "precision": "int8"}],
+        variants=[
+            {"name": "fp32"},
+            {"name": "int8", "precision": "int8"},
+            {"name": "fp16", "precision": "fp16"},
+        ],
     )
     outcome = build(recipe, BuildOptions(artifacts=tmp_path))
     steps = [s.step for s in outcome.manifest.stages]
@@ -93,6 +97,13 @@ def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp
     }
     assert int8["mean_cosine"].passed and int8["mean_cosine"].limit < 0.99999
     assert (outcome.run_dir / "models" / "int8" / MODEL_FILE).is_file()
+    fp16 = {
+        c.metric: c
+        for c in outcome.manifest.checks
+        if c.variant == "fp16" and c.source == "tolerance"
+    }
+    assert fp16["max_abs_error"].passed and fp16["max_abs_error"].value > 0
+    assert steps.index("optimize[fp16]") < steps.index("fp16[fp16]") < steps.index("verify[fp16]")
     assert outcome.passed
 
 

@@ -1,0 +1,44 @@
+"""Remove float round trips: a Cast to a narrower float type cast straight back.
+
+    Cast(Cast(x: float32, to=float16), to=float32)  ->  x
+
+FP16 conversion with float32 inputs and outputs and a block list leaves these where a kept-
+float32 op (LayerNormalization) feeds a float32 graph output: its result is cast to float16
+for the graph and back to float32 for the output. The pair only rounds, so removing it makes
+the output more exact and saves two kernels. onnxscript's own cast-cast rule leaves this case
+alone on purpose (it is not value-preserving); here the rounding is exactly what should go.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchResult
+
+from pipeline.passes.base import GraphPass, PassResult
+
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+class _RoundTrip(pattern.RewriteRuleClassBase):
+    def pattern(self, op, x, to, inner):
+        return op.Cast(op.Cast(x, to=inner), to=to)
+
+    def check(self, context, x: ir.Value, to: ir.Attr, inner: ir.Attr) -> MatchResult:
+        result = MatchResult()
+        if x.dtype is None or x.dtype.value != to.as_int():
+            return result.fail("the outer Cast does not restore the input's type")
+        if ir.DataType(inner.as_int()) not in _FLOATS or x.dtype not in _FLOATS:
+            return result.fail("not a round trip between float types")
+        return result
+
+    def rewrite(self, op, x: ir.Value, to: ir.Attr, inner: ir.Attr):
+        return op.Identity(x)
+
+
+class RemoveCastPairs(GraphPass):
+    name = "remove-cast-pairs"
+
+    def run(self, model: ir.Model) -> PassResult:
+        removed = pattern.RewriteRuleSet([_RoundTrip.rule()]).apply_to_model(model)
+        return PassResult(model, removed > 0, {"cast_pairs_removed": removed})
