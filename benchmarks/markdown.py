@@ -13,7 +13,7 @@ def _shape(t: dict[str, Any]) -> str:
 
 
 def _is_int8(name: str) -> bool:
-    return "INT8" in name
+    return "int8" in name.lower()
 
 
 def fusion_section(fusion: dict[str, Any]) -> list[str]:
@@ -186,11 +186,11 @@ def render(results: dict[str, Any]) -> str:
         row = [results["models"][t["model"]]["name"], str(t["threads"]), _shape(t), f"{gflop:.2f}"]
         for kind in ("fp32", "int8"):
             rate = peaks.get(f"{kind}_gops_per_core")
-            # bf16 has its own peak; it is in neither column.
+            # bf16 and fp16 have their own peaks; they are in neither column.
             candidates = {
                 n: v["p50_ms"]
                 for n, v in t["contenders"].items()
-                if _is_int8(n) == (kind == "int8") and "bf16" not in n
+                if _is_int8(n) == (kind == "int8") and "bf16" not in n and "fp16" not in n
             }
             if not rate or not candidates:
                 row += ["–", "–", "–"]

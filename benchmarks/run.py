@@ -222,10 +222,26 @@ ABLATIONS = [
 ]
 
 
+#: Further precisions on MiniLM: static INT8 by calibration method, and FP16.
+PRECISIONS = [
+    {
+        "name": f"int8-static-{method}",
+        "precision": "int8",
+        "quantize": {"method": "static", "calibration": {"method": method}},
+    }
+    for method in ("minmax", "percentile", "entropy")
+] + [{"name": "fp16", "precision": "fp16"}]
+
+
 def build_tforge(model: Model) -> None:
     recipe = yaml.safe_load((ROOT / "models" / "minilm.yaml").read_text())
     if model.accuracy:  # the ablations on MiniLM only: BERT-base is there for scaling
-        recipe["variants"] = recipe["variants"] + ABLATIONS
+        recipe["variants"] = recipe["variants"] + ABLATIONS + PRECISIONS
+    else:
+        # Random weights have no accuracy to keep: the budget search would only cost time.
+        recipe["variants"] = [
+            v for v in recipe["variants"] if "budget" not in (v.get("quantize") or {})
+        ]
     recipe["model"]["source"] = str(model.folder)
     recipe["data"] = {
         **recipe["data"],

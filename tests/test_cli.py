@@ -306,3 +306,25 @@ def test_report_rejects_a_non_manifest(tmp_path: Path) -> None:
     code, output = invoke("report", str(tmp_path))
     assert code == 1
     assert "schema version 99" in output
+
+
+def test_a_short_calibration_file_fails_before_any_stage(checkpoint, tmp_path: Path) -> None:
+    data = tmp_path / "calibration.jsonl"
+    data.write_text('{"text": "one sentence."}\n{"text": "another one."}\n')
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+model: {{source: {checkpoint("bert")}}}
+data: {{calibration: {data}}}
+variants:
+  - name: static
+    precision: int8
+    quantize: {{method: static, calibration: {{samples: 64}}}}
+""",
+    )
+    artifacts = tmp_path / "artifacts"
+    code, output = invoke("build", str(recipe), "--artifacts", str(artifacts))
+    assert code == 1, output
+    assert output.startswith("error: ") and "has 2 samples; 64 are asked for" in output
+    assert "at most 2" in output and "Traceback" not in output
+    assert no_runs(artifacts) and not list(artifacts.glob("cache/*/*"))  # no stage ran

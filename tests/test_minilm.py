@@ -47,10 +47,37 @@ def test_minilm_builds_and_matches_pytorch(tmp_path: Path) -> None:
     # One fused attention and one BiasGelu per layer, checked against the architecture spec.
     assert fp32["graph"]["fused_ops"]["Attention"] == 6
     assert fp32["graph"]["fused_ops"]["BiasGelu"] == 6
-    fusion = {c["metric"]: c for c in report["checks"] if c["source"] == "fusion"}
+    fusion = {
+        c["metric"]: c
+        for c in report["checks"]
+        if c["source"] == "fusion" and c["variant"] == "fp32"
+    }
     assert set(fusion) == {"Attention", "BiasGelu"} and all(c["passed"] for c in fusion.values())
+    int8_fusion = {
+        c["metric"]: c["passed"]
+        for c in report["checks"]
+        if c["source"] == "fusion" and c["variant"] == "int8"
+    }
+    assert int8_fusion == {"MultiHeadAttention": True, "BiasGelu": True}
     manifest = json.loads((run / "manifest.json").read_text())
     assert (
         manifest["stages"][0]["stats"]["pooling"] == "mean"
     )  # from the sentence-transformers config
     assert (run / "models" / "fp32" / "tokenizer.json").is_file()
+    # INT8: every weight MatMul of the dynamic variant quantized, at a known accuracy cost
+    # (mean cosine 0.9898, agreement 0.863 on this machine)...
+    contenders = {c["name"]: c for c in report["contenders"]}
+    int8 = contenders["int8"]
+    assert int8["quantization"]["quantized_matmuls"] == int8["quantization"]["weight_matmuls"] == 36
+    assert 0.985 <= int8["accuracy"]["mean_cosine"] < 0.999
+    assert int8["accuracy"]["agreement"] >= 0.8
+    assert int8["size_bytes"] < 0.7 * fp32["size_bytes"]
+    # ... and the budget variant meets its limits with part of the graph still in INT8.
+    budget = contenders["int8-budget"]
+    search = budget["quantization"]["budget"]
+    assert search["met"] and 0 < search["kept_float"] < 36
+    assert budget["accuracy"]["mean_cosine"] >= 0.999
+    assert budget["accuracy"]["worst_cosine"] >= 0.99
+    assert budget["accuracy"]["agreement"] >= 0.97
+    kept = [k["module"] for k in budget["quantization"]["kept_float"]]
+    assert any(module.endswith("output.dense") for module in kept)
