@@ -63,6 +63,72 @@ def fusion_section(fusion: dict[str, Any]) -> list[str]:
     return lines
 
 
+def int8_section(results: dict[str, Any]) -> list[str]:
+    """Every INT8 (and FP16) contender on MiniLM at 2 threads: speed beside its accuracy."""
+    accuracy = results.get("accuracy", {}).get("minilm", {}).get("contenders", {})
+    cells = [t for t in results["timings"] if t["model"] == "minilm" and t["threads"] == 2]
+    cells = [c for c in cells if c["sequence"] == 128 and c["batch"] in (1, 8)]
+    if not cells or not accuracy:
+        return []
+    names = [n for n in cells[0]["contenders"] if _is_int8(n) or "fp16" in n.lower()]
+    peer_int8 = [n for n in names if not n.startswith("tforge")]
+    shapes = [_shape(c) for c in cells]
+    lines = [
+        "## INT8 and FP16 on all-MiniLM-L6-v2 (2 threads)",
+        "",
+        "Speed-up over PyTorch eager and over the fastest peer INT8 at the same shape, beside the "
+        "accuracy each keeps (evaluation texts, against PyTorch FP32).",
+        "",
+        "| contender | "
+        + " | ".join(f"{s} vs eager" for s in shapes)
+        + " | "
+        + " | ".join(f"{s} vs best peer INT8" for s in shapes)
+        + " | mean cosine | min cosine | agreement |",
+        "|---|" + "---|" * (2 * len(shapes) + 3),
+    ]
+    for name in names:
+        row = [name]
+        for c in cells:
+            row.append(f"{c['contenders'][EAGER]['p50_ms'] / c['contenders'][name]['p50_ms']:.2f}x")
+        for c in cells:
+            peers = [c["contenders"][p]["p50_ms"] for p in peer_int8]
+            row.append(f"{min(peers) / c['contenders'][name]['p50_ms']:.2f}x" if peers else "–")
+        figures = accuracy.get(name, {})
+        row += [
+            figure_text(figures.get("mean_cosine"), ".6f"),
+            figure_text(figures.get("min_cosine"), ".6f"),
+            figure_text(figures.get("agreement"), ".3f"),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
+
+
+def figure_text(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def calibration_section(calibration: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Calibration: {calibration['samples']} samples at s{calibration['max_length']}",
+        "",
+        f"Produced by `{calibration['command']}`: each method in a fresh process on MiniLM's INT8 "
+        f"float graph, texts long enough to fill {calibration['max_length']} tokens (batches of "
+        "8 x 128), run twice; peak RSS of the whole process (model, tokenizer and ONNX Runtime "
+        "included).",
+        "",
+        "| method | seconds | peak RSS MB | tensors | tokens | same table twice |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in calibration["runs"]:
+        lines.append(
+            f"| {run['method']} | {run['seconds']} | {run['peak_rss_mb']} | {run['tensors']} "
+            f"| {run['tokens']} | {'yes (byte-identical)' if run['identical'] else 'NO'} |"
+        )
+    lines.append("")
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     machine = results["machine"]
     hw, versions, peaks = machine["hardware"], machine["versions"], machine["peaks"]
@@ -171,6 +237,9 @@ def render(results: dict[str, Any]) -> str:
 
     if results.get("fusion"):
         lines += fusion_section(results["fusion"])
+    lines += int8_section(results)
+    if results.get("calibration"):
+        lines += calibration_section(results["calibration"])
 
     lines += [
         "## The floor",

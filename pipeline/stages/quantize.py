@@ -233,7 +233,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
             )
 
     def describe(self) -> str:
-        return f"quantize int8 {self.config.method}"
+        budget = " within an accuracy budget" if self.config.budget else ""
+        return f"quantize int8 {self.config.method}{budget}"
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         import onnx
