@@ -81,9 +81,15 @@ def log(message: str) -> None:
 
 
 def run_measured(
-    cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+    cmd: list[str],
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    ok: tuple[int, ...] = (0,),
 ) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one command, read with wait4 so it is that child's own."""
+    """(wall seconds, peak RSS MB) of one command, read with wait4 so it is that child's own.
+
+    ``ok``: the exit codes that count as a finished build.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -97,7 +103,7 @@ def run_measured(
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         tail = output.decode(errors="replace")[-2000:]
         raise RuntimeError(f"{' '.join(map(str, cmd[:5]))} ... exited {proc.returncode}:\n{tail}")
     return round(seconds, 2), round(usage.ru_maxrss / 1024, 1)
@@ -271,6 +277,9 @@ def build_tforge(model: Model) -> None:
                 "bench",
             ],
             cwd=ROOT,
+            # Exit 3: a variant missed a check (static INT8 misses the INT8 parity tolerance on
+            # MiniLM); the build is complete and its accuracy is measured here anyway.
+            ok=(0, 3),
         )
     except RuntimeError as error:
         model.builds.append(Build("tforge fp32", TFORGE, "onnx", error=str(error)[:300]))
@@ -583,8 +592,8 @@ def main() -> None:
     timings: list[dict[str, Any]] = []
     for key, threads, batch, sequence in plan.cells:
         log(f"timing {key} b{batch}s{sequence} with {threads} thread(s)")
-        args = timing_args(batch, sequence, threads, plan.warmup, plan.rounds, plan.passes)
-        result = run_harness(models[key], args)
+        cell = timing_args(batch, sequence, threads, plan.warmup, plan.rounds, plan.passes)
+        result = run_harness(models[key], cell)
         result["model"] = key
         result["flops"] = floor.encoder_flops(
             batch, sequence, models[key].layers, models[key].hidden, models[key].intermediate
