@@ -123,13 +123,11 @@ def matmul_sensitivity(
     for name in exposed:
         if name not in present:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    quantized_w = {
-        n.name: _quantize_weight(
-            numpy_helper.to_array(weights[n.input[1]]).astype(np.float64), per_channel, reduce_range
-        )
-        for n in nodes
-    }
     float_w = {n.name: numpy_helper.to_array(weights[n.input[1]]).astype(np.float64) for n in nodes}
+    quantized_w = {
+        name: _quantize_weight(weight, per_channel, reduce_range)
+        for name, weight in float_w.items()
+    }
     signal = dict.fromkeys(quantized_w, 0.0)
     noise = dict.fromkeys(quantized_w, 0.0)
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as work:
