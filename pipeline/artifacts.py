@@ -185,8 +185,14 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def commit(self, tmp: Path, record: StageRecord, outputs: dict[str, str]) -> StageRecord:
-        """Hash ``outputs`` (name -> path in ``tmp``), write the record, move it all into place."""
+    def commit(
+        self, tmp: Path, record: StageRecord, outputs: dict[str, str], replace: bool = False
+    ) -> StageRecord:
+        """Hash ``outputs`` (name -> path in ``tmp``), write the record, move it all into place.
+
+        ``replace``: a result re-taken on purpose (a re-measured latency) replaces the stored
+        one; otherwise an entry already there is kept (same key, same result).
+        """
         hashed = {}
         for name, relative in outputs.items():
             path = tmp / relative
@@ -199,8 +205,13 @@ class ArtifactStore:
         (tmp / self.RECORD).write_text(record.model_dump_json(indent=2), encoding="utf-8")
         final = self.folder(record.key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists() and self.lookup(record.key) is None:
-            shutil.rmtree(final, ignore_errors=True)  # a damaged entry: replaced by this one
+        if final.exists() and (replace or self.lookup(record.key) is None):
+            # A damaged entry, or one being re-taken: moved aside in one rename, then removed,
+            # so a reader never sees half an entry.
+            old = final.with_name(f"{temp_prefix(final.name)}old")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, final)
         except OSError:

@@ -63,6 +63,14 @@ def test_second_build_is_served_from_the_cache(checkpoint, recipe_for, tmp_path:
     assert first.run_dir != second.run_dir
     remeasured = build(recipe, BuildOptions(artifacts=tmp_path, remeasure=True))
     assert [s.step for s in remeasured.manifest.stages if not s.cached] == ["latency"]
+    # The new timings are the ones recorded and stored: a later build is served the re-taken
+    # figures, not the first build's.
+    old, new = (r.manifest.stage("latency") for r in (first, remeasured))
+    assert old is not None and new is not None and old.key == new.key
+    assert new.stats["contenders"] != old.stats["contenders"]
+    third = build(recipe, BuildOptions(artifacts=tmp_path))
+    stored = third.manifest.stage("latency")
+    assert stored is not None and stored.cached and stored.stats == new.stats
 
 
 def test_rebuild_without_cache_gives_the_same_hashes(
