@@ -7,7 +7,10 @@ Runs the variant on every reference batch (each padding side) and measures:
   nearest-neighbour agreement (does each text keep its closest other text?);
 * classification: agreement of predicted labels (per text, or per real token);
 * the task metric (accuracy) of both PyTorch and the variant, when the data has labels;
-* ``nonfinite_outputs``: NaN or infinite values at real positions (any is a failure).
+* ``nonfinite_outputs``: NaN or infinite values at real positions (any is a failure);
+* ``error_quantiles``: the distribution of the per-text error (cosine distance of the pooled
+  embedding for feature-extraction, else the text's max absolute error) as its 0th, 5th, ...,
+  100th percentiles, for the report's error-distribution plot.
 
 Each figure is taken per padding side and the worst side is reported. The stage only measures;
 whether the figures are good enough is decided from the tolerances and gates, outside it.
@@ -30,6 +33,21 @@ from pipeline.stages.export import MODEL_FILE, onnx_size
 from pipeline.stages.reference import ReferenceData
 
 _HIGHER_IS_WORSE = ("max_abs_error", "mean_abs_error")
+#: Percentiles of the per-text error recorded for the report's distribution plot.
+QUANTILES = tuple(range(0, 101, 5))
+
+
+def _quantiles(errors: np.ndarray) -> list[float] | None:
+    if not errors.size or not np.all(np.isfinite(errors)):
+        return None
+    return [float(v) for v in np.percentile(errors, QUANTILES)]
+
+
+def _row_max_errors(reference: np.ndarray, output: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each row's max absolute error over its real tokens (``[batch, seq, ...]`` outputs)."""
+    diff = np.abs(reference.astype(np.float64) - output.astype(np.float64))
+    diff = diff.reshape(diff.shape[0], diff.shape[1], -1).max(axis=2)
+    return np.where(mask.astype(bool), diff, 0.0).max(axis=1)
 
 
 def _side_metrics(
@@ -47,6 +65,7 @@ def _side_metrics(
     bad_values = 0
     predictions: list[Any] = [None] * n
     references: list[Any] = [None] * n
+    row_errors = np.zeros(n)
     for batch in ref.batches(side):
         output = run(batch.feed)
         if output.shape != batch.output.shape:
@@ -60,6 +79,9 @@ def _side_metrics(
             )
             count = output.size
             got, of = metrics.label_agreement(batch.output, output)
+            row_errors[batch.rows] = np.abs(
+                batch.output.astype(np.float64) - output.astype(np.float64)
+            ).max(axis=1)
             for i, row in enumerate(batch.rows):
                 predictions[row] = int(np.argmax(output[i]))
                 references[row] = int(np.argmax(batch.output[i]))
@@ -67,6 +89,7 @@ def _side_metrics(
             bad_values += metrics.nonfinite(output, batch.mask)
             batch_max, batch_mean = metrics.token_errors(batch.output, output, batch.mask)
             count = int(batch.mask.sum()) * int(np.prod(batch.output.shape[2:]))
+            row_errors[batch.rows] = _row_max_errors(batch.output, output, batch.mask)
             got = of = 0
             if task == "token-classification":
                 got, of = metrics.label_agreement(batch.output, output, batch.mask)
@@ -102,8 +125,10 @@ def _side_metrics(
         result["mean_cosine"] = float(cos.mean())
         result["worst_cosine"] = float(cos.min())
         result["agreement"] = metrics.neighbour_agreement(pooled_ref, pooled_out)
+        row_errors = 1.0 - cos
     else:
         result["agreement"] = agree / max(total, 1)
+    result["error_quantiles"] = _quantiles(row_errors)
     labels = ref.labels
     if labels is not None and all(p is not None for p in predictions):
         result["task_metric"] = _accuracy(predictions, labels)
@@ -133,6 +158,8 @@ def compare_to_reference(
         per_side = {side: _side_metrics(ref, side, run, advance) for side in ref.sides}
     overall: dict[str, Any] = {}
     for name in per_side[ref.sides[0]]:
+        if name == "error_quantiles":
+            continue
         values = [m[name] for m in per_side.values()]
         if name == "nonfinite_outputs":
             overall[name] = sum(values)
@@ -146,6 +173,12 @@ def compare_to_reference(
         for name, value in figures.items():
             if isinstance(value, float) and not math.isfinite(value):
                 figures[name] = None
+    # The distribution of the side whose median text error is the larger.
+    sides = [m["error_quantiles"] for m in per_side.values()]
+    overall["error_quantiles"] = (
+        None if any(q is None for q in sides) else max(sides, key=lambda q: q[len(q) // 2])
+    )
+    overall["error_kind"] = "cosine_distance" if "mean_cosine" in overall else "max_abs_error"
     overall["per_side"] = per_side
     overall["samples"] = ref.index["samples"]
     return overall
@@ -163,7 +196,7 @@ class VerifyStage(Stage[VerifyConfig]):
     name = "verify"
     # ONNX Runtime picks kernels by CPU features (e.g. VNNI for INT8): results are per machine.
     facets = ("versions", "hardware")
-    version = 2  # 2: non-finite outputs counted
+    version = 3  # 2: non-finite outputs counted; 3: per-text error quantiles
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.backends.onnxruntime_backend import OrtRunner

@@ -26,6 +26,15 @@ def test_fp32_variant_matches_pytorch_on_both_padding_sides(
         assert side["agreement"] == 1.0
     assert stats["samples"] == 24
     assert all(outcome.manifest.checks)
+    # The per-text error distribution (cosine distance): 21 sorted percentiles, whose 100th is
+    # the worst text of its side, i.e. 1 - that side's worst cosine.
+    assert stats["error_kind"] == "cosine_distance"
+    quantiles = stats["error_quantiles"]
+    assert len(quantiles) == 21 and quantiles == sorted(quantiles)
+    sides = {name: side["error_quantiles"] for name, side in stats["per_side"].items()}
+    assert quantiles in sides.values()
+    for name, side in stats["per_side"].items():
+        assert sides[name][-1] == pytest.approx(1 - side["worst_cosine"], abs=1e-15)
 
 
 def test_left_padding_really_moves_the_tokens(
@@ -89,6 +98,9 @@ def test_a_damaged_graph_fails_the_parity_check(
         BuildContext(), {"model": Artifact.of("model", broken), "reference": reference}, tmp_path
     ).stats
     assert stats["max_abs_error"] > 0.1
+    # The damage shows in the distribution: the median text is far off, not just one outlier.
+    intact = outcome.manifest.stage("verify[fp32]").stats["error_quantiles"]
+    assert stats["error_quantiles"][10] > 1000 * max(intact[10], 1e-12)
     stages = [
         s.model_copy(update={"stats": stats}) if s.step == "verify[fp32]" else s
         for s in outcome.manifest.stages
