@@ -2,21 +2,30 @@
 
 The schema is versioned (``schema_version``) and validated on write and on read. It holds, per
 contender (PyTorch eager and every variant): accuracy against PyTorch, latency per shape with
-speed-up, size and peak memory; plus checks, stage timings, cache hits and the environment.
+speed-up, size and peak memory; plus checks, stage timings, cache hits, the environment, and
+(when the build was given a baseline) the comparison with it. ``docs/report.schema.json`` is the
+JSON Schema, generated from these models; ``docs/reports.md`` describes it.
+
+Versions: 1 (no ``comparison``); 2 adds ``comparison`` and per-variant ``error_quantiles``.
+A version-1 report is read by upgrading it; any other version is refused, naming the versions
+this tforge reads.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import InputError
 from pipeline.manifest import Check, Manifest
 from pipeline.stages.latency import PYTORCH
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
+#: Older versions this tforge still reads, and how each is brought to the current one.
+READABLE_VERSIONS = (1, 2)
 
 
 class _Frozen(BaseModel):
@@ -24,59 +33,116 @@ class _Frozen(BaseModel):
 
 
 class Latency(_Frozen):
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
+    """One contender at one shape: statistics of the timed runs, in milliseconds."""
+
+    p50_ms: float = Field(description="Median latency of the timed runs.")
+    p90_ms: float = Field(description="90th percentile latency.")
+    p99_ms: float = Field(description="99th percentile latency.")
     mean_ms: float
-    throughput: float
-    runs: int
-    #: PyTorch eager's median over this contender's median (None for PyTorch itself).
-    speedup: float | None = None
+    throughput: float = Field(description="Sequences per second at the median latency.")
+    runs: int = Field(description="Timed runs (after warm-up).")
+    speedup: float | None = Field(
+        None, description="PyTorch eager's p50 over this contender's p50 (None for PyTorch)."
+    )
 
 
 class Contender(_Frozen):
+    """PyTorch eager (the reference) or one variant of the recipe."""
+
     name: str
-    kind: str  # "pytorch" or "variant"
-    target: str
-    precision: str
-    #: Accuracy against PyTorch FP32 (None for PyTorch itself).
-    accuracy: dict[str, Any] | None
-    latency: dict[str, Latency]
-    size_bytes: int | None
-    peak_rss_bytes: int | None
+    kind: str = Field(description='"pytorch" or "variant".')
+    target: str = Field(description="Where it runs, e.g. ort-cpu, torch-cpu.")
+    precision: str = Field(description="fp32, fp16 or int8.")
+    accuracy: dict[str, Any] | None = Field(
+        description=(
+            "Against PyTorch FP32 on the evaluation data, worst padding side: max_abs_error, "
+            "mean_abs_error, nonfinite_outputs, mean_cosine/worst_cosine (feature-extraction), "
+            "agreement, task_metric (labelled data), error_quantiles (per-text error at the "
+            "0th, 5th, ... 100th percentile; error_kind names it), per_side. None for PyTorch."
+        )
+    )
+    latency: dict[str, Latency] = Field(description="Per shape, e.g. b8s128.")
+    size_bytes: int | None = Field(description="Model file(s) on disk.")
+    peak_rss_bytes: int | None = Field(
+        description="Peak RSS of a fresh process that loads it and runs the memory shape."
+    )
     task_metric: float | None = None
-    #: How the graph was prepared: profile, fusions asked for, fused ops made, session level.
-    graph: dict[str, Any] | None = None
-    #: INT8 variants: method, what was quantized, kept float, most sensitive nodes, budget.
-    quantization: dict[str, Any] | None = None
+    graph: dict[str, Any] | None = Field(
+        None,
+        description="Profile, fusions asked for, fused ops made (fusion counts), node counts, session level.",
+    )
+    quantization: dict[str, Any] | None = Field(
+        None,
+        description="INT8: method, calibration, quantized and kept-float nodes, sensitivity, budget search.",
+    )
 
 
 class StageTiming(_Frozen):
     step: str
-    cached: bool
-    seconds: float
-    key: str
+    cached: bool = Field(description="Taken from the artifact store instead of run.")
+    seconds: float = Field(description="Run time (when built, for a cached step).")
+    key: str = Field(description="Content hash of the step's inputs, config and code version.")
+
+
+class Delta(_Frozen):
+    """One figure of one variant, baseline against candidate."""
+
+    variant: str
+    metric: str
+    shape: str | None = None
+    baseline: float | None
+    candidate: float | None
+    change: float | None = Field(
+        description="Accuracy: candidate - baseline. Latency and size: relative (0.1 = 10% more)."
+    )
+    limit: float | None = Field(description="Largest change that is not a regression.")
+    noise: float | None = Field(
+        None, description="Latency: relative change explained by run-to-run noise."
+    )
+    status: Literal["ok", "improved", "noise", "regression", "missing", "new"]
+    note: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.status not in ("regression", "missing")
+
+
+class Comparison(_Frozen):
+    """A candidate build against a baseline: what got worse beyond the thresholds."""
+
+    baseline_run: str
+    candidate_run: str
+    thresholds: dict[str, Any]
+    deltas: list[Delta]
+    passed: bool
+    remeasured: int = Field(0, description="Times the candidate's latency was re-measured.")
+    warnings: list[str] = []
+
+    @property
+    def regressions(self) -> list[Delta]:
+        return [d for d in self.deltas if not d]
 
 
 class Report(_Frozen):
     schema_version: int = REPORT_SCHEMA_VERSION
     run_id: str
-    created: str
+    created: str = Field(description="UTC time the build started (ISO 8601).")
     tforge_version: str
     recipe_name: str
-    model: dict[str, Any]
+    model: dict[str, Any] = Field(
+        description="Source, path, sha256, model_type, family, layers, hidden, heads, parameters."
+    )
     task: str
-    shapes: list[str]
-    threads: int | None
-    #: The shape at which peak RSS was measured (the largest timed), if it was.
-    memory_shape: str | None = None
+    shapes: list[str] = Field(description="Timed shapes, b<batch>s<sequence>.")
+    threads: int | None = Field(description="Intra-op threads for every contender.")
+    memory_shape: str | None = Field(None, description="The shape at which peak RSS was measured.")
     contenders: list[Contender]
-    checks: list[Check]
-    passed: bool
+    checks: list[Check] = Field(description="Fusion counts, tolerances, budgets and gates.")
+    passed: bool = Field(description="Every check passed (and the comparison, when present).")
     stages: list[StageTiming]
     cached_steps: int
-    environment: dict[str, Any]
+    environment: dict[str, Any] = Field(description="Versions, hardware and platform.")
     notes: list[str]
+    comparison: Comparison | None = Field(None, description="Against the baseline, when given.")
 
 
 def build_report(manifest: Manifest) -> Report:
@@ -150,6 +216,8 @@ def build_report(manifest: Manifest) -> Report:
             f"{reference.stats['truncated']} evaluation texts were longer than {reference.stats['max_length']} tokens and were truncated."
         )
     source = next((i for i in manifest.inputs if i.name == "checkpoint"), None)
+    comparison = manifest.build.get("comparison")
+    compared = Comparison.model_validate(comparison) if comparison else None
     return Report(
         run_id=manifest.run_id,
         created=manifest.created,
@@ -174,7 +242,7 @@ def build_report(manifest: Manifest) -> Report:
         memory_shape=lat.get("memory_shape"),
         contenders=[pytorch, *contenders],
         checks=manifest.checks,
-        passed=not manifest.failed_checks,
+        passed=not manifest.failed_checks and (compared is None or compared.passed),
         stages=[
             StageTiming(step=s.step, cached=s.cached, seconds=round(s.seconds, 3), key=s.key)
             for s in manifest.stages
@@ -182,6 +250,7 @@ def build_report(manifest: Manifest) -> Report:
         cached_steps=sum(s.cached for s in manifest.stages),
         environment=manifest.environment,
         notes=notes,
+        comparison=compared,
     )
 
 
@@ -227,16 +296,49 @@ def render_json(report: Report) -> str:
     return report.model_dump_json(indent=2) + "\n"
 
 
+def load_report(path: Path) -> tuple[Report, Path | None]:
+    """A build's report from a run folder, its manifest.json or a report.json.
+
+    A manifest (or a run folder holding one) is re-rendered by this tforge; a bare report.json is
+    read as written. Returns the report and the manifest's path when there is one.
+    """
+    if path.is_dir():
+        for name in ("manifest.json", "report.json"):
+            if (path / name).is_file():
+                return load_report(path / name)
+        raise InputError(
+            f"{path} holds neither manifest.json nor report.json",
+            "pass a run folder under artifacts/runs/, or a report.json",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"cannot read {path} ({error.strerror or error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not JSON ({error.msg})") from None
+    if isinstance(data, dict) and "recipe" in data and "stages" in data:
+        return build_report(Manifest.parse(text, str(path))), path
+    return read_report(text, str(path)), None
+
+
 def read_report(text: str, origin: str) -> Report:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"{origin} is not JSON ({error.msg})") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != REPORT_SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
         raise InputError(
-            f"{origin} has report schema version {version!r}; this tforge reads {REPORT_SCHEMA_VERSION}"
+            f"{origin} has report schema version {version!r}; this tforge reads versions {readable}",
+            "re-render it with `tforge report RUN` from its manifest, or use the tforge that wrote it",
         )
+    if version == 1:
+        # Version 2 only added fields (comparison, error quantiles): a version-1 report is a
+        # valid version-2 report without them.
+        data = {**data, "schema_version": REPORT_SCHEMA_VERSION}
     try:
         return Report.model_validate(data)
     except ValidationError as error:

@@ -1,0 +1,298 @@
+"""``tforge compare``: a candidate build against a stored baseline, with relative thresholds.
+
+Per variant present in both reports:
+
+* accuracy (mean and worst cosine, agreement, task metric): a drop larger than the threshold,
+  in absolute units, is a regression;
+* latency, per shape both timed: the relative change of the median (``p50``) or, with
+  ``latency_basis="speedup"``, of the speed-up over PyTorch eager measured in the same build —
+  which cancels a slower or busier machine. A change beyond the threshold is a regression only if
+  it is also larger than the run-to-run noise: ``noise_sigmas`` standard errors of the medians
+  involved, each estimated from that contender's own spread (``(p90 - p50) / 1.28`` is the
+  standard deviation of a normal distribution; the median's standard error is
+  ``1.2533 * sd / sqrt(runs)``). A change inside that band is reported as ``noise``;
+* size: relative growth beyond the threshold is a regression.
+
+A variant the baseline has and the candidate lacks is a regression (``missing``); a new variant
+is listed. Differences in hardware or thread count are warnings: absolute latency across machines
+means little, and the warning says to use the speed-up basis.
+
+:func:`confirm_latency` re-measures the candidate before a latency regression is declared: one
+stands only if every measurement shows it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.report.model import Comparison, Contender, Delta, Latency, Report
+
+#: Thresholds are compared after rounding away float noise: a drop of exactly the threshold
+#: (0.999 - 0.998 is 0.0010000000000000009 in binary) is not a regression.
+_EPS = 1e-9
+#: Normal distribution: (p90 - p50) / sd, and the median's standard error over sd / sqrt(n).
+_P90_SDS = 1.2816
+_MEDIAN_SE = 1.2533
+
+
+class Thresholds(BaseModel):
+    """How much worse a candidate may be than its baseline before it is a regression."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_cosine_drop: float = Field(0.001, ge=0, description="Mean cosine, absolute.")
+    max_worst_cosine_drop: float = Field(0.01, ge=0, description="Worst cosine, absolute.")
+    max_agreement_drop: float = Field(0.01, ge=0, description="Agreement, absolute.")
+    max_task_metric_drop: float = Field(0.01, ge=0, description="Task metric, absolute.")
+    max_latency_regression: float = Field(0.10, ge=0, description="Relative: 0.10 = 10% slower.")
+    max_size_growth: float = Field(0.05, ge=0, description="Relative: 0.05 = 5% larger.")
+    latency_basis: Literal["p50", "speedup"] = "p50"
+    noise_sigmas: float = Field(3.0, ge=0, description="Width of the latency noise band.")
+
+
+#: (accuracy figure, threshold field); higher is better for each.
+ACCURACY = (
+    ("mean_cosine", "max_cosine_drop"),
+    ("worst_cosine", "max_worst_cosine_drop"),
+    ("agreement", "max_agreement_drop"),
+    ("task_metric", "max_task_metric_drop"),
+)
+
+
+def _relative_se(lat: Latency) -> float:
+    """Standard error of the median over the median, from the run's own spread."""
+    sd = max(lat.p90_ms - lat.p50_ms, 0.0) / _P90_SDS
+    return _MEDIAN_SE * sd / math.sqrt(max(lat.runs, 1)) / lat.p50_ms
+
+
+def _accuracy_deltas(base: Contender, cand: Contender, t: Thresholds) -> list[Delta]:
+    deltas = []
+    for metric, field in ACCURACY:
+        b = (base.accuracy or {}).get(metric)
+        c = (cand.accuracy or {}).get(metric)
+        if b is None and c is None:
+            continue
+        limit = getattr(t, field)
+        if b is None or c is None:
+            deltas.append(
+                Delta(
+                    variant=cand.name,
+                    metric=metric,
+                    baseline=b,
+                    candidate=c,
+                    change=None,
+                    limit=limit,
+                    status="regression" if c is None else "new",
+                    note="not measured in the candidate" if c is None else "new figure",
+                )
+            )
+            continue
+        change = c - b
+        status: Literal["ok", "improved", "regression"] = (
+            "regression" if -change > limit + _EPS else "improved" if change > limit else "ok"
+        )
+        deltas.append(
+            Delta(
+                variant=cand.name,
+                metric=metric,
+                baseline=b,
+                candidate=c,
+                change=change,
+                limit=-limit,
+                status=status,
+            )
+        )
+    return deltas
+
+
+def _latency_deltas(
+    base: Report, cand: Report, name: str, t: Thresholds, warnings: list[str]
+) -> list[Delta]:
+    b_c = next(c for c in base.contenders if c.name == name)
+    c_c = next(c for c in cand.contenders if c.name == name)
+    b_pt = next(c for c in base.contenders if c.kind == "pytorch")
+    c_pt = next(c for c in cand.contenders if c.kind == "pytorch")
+    deltas = []
+    for shape in [s for s in base.shapes if s in cand.shapes]:
+        b, c = b_c.latency.get(shape), c_c.latency.get(shape)
+        if b is None or c is None:
+            continue
+        parts = [b, c]
+        if t.latency_basis == "p50":
+            metric, b_value, c_value = "p50_ms", b.p50_ms, c.p50_ms
+            change = c.p50_ms / b.p50_ms - 1
+        else:
+            pb, pc = b_pt.latency.get(shape), c_pt.latency.get(shape)
+            if pb is None or pc is None or b.speedup is None or c.speedup is None:
+                warnings.append(f"{name} @{shape}: no PyTorch timing to take a speed-up from")
+                continue
+            parts += [pb, pc]
+            metric, b_value, c_value = "speedup", b.speedup, c.speedup
+            # A lower speed-up is a slower variant: its relative slowdown.
+            change = b.speedup / c.speedup - 1
+        noise = t.noise_sigmas * math.sqrt(sum(_relative_se(p) ** 2 for p in parts))
+        limit = t.max_latency_regression
+        status: Literal["ok", "improved", "noise", "regression"] = "ok"
+        if change > limit + _EPS:
+            status = "regression" if change > noise else "noise"
+        elif -change > max(limit, noise):
+            status = "improved"
+        deltas.append(
+            Delta(
+                variant=name,
+                metric=metric,
+                shape=shape,
+                baseline=b_value,
+                candidate=c_value,
+                change=change,
+                limit=limit,
+                noise=noise,
+                status=status,
+            )
+        )
+    return deltas
+
+
+def _size_delta(base: Contender, cand: Contender, t: Thresholds) -> list[Delta]:
+    if not base.size_bytes or cand.size_bytes is None:
+        return []
+    change = cand.size_bytes / base.size_bytes - 1
+    limit = t.max_size_growth
+    status: Literal["ok", "improved", "regression"] = (
+        "regression" if change > limit + _EPS else "improved" if -change > limit else "ok"
+    )
+    return [
+        Delta(
+            variant=cand.name,
+            metric="size_mb",
+            baseline=base.size_bytes / 1e6,
+            candidate=cand.size_bytes / 1e6,
+            change=change,
+            limit=limit,
+            status=status,
+        )
+    ]
+
+
+def _environment_warnings(base: Report, cand: Report, t: Thresholds) -> list[str]:
+    warnings = []
+    b_cpu = base.environment.get("hardware", {}).get("cpu")
+    c_cpu = cand.environment.get("hardware", {}).get("cpu")
+    hint = "" if t.latency_basis == "speedup" else "; compare with --latency-basis speedup"
+    if b_cpu != c_cpu:
+        warnings.append(f"different hardware: baseline on {b_cpu}, candidate on {c_cpu}{hint}")
+    if base.threads != cand.threads:
+        warnings.append(
+            f"different thread counts: baseline {base.threads}, candidate {cand.threads}"
+        )
+    b_pt = next((c for c in base.contenders if c.kind == "pytorch"), None)
+    c_pt = next((c for c in cand.contenders if c.kind == "pytorch"), None)
+    if b_pt and c_pt:
+        for shape in [s for s in base.shapes if s in cand.shapes]:
+            b, c = b_pt.latency.get(shape), c_pt.latency.get(shape)
+            if b and c and abs(c.p50_ms / b.p50_ms - 1) > t.max_latency_regression:
+                warnings.append(
+                    f"PyTorch eager itself changed {c.p50_ms / b.p50_ms - 1:+.1%} at {shape}: "
+                    f"the machine or its load differs{hint}"
+                )
+    missing = [s for s in base.shapes if s not in cand.shapes]
+    if missing:
+        warnings.append(f"shapes timed in the baseline only: {', '.join(missing)}")
+    return warnings
+
+
+def compare(baseline: Report, candidate: Report, thresholds: Thresholds) -> Comparison:
+    """Every figure of every variant the two builds share, with its verdict."""
+    warnings = _environment_warnings(baseline, candidate, thresholds)
+    deltas: list[Delta] = []
+    cand_by_name = {c.name: c for c in candidate.contenders if c.kind == "variant"}
+    base_names = [c.name for c in baseline.contenders if c.kind == "variant"]
+    for base in baseline.contenders:
+        if base.kind != "variant":
+            continue
+        cand = cand_by_name.get(base.name)
+        if cand is None:
+            deltas.append(
+                Delta(
+                    variant=base.name,
+                    metric="variant",
+                    baseline=None,
+                    candidate=None,
+                    change=None,
+                    limit=None,
+                    status="missing",
+                    note="in the baseline, not in the candidate",
+                )
+            )
+            continue
+        deltas += _accuracy_deltas(base, cand, thresholds)
+        deltas += _latency_deltas(baseline, candidate, base.name, thresholds, warnings)
+        deltas += _size_delta(base, cand, thresholds)
+    for name in cand_by_name:
+        if name not in base_names:
+            deltas.append(
+                Delta(
+                    variant=name,
+                    metric="variant",
+                    baseline=None,
+                    candidate=None,
+                    change=None,
+                    limit=None,
+                    status="new",
+                    note="not in the baseline",
+                )
+            )
+    return Comparison(
+        baseline_run=baseline.run_id,
+        candidate_run=candidate.run_id,
+        thresholds=thresholds.model_dump(),
+        deltas=deltas,
+        passed=all(deltas),
+        warnings=warnings,
+    )
+
+
+def _latency_regressions(comparison: Comparison) -> list[Delta]:
+    return [d for d in comparison.regressions if d.shape is not None]
+
+
+def confirm_latency(
+    baseline: Report,
+    candidate: Report,
+    thresholds: Thresholds,
+    remeasure: Callable[[], Report],
+    times: int,
+) -> tuple[Comparison, Report]:
+    """Compare; while latency regressions remain, re-measure the candidate (up to ``times``).
+
+    Returns the comparison and the candidate as last measured. A latency regression stands only
+    if every measurement showed it; one that any measurement did not reproduce is reported as
+    ``noise``. Accuracy and size are not re-measured (deterministic for a given build).
+    """
+    comparison = compare(baseline, candidate, thresholds)
+    suspects = {(d.variant, d.metric, d.shape) for d in _latency_regressions(comparison)}
+    runs = 0
+    while suspects and runs < times:
+        runs += 1
+        candidate = remeasure()
+        comparison = compare(baseline, candidate, thresholds)
+        suspects &= {(d.variant, d.metric, d.shape) for d in _latency_regressions(comparison)}
+    if runs == 0:
+        return comparison, candidate
+    deltas = []
+    for d in comparison.deltas:
+        if d.shape is None or d.status != "regression":
+            deltas.append(d)
+        elif (d.variant, d.metric, d.shape) in suspects:
+            deltas.append(d.model_copy(update={"note": f"in all {runs + 1} measurements"}))
+        else:
+            note = f"not in every one of {runs + 1} measurements"
+            deltas.append(d.model_copy(update={"status": "noise", "note": note}))
+    confirmed = comparison.model_copy(
+        update={"deltas": deltas, "passed": all(deltas), "remeasured": runs}
+    )
+    return confirmed, candidate

@@ -1,0 +1,261 @@
+"""``compare``: crafted reports at each threshold's boundary, noise, re-measuring, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import junitparser
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.report.compare import Thresholds, compare, confirm_latency
+from pipeline.report.markdown import render_comparison
+from pipeline.report.model import Contender, Latency, Report, render_json
+
+SHAPE = "b8s128"
+
+
+def latency(p50: float, spread: float = 0.01, runs: int = 50, pytorch: float = 100.0) -> Latency:
+    """A timing whose p90 is ``spread`` (relative) above its p50."""
+    return Latency(
+        p50_ms=p50,
+        p90_ms=p50 * (1 + spread),
+        p99_ms=p50 * (1 + 2 * spread),
+        mean_ms=p50,
+        throughput=8000 / p50,
+        runs=runs,
+        speedup=round(pytorch / p50, 6),
+    )
+
+
+def variant(
+    name: str = "int8",
+    cosine: float = 0.999,
+    worst: float = 0.99,
+    agreement: float = 0.97,
+    task: float | None = None,
+    p50: float = 50.0,
+    spread: float = 0.01,
+    size: int = 50_000_000,
+    pytorch: float = 100.0,
+) -> Contender:
+    accuracy: dict[str, Any] = {
+        "mean_cosine": cosine,
+        "worst_cosine": worst,
+        "agreement": agreement,
+    }
+    if task is not None:
+        accuracy["task_metric"] = task
+    return Contender(
+        name=name,
+        kind="variant",
+        target="ort-cpu",
+        precision="int8",
+        accuracy=accuracy,
+        latency={SHAPE: latency(p50, spread, pytorch=pytorch)},
+        size_bytes=size,
+        peak_rss_bytes=None,
+    )
+
+
+def report(
+    *variants: Contender, run: str = "run", pytorch: float = 100.0, cpu: str = "cpu"
+) -> Report:
+    torch = Contender(
+        name="pytorch",
+        kind="pytorch",
+        target="torch-cpu",
+        precision="fp32",
+        accuracy=None,
+        latency={SHAPE: latency(pytorch, pytorch=pytorch).model_copy(update={"speedup": None})},
+        size_bytes=None,
+        peak_rss_bytes=None,
+    )
+    return Report(
+        run_id=run,
+        created="2026-01-01T00:00:00+00:00",
+        tforge_version="0",
+        recipe_name="r",
+        model={"source": "m"},
+        task="feature-extraction",
+        shapes=[SHAPE],
+        threads=2,
+        contenders=[torch, *variants],
+        checks=[],
+        passed=True,
+        stages=[],
+        cached_steps=0,
+        environment={"hardware": {"cpu": cpu}},
+        notes=[],
+    )
+
+
+def verdicts(base: Contender, cand: Contender, **thresholds: Any) -> dict[str, str]:
+    result = compare(report(base), report(cand), Thresholds(**thresholds))
+    return {d.metric: d.status for d in result.deltas}
+
+
+@pytest.mark.parametrize(
+    ("field", "metric", "limit", "value"),
+    [
+        ("cosine", "mean_cosine", 0.001, 0.999),
+        ("worst", "worst_cosine", 0.01, 0.99),
+        ("agreement", "agreement", 0.01, 0.97),
+        ("task", "task_metric", 0.01, 0.85),
+    ],
+)
+def test_accuracy_drop_at_the_threshold_passes_and_beyond_fails(
+    field: str, metric: str, limit: float, value: float
+) -> None:
+    base = variant(**{field: value})
+    assert verdicts(base, variant(**{field: value - limit}))[metric] == "ok"
+    assert verdicts(base, variant(**{field: value - limit - 1e-6}))[metric] == "regression"
+    assert verdicts(base, variant(**{field: value + 2 * limit}))[metric] == "improved"
+
+
+def test_latency_at_the_threshold_passes_and_beyond_fails() -> None:
+    base = variant(p50=50.0)
+    assert verdicts(base, variant(p50=55.0))["p50_ms"] == "ok"  # +10.0%
+    assert verdicts(base, variant(p50=55.01))["p50_ms"] == "regression"
+    assert verdicts(base, variant(p50=40.0))["p50_ms"] == "improved"
+    assert verdicts(base, variant(p50=60.0), max_latency_regression=0.2)["p50_ms"] == "ok"
+
+
+def test_a_latency_change_inside_the_noise_band_is_noise() -> None:
+    """Medians of 50 runs with p90 40% above p50: a 15% change is within 3 standard errors."""
+    base, cand = variant(p50=50.0, spread=0.4), variant(p50=57.5, spread=0.4)
+    result = compare(report(base), report(cand), Thresholds())
+    delta = next(d for d in result.deltas if d.metric == "p50_ms")
+    # sd = 0.4 * 50 / 1.2816; se(median) = 1.2533 * sd / sqrt(50): 0.0553 (base), 0.0553 (cand)
+    assert delta.noise == pytest.approx(3 * (2 * 0.05532**2) ** 0.5, rel=1e-3)
+    assert delta.status == "noise" and result.passed
+    # The same change with tight timings is a regression; and a narrower band flags it too.
+    assert verdicts(variant(p50=50.0), variant(p50=57.5))["p50_ms"] == "regression"
+    assert verdicts(base, cand, noise_sigmas=1.0)["p50_ms"] == "regression"
+
+
+def test_speedup_basis_cancels_a_slower_machine() -> None:
+    """Everything 30% slower (PyTorch too): a p50 regression, but the same speed-up."""
+    base = report(variant(p50=50.0), pytorch=100.0, cpu="fast")
+    cand = report(variant(p50=65.0, pytorch=130.0), pytorch=130.0, cpu="slow")
+    by_p50 = compare(base, cand, Thresholds())
+    by_speedup = compare(base, cand, Thresholds(latency_basis="speedup"))
+    assert not by_p50.passed
+    assert by_speedup.passed
+    assert [d.metric for d in by_speedup.deltas if d.shape] == ["speedup"]
+    assert any("different hardware" in w for w in by_p50.warnings)
+    assert any("PyTorch eager itself changed +30.0%" in w for w in by_p50.warnings)
+
+
+def test_size_growth_at_the_threshold_passes_and_beyond_fails() -> None:
+    base = variant(size=100_000_000)
+    assert verdicts(base, variant(size=105_000_000))["size_mb"] == "ok"
+    assert verdicts(base, variant(size=105_000_001))["size_mb"] == "regression"
+
+
+def test_a_missing_variant_fails_and_a_new_one_is_listed() -> None:
+    result = compare(
+        report(variant("a"), variant("b")), report(variant("a"), variant("c")), Thresholds()
+    )
+    status = {(d.variant, d.metric): d.status for d in result.deltas}
+    assert status[("b", "variant")] == "missing"
+    assert status[("c", "variant")] == "new"
+    assert not result.passed and [d.variant for d in result.regressions] == ["b"]
+    text = render_comparison(result)
+    assert "1 regression" in text and "❌ missing" in text
+
+
+def test_a_latency_regression_stands_only_if_every_measurement_shows_it() -> None:
+    base = report(variant(p50=50.0))
+    slow = report(variant(p50=60.0), run="slow")
+    calls = []
+
+    def fast_again() -> Report:
+        calls.append(1)
+        return report(variant(p50=51.0), run="again")
+
+    result, latest = confirm_latency(base, slow, Thresholds(), fast_again, times=3)
+    assert len(calls) == 1 and latest.run_id == "again"
+    assert result.passed and result.remeasured == 1
+    assert next(d for d in result.deltas if d.shape).status == "ok"
+
+    calls.clear()
+
+    def slow_again() -> Report:
+        calls.append(1)
+        return report(variant(p50=60.0 + len(calls)), run="again")
+
+    result, _ = confirm_latency(base, slow, Thresholds(), slow_again, times=2)
+    assert len(calls) == 2 and not result.passed
+    delta = next(d for d in result.deltas if d.shape)
+    assert delta.status == "regression" and delta.note == "in all 3 measurements"
+    # No regression: nothing is re-measured.
+    result, _ = confirm_latency(base, base, Thresholds(), slow_again, times=2)
+    assert len(calls) == 2 and result.passed and result.remeasured == 0
+
+
+def test_a_regression_reproduced_only_sometimes_is_noise() -> None:
+    base = report(variant(p50=50.0))
+    measurements = iter([report(variant(p50=51.0)), report(variant(p50=60.0))])
+    result, _ = confirm_latency(
+        base, report(variant(p50=60.0)), Thresholds(), lambda: next(measurements), times=2
+    )
+    # The first re-measurement cleared it, so the loop stopped there.
+    assert result.passed and result.remeasured == 1
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def write(path: Path, r: Report) -> Path:
+    path.write_text(render_json(r))
+    return path
+
+
+def test_cli_compare_exits_3_on_regression_and_writes_junit(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.json", report(variant(cosine=0.999), run="base"))
+    same = write(tmp_path / "same.json", report(variant(cosine=0.999), run="same"))
+    worse = write(tmp_path / "worse.json", report(variant(cosine=0.99), run="worse"))
+    code, output = invoke("compare", str(base), str(same))
+    assert code == 0, output
+    assert "`same` against baseline `base`: no regression" in output
+
+    junit = tmp_path / "junit.xml"
+    markdown = tmp_path / "diff.md"
+    code, output = invoke(
+        "compare", str(base), str(worse), "--junit", str(junit), "--markdown", str(markdown)
+    )
+    assert code == 3
+    assert "1 regression(s)" in output and "int8 mean_cosine: regression" in output
+    assert "Traceback" not in output
+    assert markdown.read_text().startswith("# `worse` against baseline `base`: 1 regression")
+    xml = junitparser.JUnitXml.fromfile(str(junit))
+    cases = [(case.classname, case.name, case.is_passed) for suite in xml for case in suite]
+    assert ("tforge.compare.int8", "mean_cosine", False) in cases
+    assert ("tforge.compare.int8", "p50_ms @b8s128", True) in cases
+    assert sum(not passed for *_, passed in cases) == 1
+
+    # Looser thresholds turn the same pair into a pass.
+    code, _ = invoke("compare", str(base), str(worse), "--max-cosine-drop", "0.01")
+    assert code == 0
+
+
+def test_cli_compare_bad_input_is_one_clear_line(tmp_path: Path) -> None:
+    good = write(tmp_path / "good.json", report(variant()))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    code, output = invoke("compare", str(good), str(broken))
+    assert code == 1 and "is not JSON" in output and "Traceback" not in output
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps({"schema_version": 99}))
+    code, output = invoke("compare", str(future), str(good))
+    assert code == 1 and "report schema version 99; this tforge reads versions 1, 2" in output
+    code, output = invoke("compare", str(good), str(good), "--max-latency-regression", "-5")
+    assert code == 2 and "thresholds" in output
+    code, output = invoke("compare", str(good), str(good), "--remeasure", "2")
+    assert code == 1 and "--remeasure needs CANDIDATE to be a run folder" in output
