@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.budget import FIGURES as BUDGET_FIGURES
-from pipeline.report.model import Contender, Report
+from pipeline.report.model import Comparison, Contender, Delta, Report
 
 
 def _mb(size: int | None) -> str:
@@ -25,6 +25,12 @@ def _accuracy_cells(c: Contender) -> list[str]:
         figure(c.accuracy.get("mean_cosine"), ".6f"),
         figure(c.accuracy.get("agreement"), ".3f"),
     ]
+
+
+def _digits(limit: float) -> str:
+    """A format that shows a figure with one digit more than its limit has (at least 5)."""
+    decimals = len(f"{limit}".partition(".")[2])
+    return f".{max(5, decimals + 1)}f"
 
 
 def _node(entry: dict[str, Any]) -> str:
@@ -60,7 +66,10 @@ def _int8_section(report: Report) -> list[str]:
             lines += ["", "| nodes in float | " + " | ".join(budget["limits"]) + " | meets |"]
             lines.append("|---|" + "---|" * len(budget["limits"]) + "---|")
             for attempt in sorted(budget["attempts"], key=lambda a: a["kept_float"]):
-                cells = [figure(attempt.get(BUDGET_FIGURES[k]), ".5f") for k in budget["limits"]]
+                cells = [
+                    figure(attempt.get(BUDGET_FIGURES[k]), _digits(v))
+                    for k, v in budget["limits"].items()
+                ]
                 mark = "yes" if attempt["passed"] else "no"
                 lines.append(f"| {attempt['kept_float']} | " + " | ".join(cells) + f" | {mark} |")
             lines.append("")
@@ -87,6 +96,27 @@ def _int8_section(report: Report) -> list[str]:
     return lines
 
 
+def summary_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """The headline table (header, rows): accuracy, latency per shape, size and memory."""
+    header = ["contender", "max abs err", "mean cosine", "agreement"]
+    for shape in report.shapes:
+        header += [f"{shape} p50 / p90 / p99 ms", f"{shape} speed-up"]
+    header += ["size MB", "peak RSS MB"]
+    rows = []
+    for c in report.contenders:
+        row = [f"{c.name} ({c.precision}, {c.target})", *_accuracy_cells(c)]
+        for shape in report.shapes:
+            lat = c.latency.get(shape)
+            if lat is None:
+                row += ["–", "–"]
+                continue
+            row.append(f"{lat.p50_ms:.2f} / {lat.p90_ms:.2f} / {lat.p99_ms:.2f}")
+            row.append("1.00x" if lat.speedup is None else f"{lat.speedup:.2f}x")
+        row += [_mb(c.size_bytes), _mb(c.peak_rss_bytes)]
+        rows.append(row)
+    return header, rows
+
+
 def render_markdown(report: Report) -> str:
     lines = [
         f"# tforge build `{report.recipe_name}` — {'passed' if report.passed else 'FAILED'}",
@@ -110,23 +140,10 @@ def render_markdown(report: Report) -> str:
             f"Peak RSS: a fresh process that loads the contender and runs {report.memory_shape}."
         )
     lines.append("")
-    header = ["contender", "max abs err", "mean cosine", "agreement"]
-    for shape in report.shapes:
-        header += [f"{shape} p50 / p90 / p99 ms", f"{shape} speed-up"]
-    header += ["size MB", "peak RSS MB"]
+    header, rows = summary_table(report)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
-    for c in report.contenders:
-        row = [f"{c.name} ({c.precision}, {c.target})", *_accuracy_cells(c)]
-        for shape in report.shapes:
-            lat = c.latency.get(shape)
-            if lat is None:
-                row += ["–", "–"]
-                continue
-            row.append(f"{lat.p50_ms:.2f} / {lat.p90_ms:.2f} / {lat.p99_ms:.2f}")
-            row.append("1.00x" if lat.speedup is None else f"{lat.speedup:.2f}x")
-        row += [_mb(c.size_bytes), _mb(c.peak_rss_bytes)]
-        lines.append("| " + " | ".join(row) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     metrics = [c for c in report.contenders if c.task_metric is not None]
     if metrics:
         lines += [
@@ -154,6 +171,8 @@ def render_markdown(report: Report) -> str:
                 f"| {fused or '–'} | {nodes} | {g.get('session_optimization')} |"
             )
     lines += _int8_section(report)
+    if report.comparison is not None:
+        lines += ["", render_comparison(report.comparison, level=2).rstrip()]
     lines += ["", "## Checks", ""]
     if not report.checks:
         lines.append("No checks.")
@@ -180,4 +199,97 @@ def render_markdown(report: Report) -> str:
         + "</sub>",
         "",
     ]
+    return "\n".join(lines)
+
+
+def _change(d: Delta) -> str:
+    if d.change is None:
+        return "–"
+    if d.shape is not None or d.metric == "size_mb":
+        return f"{d.change:+.1%}"
+    return f"{d.change:+.5f}"
+
+
+def _limit(d: Delta) -> str:
+    if d.limit is None:
+        return "–"
+    if d.shape is not None or d.metric == "size_mb":
+        return f"<= {d.limit:+.1%}" + (f" (noise +-{d.noise:.1%})" if d.noise is not None else "")
+    return f">= {d.limit:+.5f}"
+
+
+_MARK = {
+    "ok": "ok",
+    "improved": "improved",
+    "noise": "noise",
+    "regression": "❌ regression",
+    "missing": "❌ missing",
+    "new": "new",
+}
+
+
+def sorted_deltas(comparison: Comparison) -> list[Delta]:
+    """Regressions first, then improvements, noise, new figures, and the unchanged."""
+    order = {"regression": 0, "missing": 0, "improved": 1, "noise": 2, "new": 3, "ok": 4}
+    return sorted(comparison.deltas, key=lambda d: order[d.status])
+
+
+def comparison_table(
+    comparison: Comparison, marks: bool = True
+) -> tuple[list[str], list[list[str]]]:
+    """Every compared figure (header, rows) in :func:`sorted_deltas` order; ``marks``: a cross
+    before each regression (for Markdown; HTML colours the row instead)."""
+    header = ["variant", "figure", "baseline", "candidate", "change", "allowed", "verdict"]
+    rows = []
+    for d in sorted_deltas(comparison):
+        label = d.metric + (f" @{d.shape}" if d.shape else "")
+        spec = ".2f" if d.shape is not None or d.metric == "size_mb" else ".6f"
+        verdict = _MARK[d.status] if marks else d.status
+        verdict += f" ({d.note})" if d.note else ""
+        rows.append(
+            [
+                d.variant,
+                label,
+                figure(d.baseline, spec),
+                figure(d.candidate, spec),
+                _change(d),
+                _limit(d),
+                verdict,
+            ]
+        )
+    return header, rows
+
+
+def render_comparison(comparison: Comparison, level: int = 1) -> str:
+    """Markdown: the verdict, warnings, regressions first, then every other figure."""
+    regressions = comparison.regressions
+    verdict = (
+        "no regression"
+        if comparison.passed
+        else f"{len(regressions)} regression{'s' if len(regressions) != 1 else ''}"
+    )
+    h = "#" * level
+    lines = [
+        f"{h} `{comparison.candidate_run}` against baseline `{comparison.baseline_run}`: {verdict}",
+        "",
+    ]
+    t = comparison.thresholds
+    lines.append(
+        f"Thresholds: mean cosine drop <= {t['max_cosine_drop']}, worst cosine drop <= "
+        f"{t['max_worst_cosine_drop']}, agreement drop <= {t['max_agreement_drop']}, task metric "
+        f"drop <= {t['max_task_metric_drop']}, latency ({t['latency_basis']}) "
+        f"+{t['max_latency_regression'] * 100:g}% beyond a {t['noise_sigmas']:g}-sigma noise band, "
+        f"size +{t['max_size_growth'] * 100:g}%."
+        + (
+            f" Latency regressions re-measured {comparison.remeasured} time(s)."
+            if comparison.remeasured
+            else ""
+        )
+    )
+    if comparison.warnings:
+        lines += [""] + [f"- ⚠️ {w}" for w in comparison.warnings]
+    header, rows = comparison_table(comparison)
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
     return "\n".join(lines)
