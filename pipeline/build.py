@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,8 +37,9 @@ from pipeline.manifest import InputRecord, Manifest
 from pipeline.progress import NullProgress, Progress
 from pipeline.recipe import Recipe, check_name
 from pipeline.recipes import Plan, encoder_pipeline
-from pipeline.report import build_report, render_json, render_markdown
+from pipeline.report import build_report, render_all
 from pipeline.report.checks import evaluate
+from pipeline.report.compare import Thresholds, confirm_latency
 from pipeline.report.model import Report
 from pipeline.stages.base import BuildContext, Step
 from pipeline.stages.load import CheckpointInfo, checkpoint_artifact, resolve_source
@@ -54,6 +55,11 @@ class BuildOptions:
     #: Re-run the latency step only (timings are the one result worth re-taking).
     remeasure: bool = False
     run_id: str | None = None
+    #: Compare the build with this report (a previous build's) and fail on a regression.
+    baseline: Report | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    #: Re-measure latency up to this many times before declaring a latency regression.
+    confirm: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class BuildOutcome:
 
     @property
     def passed(self) -> bool:
-        return not self.manifest.failed_checks
+        return self.report.passed
 
 
 def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
@@ -139,7 +145,7 @@ def run_step(
             stats=result.stats,
             seconds=round(seconds, 4),
         )
-        record = store.commit(tmp, record, result.outputs)
+        record = store.commit(tmp, record, result.outputs, replace=force)
     log.info("stage %-16s key %s built    %.2fs", step.id, key[:12], seconds)
     return record
 
@@ -253,8 +259,8 @@ def write_run(store: ArtifactStore, manifest: Manifest, report: Report) -> Path:
                 raise RuntimeError(f"variant {variant}: step {step_id} is not in the manifest")
             link_or_copy(store.output_path(record, output), tmp / "models" / variant)
         write_text_atomic(tmp / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
-        write_text_atomic(tmp / "report.json", render_json(report))
-        write_text_atomic(tmp / "report.md", render_markdown(report))
+        for name, text in render_all(report).items():
+            write_text_atomic(tmp / name, text)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -296,25 +302,43 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
         if record.step == "load":
             check_against_checkpoint(recipe, CheckpointInfo.read(store.artifacts(record)["info"]))
     recipe_json = recipe.model_dump(mode="json")
-    manifest = Manifest(
-        tforge_version=__version__,
-        run_id=run_id,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        recipe=recipe_json,
-        recipe_sha256=hashlib.sha256(canonical_json(recipe_json).encode()).hexdigest(),
-        inputs=[
-            InputRecord(name=a.name, path=str(a.path), sha256=a.sha256, size=a.size)
-            for a in external.values()
-        ],
-        stages=records,
-        variant_models=plan.variant_models,
-        checks=evaluate(recipe, records),
-        environment=environment.describe(),
-        build={
-            "seconds": clock.seconds(),
-            "peak_rss_bytes": environment.peak_rss_bytes(),
-        },
-    )
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+
+    def manifest_of(records: list[StageRecord], extra: dict[str, object]) -> Manifest:
+        return Manifest(
+            tforge_version=__version__,
+            run_id=run_id,
+            created=created,
+            recipe=recipe_json,
+            recipe_sha256=hashlib.sha256(canonical_json(recipe_json).encode()).hexdigest(),
+            inputs=[
+                InputRecord(name=a.name, path=str(a.path), sha256=a.sha256, size=a.size)
+                for a in external.values()
+            ],
+            stages=records,
+            variant_models=plan.variant_models,
+            checks=evaluate(recipe, records),
+            environment=environment.describe(),
+            build={
+                "seconds": clock.seconds(),
+                "peak_rss_bytes": environment.peak_rss_bytes(),
+                **extra,
+            },
+        )
+
+    manifest = manifest_of(records, {})
+    if options.baseline is not None:
+
+        def remeasure() -> Report:
+            nonlocal records
+            again = replace(options, remeasure=True)
+            records = list(run_plan(plan, external, ctx, store, again))
+            return build_report(manifest_of(records, {}))
+
+        comparison, _ = confirm_latency(
+            options.baseline, build_report(manifest), options.thresholds, remeasure, options.confirm
+        )
+        manifest = manifest_of(records, {"comparison": comparison.model_dump(mode="json")})
     report = build_report(manifest)
     run_dir = write_run(store, manifest, report)
     return BuildOutcome(manifest=manifest, report=report, run_dir=run_dir)

@@ -89,6 +89,93 @@ def common_options(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def threshold_options(func: F) -> F:
+    """The thresholds of a comparison with a baseline (``tforge compare``, ``build --baseline``)."""
+    options = [
+        click.option(
+            "--max-cosine-drop",
+            type=float,
+            default=0.001,
+            show_default=True,
+            help="Largest drop of a variant's mean cosine vs PyTorch (absolute).",
+        ),
+        click.option(
+            "--max-worst-cosine-drop",
+            type=float,
+            default=0.01,
+            show_default=True,
+            help="Largest drop of the worst cosine (absolute).",
+        ),
+        click.option(
+            "--max-agreement-drop",
+            type=float,
+            default=0.01,
+            show_default=True,
+            help="Largest drop of the agreement with PyTorch (absolute).",
+        ),
+        click.option(
+            "--max-task-drop",
+            type=float,
+            default=0.01,
+            show_default=True,
+            help="Largest drop of the task metric (absolute).",
+        ),
+        click.option(
+            "--max-latency-regression",
+            type=float,
+            default=10.0,
+            show_default=True,
+            metavar="PERCENT",
+            help="Largest latency increase, in percent.",
+        ),
+        click.option(
+            "--max-size-growth",
+            type=float,
+            default=5.0,
+            show_default=True,
+            metavar="PERCENT",
+            help="Largest size increase, in percent.",
+        ),
+        click.option(
+            "--latency-basis",
+            type=click.Choice(["p50", "speedup"]),
+            default="p50",
+            show_default=True,
+            help="Compare medians, or speed-ups over PyTorch eager (robust across machines).",
+        ),
+        click.option(
+            "--noise-sigmas",
+            type=float,
+            default=3.0,
+            show_default=True,
+            help="Width of the latency noise band in standard errors of the medians.",
+        ),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.report.compare import Thresholds
+
+        try:
+            kwargs["thresholds"] = Thresholds(
+                max_cosine_drop=kwargs.pop("max_cosine_drop"),
+                max_worst_cosine_drop=kwargs.pop("max_worst_cosine_drop"),
+                max_agreement_drop=kwargs.pop("max_agreement_drop"),
+                max_task_metric_drop=kwargs.pop("max_task_drop"),
+                max_latency_regression=kwargs.pop("max_latency_regression") / 100,
+                max_size_growth=kwargs.pop("max_size_growth") / 100,
+                latency_basis=kwargs.pop("latency_basis"),
+                noise_sigmas=kwargs.pop("noise_sigmas"),
+            )
+        except ValueError as error:
+            raise click.UsageError(f"thresholds: {error}") from None
+        return func(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
 class RichProgress:
     """Progress bars on a terminal: one for the build's steps, one for the current inner task."""
 
@@ -176,6 +263,25 @@ def _print_summary(outcome: Any) -> None:
             out.print(f"[red]FAILED[/] {check.source}: {escape(str(check))}", highlight=False)
 
 
+def _delta_line(delta: Any) -> str:
+    from pipeline.report.junit import delta_text
+
+    return delta_text(delta)
+
+
+def _print_comparison(comparison: Any, quiet: bool) -> None:
+    for warning in comparison.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+    regressions = comparison.regressions
+    if not quiet or regressions:
+        verdict = "no regression" if comparison.passed else f"{len(regressions)} regression(s)"
+        out.print(
+            f"against baseline {comparison.baseline_run}: {verdict}", markup=False, highlight=False
+        )
+    for delta in regressions:
+        out.print(f"REGRESSION {_delta_line(delta)}", markup=False, highlight=False)
+
+
 @cli.command()
 @click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.option(
@@ -202,6 +308,19 @@ def _print_summary(outcome: Any) -> None:
 @click.option("--remeasure", is_flag=True, help="Re-run the latency stage only.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (and what is cached) and exit.")
 @click.option("--print-recipe", is_flag=True, help="Print the resolved recipe as YAML and exit.")
+@click.option(
+    "--baseline",
+    type=click.Path(exists=True, path_type=Path),
+    help="Compare with this build (run folder, manifest.json or report.json); exit 3 on a regression.",
+)
+@click.option(
+    "--confirm",
+    type=int,
+    default=1,
+    show_default=True,
+    help="With --baseline: re-measure latency up to N times before declaring a latency regression.",
+)
+@threshold_options
 @common_options
 def build(
     recipe: Path | None,
@@ -213,6 +332,9 @@ def build(
     remeasure: bool,
     dry_run: bool,
     print_recipe: bool,
+    baseline: Path | None,
+    confirm: int,
+    thresholds: Any,
     quiet: bool,
     verbose: int,
 ) -> None:
@@ -247,8 +369,16 @@ def build(
             )
         out.print(table)
         return
+    from pipeline.report.model import load_report
+
     options = BuildOptions(
-        artifacts=artifacts, no_cache=no_cache, remeasure=remeasure, run_id=run_id
+        artifacts=artifacts,
+        no_cache=no_cache,
+        remeasure=remeasure,
+        run_id=run_id,
+        baseline=load_report(baseline)[0] if baseline else None,
+        thresholds=thresholds,
+        confirm=max(confirm, 0),
     )
     if not quiet and err.is_terminal:
         with RichProgress(err) as progress:
@@ -257,6 +387,9 @@ def build(
         outcome = run_build(resolved, options)
     if not quiet:
         _print_summary(outcome)
+    comparison = outcome.report.comparison
+    if comparison is not None:
+        _print_comparison(comparison, quiet)
     cached = outcome.report.cached_steps
     state = "passed" if outcome.passed else "FAILED"
     out.print(
@@ -266,7 +399,12 @@ def build(
     )
     if not outcome.passed:
         failed = outcome.manifest.failed_checks
-        raise GateFailed(f"{len(failed)} check(s) failed, first: {failed[0]}")
+        if failed:
+            raise GateFailed(f"{len(failed)} check(s) failed, first: {failed[0]}")
+        regressions = comparison.regressions if comparison else []
+        raise GateFailed(
+            f"{len(regressions)} regression(s) against the baseline, first: {_delta_line(regressions[0])}"
+        )
 
 
 def _manifest_path(path: Path) -> Path:
@@ -278,7 +416,7 @@ def _manifest_path(path: Path) -> Path:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["markdown", "json", "none"]),
+    type=click.Choice(["markdown", "json", "html", "junit", "none"]),
     default="markdown",
     show_default=True,
     help="What to print.",
@@ -286,32 +424,132 @@ def _manifest_path(path: Path) -> Path:
 @click.option(
     "--output",
     type=click.Path(path_type=Path),
-    help="Folder to write report.json and report.md into (default: the run folder).",
+    help="Folder to write report.json, report.md, report.html and junit.xml into (default: the run folder).",
 )
+@click.option("--schema", is_flag=True, help="Print the JSON Schema of report.json and exit.")
 @common_options
-def report(run: Path, fmt: str, output: Path | None, quiet: bool, verbose: int) -> None:
-    """Re-render the reports of RUN (a run folder or its manifest.json)."""
+def report(
+    run: Path, fmt: str, output: Path | None, schema: bool, quiet: bool, verbose: int
+) -> None:
+    """Re-render the reports of RUN (a run folder or its manifest.json) in every format."""
     from pipeline.errors import InputError
     from pipeline.manifest import Manifest
-    from pipeline.report import build_report, render_json, render_markdown
+    from pipeline.report import FILES, build_report, render_all
+    from pipeline.report.model import json_schema
 
+    if schema:
+        click.echo(json.dumps(json_schema(), indent=2))
+        return
     path = _manifest_path(run)
     if not path.is_file():
         raise InputError(f"{run} has no manifest.json", "pass a run folder under artifacts/runs/")
     manifest = Manifest.parse(path.read_text(encoding="utf-8"), str(path))
-    rendered = build_report(manifest)
+    rendered = render_all(build_report(manifest))
     target = output or path.parent
     try:
-        write_text_atomic(target / "report.json", render_json(rendered))
-        write_text_atomic(target / "report.md", render_markdown(rendered))
+        for name, text in rendered.items():
+            write_text_atomic(target / name, text)
     except OSError as error:
         raise InputError(
             f"cannot write the reports into {target} ({error.strerror or error})",
             "pass --output DIR",
         ) from None
     if not quiet and fmt != "none":
-        click.echo(
-            render_markdown(rendered) if fmt == "markdown" else render_json(rendered), nl=False
+        click.echo(rendered[FILES[fmt]], nl=False)
+
+
+@cli.command()
+@click.argument("baseline", type=click.Path(exists=True, path_type=Path))
+@click.argument("candidate", type=click.Path(exists=True, path_type=Path))
+@threshold_options
+@click.option(
+    "--remeasure",
+    type=int,
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="On a latency regression, re-measure CANDIDATE (a run folder) up to N times; "
+    "a regression stands only if every measurement shows it.",
+)
+@click.option(
+    "--markdown",
+    "markdown_path",
+    type=click.Path(path_type=Path),
+    help="Write the Markdown diff here.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    help="Write the comparison as JSON here.",
+)
+@click.option(
+    "--junit", "junit_path", type=click.Path(path_type=Path), help="Write JUnit XML here."
+)
+@common_options
+def compare(
+    baseline: Path,
+    candidate: Path,
+    thresholds: Any,
+    remeasure: int,
+    markdown_path: Path | None,
+    json_path: Path | None,
+    junit_path: Path | None,
+    quiet: bool,
+    verbose: int,
+) -> None:
+    """Compare CANDIDATE with BASELINE (run folders, manifest.json or report.json files).
+
+    Exit 3 when an accuracy figure dropped, a latency grew or a size grew beyond its threshold,
+    or a variant is missing.
+    """
+    from pipeline.build import BuildOptions
+    from pipeline.build import build as run_build
+    from pipeline.errors import InputError
+    from pipeline.recipe import parse_recipe
+    from pipeline.report.compare import confirm_latency
+    from pipeline.report.junit import render_junit
+    from pipeline.report.markdown import render_comparison
+    from pipeline.report.model import load_report
+
+    base, _ = load_report(baseline)
+    cand, manifest_path = load_report(candidate)
+    if remeasure and manifest_path is None:
+        raise InputError(
+            f"--remeasure needs CANDIDATE to be a run folder, not {candidate}",
+            "pass the candidate's run folder (artifacts/runs/<run-id>)",
+        )
+
+    def measure_again() -> Any:
+        from pipeline.manifest import Manifest
+
+        assert manifest_path is not None
+        manifest = Manifest.parse(manifest_path.read_text(encoding="utf-8"), str(manifest_path))
+        recipe = parse_recipe(manifest.recipe, str(manifest_path))
+        artifacts = manifest_path.parent.parent.parent
+        if not quiet:
+            err.print("re-measuring the candidate's latency", markup=False)
+        return run_build(recipe, BuildOptions(artifacts=artifacts, remeasure=True)).report
+
+    comparison, _ = confirm_latency(base, cand, thresholds, measure_again, max(remeasure, 0))
+    markdown = render_comparison(comparison)
+    try:
+        if markdown_path:
+            write_text_atomic(markdown_path, markdown)
+        if json_path:
+            write_text_atomic(json_path, comparison.model_dump_json(indent=2) + "\n")
+        if junit_path:
+            write_text_atomic(junit_path, render_junit(cand, comparison, include_checks=False))
+    except OSError as error:
+        raise InputError(f"cannot write the comparison ({error.strerror or error})") from None
+    if not quiet:
+        click.echo(markdown, nl=False)
+    else:
+        _print_comparison(comparison, quiet=True)
+    if not comparison.passed:
+        regressions = comparison.regressions
+        raise GateFailed(
+            f"{len(regressions)} regression(s) against {baseline}, first: {_delta_line(regressions[0])}"
         )
 
 

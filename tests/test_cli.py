@@ -328,3 +328,94 @@ variants:
     assert output.startswith("error: ") and "has 2 samples; 64 are asked for" in output
     assert "at most 2" in output and "Traceback" not in output
     assert no_runs(artifacts) and not list(artifacts.glob("cache/*/*"))  # no stage ran
+
+
+def _run(artifacts: Path, run_id: str) -> Path:
+    return artifacts / "runs" / run_id
+
+
+def test_build_against_a_baseline_reports_and_gates_the_comparison(
+    checkpoint, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path, f"model: {{source: {checkpoint('bert')}}}\n{FAST}")
+    artifacts = tmp_path / "a"
+    base = ("build", str(recipe), "--artifacts", str(artifacts), "--quiet")
+    assert invoke(*base, "--run-id", "one")[0] == 0
+    # Latency of 3 runs on a tiny model is noise: this test is about accuracy and variants.
+    loose = ("--max-latency-regression", "100000")
+    code, output = invoke(
+        *base, "--run-id", "two", "--baseline", str(_run(artifacts, "one")), *loose
+    )
+    assert code == 0, output
+    two = _run(artifacts, "two")
+    report = json.loads((two / "report.json").read_text())
+    assert report["comparison"]["baseline_run"] == "one" and report["comparison"]["passed"]
+    assert "## `two` against baseline `one`: no regression" in (two / "report.md").read_text()
+    assert 'name="tforge.compare"' in (two / "junit.xml").read_text()
+    assert "against baseline" in (two / "report.html").read_text()
+
+    # A baseline that had a variant this build lacks: a regression, exit 3, and still reported.
+    data = json.loads((_run(artifacts, "one") / "report.json").read_text())
+    extra = next(c for c in data["contenders"] if c["name"] == "fp32")
+    data["contenders"].append({**extra, "name": "int8"})
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(data))
+    code, output = invoke(*base, "--run-id", "three", "--baseline", str(baseline), *loose)
+    assert code == 3, output
+    assert "REGRESSION int8 variant: missing" in output
+    assert "failed: 1 regression(s) against the baseline, first: int8 variant: missing" in output
+    assert json.loads((_run(artifacts, "three") / "report.json").read_text())["passed"] is False
+
+
+def test_a_latency_regression_is_re_measured_before_it_is_declared(
+    checkpoint, tmp_path: Path
+) -> None:
+    """A baseline ten times faster with tight timings: the regression is real in every run."""
+    recipe = write_recipe(tmp_path, f"model: {{source: {checkpoint('bert')}}}\n{FAST}")
+    artifacts = tmp_path / "a"
+    base = ("build", str(recipe), "--artifacts", str(artifacts), "--quiet")
+    assert invoke(*base, "--run-id", "one")[0] == 0
+    data = json.loads((_run(artifacts, "one") / "report.json").read_text())
+    for contender in data["contenders"]:
+        for lat in contender["latency"].values():
+            for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms"):
+                lat[key] = lat["p50_ms"] / 10
+    baseline = tmp_path / "fast.json"
+    baseline.write_text(json.dumps(data))
+    code, output = invoke(*base, "--run-id", "two", "--baseline", str(baseline), "--confirm", "1")
+    assert code == 3, output
+    assert "REGRESSION fp32 p50_ms @b1s16: regression" in output
+    assert "in all 2 measurements" in output
+    manifest = json.loads((_run(artifacts, "two") / "manifest.json").read_text())
+    latency = next(s for s in manifest["stages"] if s["step"] == "latency")
+    assert latency["cached"] is False  # re-measured, not served from the store
+    assert manifest["build"]["comparison"]["remeasured"] == 1
+
+
+def test_compare_re_measures_a_run_folder_before_declaring_a_latency_regression(
+    checkpoint, tmp_path: Path
+) -> None:
+    recipe = write_recipe(tmp_path, f"model: {{source: {checkpoint('bert')}}}\n{FAST}")
+    artifacts = tmp_path / "a"
+    assert (
+        invoke("build", str(recipe), "--artifacts", str(artifacts), "--quiet", "--run-id", "one")[0]
+        == 0
+    )
+    run = _run(artifacts, "one")
+    data = json.loads((run / "report.json").read_text())
+    for contender in data["contenders"]:
+        for lat in contender["latency"].values():
+            for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms"):
+                lat[key] = lat["p50_ms"] / 10
+    baseline = tmp_path / "fast.json"
+    baseline.write_text(json.dumps(data))
+    code, output = invoke("compare", str(baseline), str(run), "--remeasure", "1", "--quiet")
+    assert code == 3, output
+    assert (
+        "REGRESSION fp32 p50_ms @b1s16: regression" in output and "in all 2 measurements" in output
+    )
+    # The re-measurement is a build of its own (latency re-run, the rest from the cache).
+    runs = [p for p in (artifacts / "runs").iterdir() if p.name not in ("latest", "one")]
+    assert len(runs) == 1
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    assert [s["step"] for s in manifest["stages"] if not s["cached"]] == ["latency"]
