@@ -141,6 +141,28 @@ def calibration_section(calibration: dict[str, Any]) -> list[str]:
     return lines
 
 
+def compare_noise_section(noise: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## `tforge compare` on unchanged builds: {noise['runs']} latency measurements",
+        "",
+        f"Produced by `{noise['command']}`: the default recipe built once and its latency "
+        f"re-measured {noise['runs'] - 1} times (variants {', '.join(noise['variants'])}; shapes "
+        f"{', '.join(noise['shapes'])}). Every ordered pair is an A/A comparison, so every latency "
+        "regression reported is a false alarm. Noise band 0 = threshold only.",
+        "",
+        "| basis | threshold | noise band (sigmas) | pairs | latency figures | false regressions | median abs change | max abs change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in noise["rows"]:
+        lines.append(
+            f"| {r['basis']} | {r['threshold']:.0%} | {r['noise_sigmas']:g} | {r['pairs']} "
+            f"| {r['figures']} | {r['false_regressions']} | {r['median_abs_change']:.1%} "
+            f"| {r['max_abs_change']:.1%} |"
+        )
+    lines.append("")
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     machine = results["machine"]
     hw, versions, peaks = machine["hardware"], machine["versions"], machine["peaks"]
@@ -252,6 +274,8 @@ def render(results: dict[str, Any]) -> str:
     lines += int8_section(results)
     if results.get("calibration"):
         lines += calibration_section(results["calibration"])
+    if results.get("compare_noise"):
+        lines += compare_noise_section(results["compare_noise"])
 
     lines += [
         "## The floor",

@@ -139,9 +139,10 @@ def threshold_options(func: F) -> F:
         click.option(
             "--latency-basis",
             type=click.Choice(["p50", "speedup"]),
-            default="p50",
+            default="speedup",
             show_default=True,
-            help="Compare medians, or speed-ups over PyTorch eager (robust across machines).",
+            help="Compare speed-ups over PyTorch eager timed in the same build (robust to a "
+            "slower or busier machine), or the variants' own medians.",
         ),
         click.option(
             "--noise-sigmas",

@@ -382,7 +382,17 @@ def test_a_latency_regression_is_re_measured_before_it_is_declared(
                 lat[key] = lat["p50_ms"] / 10
     baseline = tmp_path / "fast.json"
     baseline.write_text(json.dumps(data))
-    code, output = invoke(*base, "--run-id", "two", "--baseline", str(baseline), "--confirm", "1")
+    code, output = invoke(
+        *base,
+        "--run-id",
+        "two",
+        "--baseline",
+        str(baseline),
+        "--confirm",
+        "1",
+        "--latency-basis",
+        "p50",
+    )
     assert code == 3, output
     assert "REGRESSION fp32 p50_ms @b1s16: regression" in output
     assert "in all 2 measurements" in output
@@ -409,7 +419,9 @@ def test_compare_re_measures_a_run_folder_before_declaring_a_latency_regression(
                 lat[key] = lat["p50_ms"] / 10
     baseline = tmp_path / "fast.json"
     baseline.write_text(json.dumps(data))
-    code, output = invoke("compare", str(baseline), str(run), "--remeasure", "1", "--quiet")
+    code, output = invoke(
+        "compare", str(baseline), str(run), "--remeasure", "1", "--quiet", "--latency-basis", "p50"
+    )
     assert code == 3, output
     assert (
         "REGRESSION fp32 p50_ms @b1s16: regression" in output and "in all 2 measurements" in output

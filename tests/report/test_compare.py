@@ -94,6 +94,7 @@ def report(
 
 
 def verdicts(base: Contender, cand: Contender, **thresholds: Any) -> dict[str, str]:
+    thresholds.setdefault("latency_basis", "p50")
     result = compare(report(base), report(cand), Thresholds(**thresholds))
     return {d.metric: d.status for d in result.deltas}
 
@@ -122,12 +123,16 @@ def test_latency_at_the_threshold_passes_and_beyond_fails() -> None:
     assert verdicts(base, variant(p50=55.01))["p50_ms"] == "regression"
     assert verdicts(base, variant(p50=40.0))["p50_ms"] == "improved"
     assert verdicts(base, variant(p50=60.0), max_latency_regression=0.2)["p50_ms"] == "ok"
+    # The default basis: the speed-up over PyTorch eager (2.0x here) may fall by 10%.
+    speedup = {"latency_basis": "speedup"}
+    assert verdicts(base, variant(p50=55.0), **speedup)["speedup"] == "ok"
+    assert verdicts(base, variant(p50=55.01), **speedup)["speedup"] == "regression"
 
 
 def test_a_latency_change_inside_the_noise_band_is_noise() -> None:
     """Medians of 50 runs with p90 40% above p50: a 15% change is within 3 standard errors."""
     base, cand = variant(p50=50.0, spread=0.4), variant(p50=57.5, spread=0.4)
-    result = compare(report(base), report(cand), Thresholds())
+    result = compare(report(base), report(cand), Thresholds(latency_basis="p50"))
     delta = next(d for d in result.deltas if d.metric == "p50_ms")
     # sd = 0.4 * 50 / 1.2816; se(median) = 1.2533 * sd / sqrt(50): 0.0553 (base), 0.0553 (cand)
     assert delta.noise == pytest.approx(3 * (2 * 0.05532**2) ** 0.5, rel=1e-3)
@@ -141,8 +146,8 @@ def test_speedup_basis_cancels_a_slower_machine() -> None:
     """Everything 30% slower (PyTorch too): a p50 regression, but the same speed-up."""
     base = report(variant(p50=50.0), pytorch=100.0, cpu="fast")
     cand = report(variant(p50=65.0, pytorch=130.0), pytorch=130.0, cpu="slow")
-    by_p50 = compare(base, cand, Thresholds())
-    by_speedup = compare(base, cand, Thresholds(latency_basis="speedup"))
+    by_p50 = compare(base, cand, Thresholds(latency_basis="p50"))
+    by_speedup = compare(base, cand, Thresholds())  # the default basis
     assert not by_p50.passed
     assert by_speedup.passed
     assert [d.metric for d in by_speedup.deltas if d.shape] == ["speedup"]
@@ -177,7 +182,8 @@ def test_a_latency_regression_stands_only_if_every_measurement_shows_it() -> Non
         calls.append(1)
         return report(variant(p50=51.0), run="again")
 
-    result, latest = confirm_latency(base, slow, Thresholds(), fast_again, times=3)
+    p50 = Thresholds(latency_basis="p50")
+    result, latest = confirm_latency(base, slow, p50, fast_again, times=3)
     assert len(calls) == 1 and latest.run_id == "again"
     assert result.passed and result.remeasured == 1
     assert next(d for d in result.deltas if d.shape).status == "ok"
@@ -188,12 +194,12 @@ def test_a_latency_regression_stands_only_if_every_measurement_shows_it() -> Non
         calls.append(1)
         return report(variant(p50=60.0 + len(calls)), run="again")
 
-    result, _ = confirm_latency(base, slow, Thresholds(), slow_again, times=2)
+    result, _ = confirm_latency(base, slow, p50, slow_again, times=2)
     assert len(calls) == 2 and not result.passed
     delta = next(d for d in result.deltas if d.shape)
     assert delta.status == "regression" and delta.note == "in all 3 measurements"
     # No regression: nothing is re-measured.
-    result, _ = confirm_latency(base, base, Thresholds(), slow_again, times=2)
+    result, _ = confirm_latency(base, base, p50, slow_again, times=2)
     assert len(calls) == 2 and result.passed and result.remeasured == 0
 
 
@@ -201,7 +207,11 @@ def test_a_regression_reproduced_only_sometimes_is_noise() -> None:
     base = report(variant(p50=50.0))
     measurements = iter([report(variant(p50=51.0)), report(variant(p50=60.0))])
     result, _ = confirm_latency(
-        base, report(variant(p50=60.0)), Thresholds(), lambda: next(measurements), times=2
+        base,
+        report(variant(p50=60.0)),
+        Thresholds(latency_basis="p50"),
+        lambda: next(measurements),
+        times=2,
     )
     # The first re-measurement cleared it, so the loop stopped there.
     assert result.passed and result.remeasured == 1
@@ -237,7 +247,7 @@ def test_cli_compare_exits_3_on_regression_and_writes_junit(tmp_path: Path) -> N
     xml = junitparser.JUnitXml.fromfile(str(junit))
     cases = [(case.classname, case.name, case.is_passed) for suite in xml for case in suite]
     assert ("tforge.compare.int8", "mean_cosine", False) in cases
-    assert ("tforge.compare.int8", "p50_ms @b8s128", True) in cases
+    assert ("tforge.compare.int8", "speedup @b8s128", True) in cases
     assert sum(not passed for *_, passed in cases) == 1
 
     # Looser thresholds turn the same pair into a pass.
