@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline import __version__, environment
+from pipeline import __version__, environment, targets
 from pipeline.artifacts import (
     Artifact,
     ArtifactStore,
@@ -118,7 +118,7 @@ def _key(step: Step, inputs: dict[str, Artifact]) -> str:
         f"{stage.name}@{stage.version}",
         stage.key_config(),
         {n: a.sha256 for n, a in inputs.items()},
-        environment.facets(stage.facets),
+        environment.facets(stage.key_facets()),
     )
 
 
@@ -293,9 +293,11 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     store.ensure_writable()
     store.remove_stale_temporaries()
     run_id = choose_run_id(store, options.run_id, recipe.name)
+    # Before any work: a variant whose target this machine lacks fails now, naming what is missing.
+    targets.require({v.target for v in recipe.variants})
     external = resolve_inputs(recipe)
     plan = plan_for(recipe)
-    ctx = BuildContext(progress=progress or NullProgress())
+    ctx = BuildContext(progress=progress or NullProgress(), artifacts_root=options.artifacts)
     records: list[StageRecord] = []
     for record in run_plan(plan, external, ctx, store, options):
         records.append(record)

@@ -119,6 +119,14 @@ def facets(names: tuple[str, ...]) -> dict[str, Any]:
                 "cpu_flags",
             )
         }
+    if "gpu" in names:
+        # Engines and CUDA timings are per GPU model and driver.
+        from pipeline.targets import gpus
+
+        out["gpu"] = [
+            {"name": g.name, "compute_capability": g.compute_capability, "driver": g.driver}
+            for g in gpus()
+        ]
     return out
 
 

@@ -31,7 +31,7 @@ Task = Literal["feature-extraction", "sequence-classification", "token-classific
 TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
 Pooling = Literal["auto", "mean", "cls", "max", "last"]
 PaddingSide = Literal["right", "left"]
-Target = Literal["ort-cpu"]
+Target = Literal["ort-cpu", "ort-cuda", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
 SessionOptimization = Literal["disabled", "basic", "extended", "all"]
 Optimize = Literal["none", "standard", "ort"]
@@ -175,6 +175,12 @@ class LatencySpec(_Strict):
 #: ONNX Runtime merges each quantize-MatMul-dequantize chain into one kernel.
 TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
     "ort-cpu": {"fusions": ["attention", "ffn"], "session_optimization": "basic"},
+    # CUDA: every fusion (ORT's CUDA kernels for Attention, SkipLayerNormalization and BiasGelu
+    # are the fast path there), and ORT's own fusions on top.
+    "ort-cuda": {"fusions": ["attention", "skip-layernorm", "ffn"], "session_optimization": "all"},
+    # TensorRT parses standard ONNX only (no ORT contrib ops) and fuses by itself; INT8 comes
+    # as Q/DQ from static calibration with symmetric (signed) activations.
+    "tensorrt": {"optimize": "standard", "symmetric_activations": True},
     "ort-cpu/int8": {
         "fusions": ["mha", "ffn"],
         "session_optimization": "all",
@@ -260,6 +266,29 @@ class QuantizeSpec(_Strict):
         return self
 
 
+class TensorRTSpec(_Strict):
+    """How a TensorRT engine is built (``compile`` stage)."""
+
+    #: The builder's optimisation level, 0 (fast build) to 5 (most tactics tried); TensorRT's
+    #: default is 3.
+    optimization_level: int = Field(3, ge=0, le=5)
+    #: Workspace memory limit for tactics in MiB (default: TensorRT's, the device's memory).
+    workspace_mb: PositiveInt | None = None
+    #: Reuse and update the timing cache kept beside the artifact store (per TensorRT version
+    #: and GPU), so a rebuild does not re-time every tactic.
+    timing_cache: bool = True
+    #: The optimum shape of the optimization profile, ``b<batch>s<sequence>`` (default: the
+    #: largest timed shape); min and max come from the recipe's shapes and data.max_length.
+    optimum: str | None = None
+
+    @field_validator("optimum")
+    @classmethod
+    def _shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"b[1-9][0-9]*s[1-9][0-9]*", value):
+            raise ValueError("write the optimum shape as b<batch>s<sequence>, e.g. b8s128")
+        return value
+
+
 class VariantSpec(_Strict):
     name: Name
     target: Target = "ort-cpu"
@@ -273,6 +302,8 @@ class VariantSpec(_Strict):
     session_optimization: SessionOptimization = "all"
     #: INT8 settings (``precision: int8`` only).
     quantize: QuantizeSpec | None = None
+    #: TensorRT engine settings (``target: tensorrt`` only; defaults when left out).
+    compile: TensorRTSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -283,7 +314,8 @@ class VariantSpec(_Strict):
         defaults = target_defaults(
             str(data.get("target", "ort-cpu")), str(data.get("precision", "fp32"))
         )
-        optimize = data.get("optimize", "ort")
+        optimize = data.get("optimize", defaults.get("optimize", "ort"))
+        data.setdefault("optimize", optimize)
         if "fusions" not in data and optimize == "ort":
             data["fusions"] = list(defaults.get("fusions", ["attention", "skip-layernorm", "ffn"]))
         if data.get("precision") == "int8" and data.get("quantize") is None:
@@ -309,6 +341,26 @@ class VariantSpec(_Strict):
             )
         if self.quantize is not None and self.precision != "int8":
             raise ValueError(f"quantize: needs precision: int8 (this variant has {self.precision})")
+        if self.target == "ort-cuda" and self.precision == "int8":
+            raise ValueError(
+                "target ort-cuda: INT8 Q/DQ graphs do not run on ONNX Runtime's CUDA execution "
+                "provider; use target: tensorrt with quantize: {method: static}, or ort-cpu"
+            )
+        if self.target == "tensorrt":
+            if self.optimize == "ort":
+                raise ValueError(
+                    "target tensorrt: optimize: ort makes ONNX Runtime contrib ops TensorRT cannot "
+                    "parse; use optimize: standard (the default for tensorrt) or none"
+                )
+            if self.quantize is not None and self.quantize.method != "static":
+                raise ValueError(
+                    "target tensorrt: INT8 needs quantize: {method: static} (Q/DQ from "
+                    "calibration); dynamic INT8 is an ONNX Runtime CPU form"
+                )
+        if self.compile is not None and self.target != "tensorrt":
+            raise ValueError(
+                f"compile: applies to target tensorrt (this variant has {self.target})"
+            )
         return self
 
 

@@ -7,9 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.recipe import CalibrationSpec, QuantizeSpec, Recipe, VariantSpec, target_defaults
+from pipeline.backends.tensorrt_backend import derive_profile
+from pipeline.recipe import (
+    CalibrationSpec,
+    QuantizeSpec,
+    Recipe,
+    TensorRTSpec,
+    VariantSpec,
+    target_defaults,
+)
 from pipeline.stages.base import Step
 from pipeline.stages.calibrate import CalibrateConfig, CalibrateStage
+from pipeline.stages.compile import CompileConfig, CompileStage
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.fp16 import Fp16Config, Fp16Stage
 from pipeline.stages.latency import LatencyConfig, LatencyStage
@@ -32,13 +41,44 @@ def float_model(variant: VariantSpec) -> str:
     return "export.model" if variant.optimize == "none" else f"optimize[{variant.name}].model"
 
 
-def variant_model(variant: VariantSpec) -> str:
-    """Where a variant's final model comes from."""
+def onnx_model(variant: VariantSpec) -> str:
+    """The variant's final ONNX graph (quantized, FP16 or float)."""
     if variant.precision == "int8":
         return f"quantize[{variant.name}].model"
     if variant.precision == "fp16":
         return f"fp16[{variant.name}].model"
     return float_model(variant)
+
+
+def variant_model(variant: VariantSpec) -> str:
+    """Where a variant's deployable model comes from: its engine on TensorRT, else its graph."""
+    if variant.target == "tensorrt":
+        return f"compile[{variant.name}].engine"
+    return onnx_model(variant)
+
+
+def graph_label(name: str) -> str:
+    """The label of a TensorRT variant's ONNX graph, verified on ONNX Runtime CPU."""
+    return f"{name}:onnx"
+
+
+def compile_config(recipe: Recipe, variant: VariantSpec) -> CompileConfig:
+    spec = variant.compile or TensorRTSpec()
+    profile = derive_profile(
+        recipe.shapes.batch,
+        recipe.shapes.sequence,
+        recipe.data.max_length,
+        recipe.verify.batch_size,
+        spec.optimum,
+    )
+    return CompileConfig(
+        variant=variant.name,
+        precision=variant.precision,
+        profile=profile.as_dict(),
+        optimization_level=spec.optimization_level,
+        workspace_mb=spec.workspace_mb,
+        timing_cache=spec.timing_cache,
+    )
 
 
 def calibrate_config(
@@ -138,8 +178,35 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 )
                 inputs_q["calibration"] = f"calibrate[{variant.name}].calibration"
             steps.append(Step(f"quantize[{variant.name}]", QuantizeStage(config_q), inputs_q))
+    for variant in recipe.variants:
+        if variant.target == "tensorrt":
+            steps.append(
+                Step(
+                    f"compile[{variant.name}]",
+                    CompileStage(compile_config(recipe, variant)),
+                    {"model": onnx_model(variant)},
+                )
+            )
     models = {v.name: variant_model(v) for v in recipe.variants}
     for variant in recipe.variants:
+        if variant.target == "tensorrt":
+            # The graph TensorRT is given is verified on ONNX Runtime CPU too, so a wrong graph
+            # is told apart from a wrong engine (and is known before any engine exists).
+            steps.append(
+                Step(
+                    f"verify[{graph_label(variant.name)}]",
+                    VerifyStage(
+                        VerifyConfig(
+                            variant=graph_label(variant.name),
+                            target="ort-cpu",
+                            precision=variant.precision,
+                            session_optimization="all",
+                            threads=threads,
+                        )
+                    ),
+                    {"model": onnx_model(variant), "reference": "reference.reference"},
+                )
+            )
         config = VerifyConfig(
             variant=variant.name,
             target=variant.target,
@@ -164,6 +231,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             memory=lat.memory,
             variants={v.name: v.session_optimization for v in recipe.variants},
             text_field=data.text_field,
+            targets={v.name: v.target for v in recipe.variants if v.target != "ort-cpu"},
         )
         inputs = {
             **checkpoint,

@@ -103,6 +103,32 @@ def _int8(quantize: dict) -> dict:
         ({"variants": [{"name": "a", "fusions": ["softmax"]}]}, "variants[0].fusions[0]"),
         ({"variants": [{"name": "a", "quantize": {}}]}, "quantize: needs precision: int8"),
         (
+            {"variants": [{"name": "a", "target": "ort-cuda", "precision": "int8"}]},
+            "INT8 Q/DQ graphs do not run on ONNX Runtime's CUDA execution provider; use target: tensorrt",
+        ),
+        (
+            {"variants": [{"name": "a", "target": "tensorrt", "precision": "int8"}]},
+            "target tensorrt: INT8 needs quantize: {method: static}",
+        ),
+        (
+            {"variants": [{"name": "a", "target": "tensorrt", "optimize": "ort"}]},
+            "contrib ops TensorRT cannot parse; use optimize: standard",
+        ),
+        ({"variants": [{"name": "a", "compile": {}}]}, "compile: applies to target tensorrt"),
+        (
+            {"variants": [{"name": "a", "target": "tensorrt", "compile": {"optimum": "8x128"}}]},
+            "write the optimum shape as b<batch>s<sequence>",
+        ),
+        (
+            {
+                "variants": [
+                    {"name": "a", "target": "tensorrt", "compile": {"optimization_level": 7}}
+                ]
+            },
+            "optimization_level",
+        ),
+        ({"variants": [{"name": "a", "target": "tpu"}]}, "'ort-cpu', 'ort-cuda' or 'tensorrt'"),
+        (
             {"variants": [{"name": "a", "fusions": ["attention", "mha"]}]},
             "two forms of the same fusion",
         ),

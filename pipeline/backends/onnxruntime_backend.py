@@ -1,13 +1,18 @@
-"""ONNX Runtime on the CPU: sessions configured the same way for verification and timing."""
+"""ONNX Runtime on the CPU or a CUDA GPU: sessions configured the same way for verification
+and timing.
+
+On CUDA, inputs and outputs are bound to device memory (IOBinding) once per feed, so a timed
+call is the model's run on the GPU and a synchronisation, not host-device copies.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.errors import TforgeError, first_line
+from pipeline.errors import TargetUnavailable, TforgeError, first_line
 
 #: ORT's own graph optimisation levels, by the recipe's names.
 OPTIMIZATION_LEVELS = {
@@ -37,20 +42,29 @@ def session_options(threads: int, optimization: str = "all") -> Any:
 
 
 class OrtRunner:
-    """An ONNX Runtime CPU session over one model file."""
+    """An ONNX Runtime session over one model file, on the CPU or (``device="cuda"``) a GPU."""
 
     def __init__(
-        self, path: Path, threads: int, optimization: str = "all", name: str = "onnxruntime"
+        self,
+        path: Path,
+        threads: int,
+        optimization: str = "all",
+        name: str = "onnxruntime",
+        device: Literal["cpu", "cuda"] = "cpu",
     ) -> None:
         import onnxruntime as ort
 
         self.name = name
         self.path = path
+        self.device = device
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(
                 str(path),
                 sess_options=session_options(threads, optimization),
-                providers=["CPUExecutionProvider"],
+                providers=providers,
             )
         # onnxruntime's load errors are pybind11 exception types (Fail, InvalidGraph,
         # NotImplemented...) with no common public base but Exception.
@@ -59,20 +73,43 @@ class OrtRunner:
                 f"ONNX Runtime {ort.__version__} cannot load {path}: {first_line(error)}",
                 "check the opset and operators against this onnxruntime (tforge inspect shows them)",
             ) from error
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # ORT falls back to the CPU silently when the CUDA provider cannot start.
+            raise TargetUnavailable(
+                f"ONNX Runtime could not start its CUDA provider for {path.name} "
+                f"(session providers: {', '.join(self.session.get_providers())})",
+                "check the CUDA and cuDNN libraries onnxruntime-gpu needs (tforge doctor)",
+            )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def prepare(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def prepare(self, feed: dict[str, np.ndarray]) -> Any:
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise KeyError(f"{self.path.name} needs inputs {missing}; the feed has {sorted(feed)}")
-        return {name: np.ascontiguousarray(feed[name]) for name in self.input_names}
+        arrays = {name: np.ascontiguousarray(feed[name]) for name in self.input_names}
+        if self.device == "cpu":
+            return arrays
+        import onnxruntime as ort
 
-    def call(self, prepared: dict[str, np.ndarray]) -> Any:
-        return self.session.run(None, prepared)
+        binding = self.session.io_binding()
+        for name, array in arrays.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", 0)
+        return binding
+
+    def call(self, prepared: Any) -> Any:
+        if self.device == "cpu":
+            return self.session.run(None, prepared)
+        self.session.run_with_iobinding(prepared)
+        prepared.synchronize_outputs()
+        return prepared
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.call(self.prepare(feed))
+        if self.device == "cuda":
+            outputs = outputs.copy_outputs_to_cpu()
         return {
             name: np.asarray(value, dtype=np.float32)
             for name, value in zip(self.output_names, outputs, strict=True)

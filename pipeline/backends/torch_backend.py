@@ -119,30 +119,49 @@ def task_module(model: Any, task: str, inputs: tuple[str, ...]) -> torch.nn.Modu
 
 
 class TorchRunner:
-    """Eager PyTorch on the CPU: the reference every variant is compared and timed against."""
+    """Eager PyTorch: the reference every variant is compared and timed against.
+
+    On the CPU by default; with ``device="cuda"`` (a build with GPU variants) a copy of the
+    module runs on the GPU, inputs are moved there in ``prepare`` and ``call`` synchronises, so
+    its timing is comparable with the GPU variants'.
+    """
 
     name = "pytorch"
 
     def __init__(
-        self, module: torch.nn.Module, output_name: str, threads: int | None = None
+        self,
+        module: torch.nn.Module,
+        output_name: str,
+        threads: int | None = None,
+        device: str = "cpu",
     ) -> None:
+        import copy
+
         import torch
 
         if threads is not None:
             torch.set_num_threads(threads)
-        self.module = module.eval()
+        self.device = device
+        # The CPU module is shared within a build (the reference stage's); the GPU gets a copy.
+        self.module = (copy.deepcopy(module).to(device) if device != "cpu" else module).eval()
         self.output_name = output_name
 
     def prepare(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        return {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feed.items()}
+        return {
+            name: torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+            for name, array in feed.items()
+        }
 
     def call(self, prepared: dict[str, Any]) -> Any:
         import torch
 
         with torch.inference_mode():
-            return self.module(**prepared)
+            result = self.module(**prepared)
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+        return result
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {self.output_name: self.call(self.prepare(feed)).float().numpy()}
+        return {self.output_name: self.call(self.prepare(feed)).float().cpu().numpy()}

@@ -15,6 +15,7 @@ from pipeline.budget import FIGURES as BUDGET_FIGURES
 from pipeline.manifest import Check, check
 from pipeline.passes import FUSED_OPS
 from pipeline.recipe import Recipe
+from pipeline.recipes import graph_label
 from pipeline.stages.latency import PYTORCH
 
 
@@ -28,14 +29,17 @@ def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
     family = family_of(str(load["model_type"]))
     override = recipe.verify.tolerance
     checks = []
-    for variant in recipe.variants:
-        figures = steps[f"verify[{variant.name}]"].stats
+    verified = [(v.name, v) for v in recipe.variants]
+    # A TensorRT variant's ONNX graph, verified on ONNX Runtime CPU, meets the same tolerances.
+    verified += [(graph_label(v.name), v) for v in recipe.variants if v.target == "tensorrt"]
+    for label, variant in verified:
+        figures = steps[f"verify[{label}]"].stats
         default = family.tolerances[variant.precision]
         max_abs = override.max_abs_error or default.max_abs_error
         checks.append(
             check(
                 "tolerance",
-                variant.name,
+                label,
                 "nonfinite_outputs",
                 figures["nonfinite_outputs"],
                 0,
@@ -43,9 +47,7 @@ def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
             )
         )
         checks.append(
-            check(
-                "tolerance", variant.name, "max_abs_error", figures["max_abs_error"], max_abs, "max"
-            )
+            check("tolerance", label, "max_abs_error", figures["max_abs_error"], max_abs, "max")
         )
         if "mean_cosine" in figures:  # feature-extraction
             limit = (
@@ -54,16 +56,12 @@ def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
                 else default.min_mean_cosine
             )
             checks.append(
-                check(
-                    "tolerance", variant.name, "mean_cosine", figures["mean_cosine"], limit, "min"
-                )
+                check("tolerance", label, "mean_cosine", figures["mean_cosine"], limit, "min")
             )
         limit = (
             override.min_agreement if override.min_agreement is not None else default.min_agreement
         )
-        checks.append(
-            check("tolerance", variant.name, "agreement", figures["agreement"], limit, "min")
-        )
+        checks.append(check("tolerance", label, "agreement", figures["agreement"], limit, "min"))
     return checks
 
 

@@ -170,6 +170,22 @@ def render_markdown(report: Report) -> str:
                 f"| {c.name} | {g.get('optimize')} | {', '.join(g.get('fusions') or []) or '–'} "
                 f"| {fused or '–'} | {nodes} | {g.get('session_optimization')} |"
             )
+    for c in graphs:
+        engine = (c.graph or {}).get("engine")
+        if engine:
+            p = engine.get("profile") or {}
+            lines.append(
+                f"\n**{c.name}**: TensorRT {engine.get('tensorrt')} engine for {engine.get('gpu')} "
+                f"(compute capability {engine.get('compute_capability')}), "
+                f"{_mb(engine.get('engine_bytes'))} MB, built in {engine.get('build_seconds')} s; "
+                f"profile [batch, sequence] min {p.get('min')}, opt {p.get('opt')}, max {p.get('max')}."
+            )
+        onnx = (c.graph or {}).get("onnx_accuracy")
+        if onnx:
+            lines.append(
+                f"Its ONNX graph on ONNX Runtime CPU: max abs err {figure(onnx.get('max_abs_error'), '.2e')}, "
+                f"mean cosine {figure(onnx.get('mean_cosine'), '.6f')}, agreement {figure(onnx.get('agreement'), '.3f')}."
+            )
     lines += _int8_section(report)
     if report.comparison is not None:
         lines += ["", render_comparison(report.comparison, level=2).rstrip()]

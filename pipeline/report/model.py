@@ -266,6 +266,25 @@ def _graph(manifest: Manifest, variant: dict[str, Any]) -> dict[str, Any]:
     if optimize is not None:
         graph["nodes"] = optimize.stats.get("nodes")
         graph["fused_ops"] = optimize.stats.get("fusions", {})
+    graph_check = manifest.stage(f"verify[{variant['name']}:onnx]")
+    if graph_check is not None:
+        # The ONNX graph TensorRT was given, on ONNX Runtime CPU.
+        graph["onnx_accuracy"] = {
+            k: graph_check.stats.get(k) for k in ("max_abs_error", "mean_cosine", "agreement")
+        }
+    compiled = manifest.stage(f"compile[{variant['name']}]")
+    if compiled is not None:
+        graph["engine"] = {
+            k: compiled.stats.get(k)
+            for k in (
+                "tensorrt",
+                "gpu",
+                "compute_capability",
+                "engine_bytes",
+                "build_seconds",
+                "profile",
+            )
+        }
     return graph
 
 

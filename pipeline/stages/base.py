@@ -39,6 +39,9 @@ class BuildContext:
     """What stages share within one build: progress, and objects too costly to load twice."""
 
     progress: Progress = field(default_factory=NullProgress)
+    #: The artifact store's root, for state kept across builds that is not a stage result
+    #: (TensorRT's timing cache); None outside a build.
+    artifacts_root: Path | None = None
     _memo: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def memo(self, kind: str, key: str, factory: Callable[[], Any]) -> Any:
@@ -61,6 +64,10 @@ class Stage(ABC, Generic[ConfigT]):
 
     def key_config(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
+
+    def key_facets(self) -> tuple[str, ...]:
+        """The environment facets of this step's key (a stage may widen them per config)."""
+        return self.facets
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
         """Check preconditions on the inputs; raise PreconditionError naming the fix."""

@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from pipeline.artifacts import Artifact, size_of
 from pipeline.backends.memory import MemoryProbe, peak_rss
+from pipeline.backends.runners import GPU_TARGETS, model_size, runner_for
 from pipeline.backends.timing import SETTLE_AFTER_TORCH, LatencyStats, time_interleaved
 from pipeline.backends.torch_backend import TorchRunner, task_module
 from pipeline.calibration import read_samples
 from pipeline.errors import InputError
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
-from pipeline.stages.export import MODEL_FILE, onnx_size
+from pipeline.stages.export import MODEL_FILE
 from pipeline.stages.load import CheckpointInfo, loaded_model
 
 PYTORCH = "pytorch"
@@ -90,15 +92,25 @@ class LatencyConfig(StageConfig):
     #: Variant name -> ONNX Runtime session optimisation level.
     variants: dict[str, str]
     text_field: str
+    #: Variant name -> target, for variants not on ort-cpu (so CPU-only builds keep their keys).
+    targets: dict[str, str] = Field(default_factory=dict)
 
 
 class LatencyStage(Stage[LatencyConfig]):
     name = "latency"
     facets = ("versions", "hardware")
 
-    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
-        from pipeline.backends.onnxruntime_backend import OrtRunner
+    def key_facets(self) -> tuple[str, ...]:
+        gpu = any(t in GPU_TARGETS for t in self.config.targets.values())
+        return (*self.facets, "gpu") if gpu else self.facets
 
+    def key_config(self) -> dict[str, Any]:
+        config = super().key_config()
+        if not config["targets"]:
+            del config["targets"]
+        return config
+
+    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         cfg = self.config
         info = CheckpointInfo.read(inputs["info"])
         folder = inputs["checkpoint"].path
@@ -114,15 +126,24 @@ class LatencyStage(Stage[LatencyConfig]):
         ]
         stream = token_stream(loaded.tokenizer, texts)
 
+        # With GPU variants, PyTorch eager is timed on the GPU too: the speed-up compares like
+        # with like.
+        gpu = any(t in GPU_TARGETS for t in cfg.targets.values())
         runners: dict[str, Any] = {
             PYTORCH: TorchRunner(
-                task_module(loaded.model, info.task, tuple(info.inputs)), info.output, cfg.threads
+                task_module(loaded.model, info.task, tuple(info.inputs)),
+                info.output,
+                cfg.threads,
+                device="cuda" if gpu else "cpu",
             )
         }
         paths: dict[str, Path] = {}
         for variant, optimization in cfg.variants.items():
-            paths[variant] = inputs[f"model:{variant}"].path / MODEL_FILE
-            runners[variant] = OrtRunner(paths[variant], cfg.threads, optimization, name=variant)
+            target = cfg.targets.get(variant, "ort-cpu")
+            paths[variant] = inputs[f"model:{variant}"].path
+            runners[variant] = runner_for(
+                target, paths[variant], cfg.threads, optimization, variant
+            )
 
         results: dict[str, dict[str, Any]] = {name: {} for name in runners}
         with ctx.progress.task("latency", total=len(cfg.shapes) * cfg.runs) as advance:
@@ -145,8 +166,11 @@ class LatencyStage(Stage[LatencyConfig]):
                     ).as_dict()
 
         sizes = {PYTORCH: weights_size(folder)}
-        sizes.update({name: onnx_size(path) for name, path in paths.items()})
+        sizes.update(
+            {name: model_size(cfg.targets.get(name, "ort-cpu"), p) for name, p in paths.items()}
+        )
         stats: dict[str, Any] = {
+            "pytorch_device": "cuda" if gpu else "cpu",
             "threads": cfg.threads,
             "warmup": cfg.warmup,
             "runs": cfg.runs,
@@ -162,12 +186,18 @@ class LatencyStage(Stage[LatencyConfig]):
                     PYTORCH, str(folder), cfg.threads, info.task, tuple(info.inputs)
                 )
             }
+            # Host memory of a fresh process: for CPU variants. A GPU variant's footprint is
+            # device memory, which this probe does not see; it is left out rather than misread.
             probes.update(
                 {
                     name: MemoryProbe(
-                        "onnxruntime", str(path), cfg.threads, optimization=cfg.variants[name]
+                        "onnxruntime",
+                        str(path / MODEL_FILE),
+                        cfg.threads,
+                        optimization=cfg.variants[name],
                     )
                     for name, path in paths.items()
+                    if cfg.targets.get(name, "ort-cpu") == "ort-cpu"
                 }
             )
             with ctx.progress.task("peak memory", total=len(probes)) as advance:

@@ -27,9 +27,9 @@ import numpy as np
 
 from pipeline import metrics
 from pipeline.artifacts import Artifact
+from pipeline.backends.runners import GPU_TARGETS, model_size, runner_for
 from pipeline.progress import NullProgress, Progress
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
-from pipeline.stages.export import MODEL_FILE, onnx_size
 from pipeline.stages.reference import ReferenceData
 
 _HIGHER_IS_WORSE = ("max_abs_error", "mean_abs_error")
@@ -198,21 +198,20 @@ class VerifyStage(Stage[VerifyConfig]):
     facets = ("versions", "hardware")
     version = 3  # 2: non-finite outputs counted; 3: per-text error quantiles
 
-    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
-        from pipeline.backends.onnxruntime_backend import OrtRunner
+    def key_facets(self) -> tuple[str, ...]:
+        # A GPU target's results depend on the GPU and its driver too.
+        return (*self.facets, "gpu") if self.config.target in GPU_TARGETS else self.facets
 
+    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
+        cfg = self.config
         ref = ReferenceData.of(inputs["reference"])
-        runner = OrtRunner(
-            inputs["model"].path / MODEL_FILE, self.config.threads, self.config.session_optimization
-        )
+        folder = inputs["model"].path
+        runner = runner_for(cfg.target, folder, cfg.threads, cfg.session_optimization, cfg.variant)
         output = ref.index["output"]
         stats = compare_to_reference(
-            ref,
-            lambda feed: runner.run(feed)[output],
-            ctx.progress,
-            f"verify {self.config.variant}",
+            ref, lambda feed: runner.run(feed)[output], ctx.progress, f"verify {cfg.variant}"
         )
-        stats["size_bytes"] = onnx_size(inputs["model"].path / MODEL_FILE)
+        stats["size_bytes"] = model_size(cfg.target, folder)
         return StageResult(stats=stats)
 
     def describe(self) -> str:

@@ -1,0 +1,33 @@
+"""The runner for a variant's target: what verification and timing call, whatever the target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.stages.export import MODEL_FILE, onnx_size
+
+#: Targets whose models run on a GPU (stage keys then include the GPU).
+GPU_TARGETS = ("ort-cuda", "tensorrt")
+
+
+def runner_for(target: str, folder: Path, threads: int, optimization: str, name: str) -> Any:
+    """A runner (``prepare``/``call``/``run``) for the model or engine in ``folder``."""
+    if target == "tensorrt":
+        from pipeline.backends.tensorrt_backend import TensorRTRunner
+
+        return TensorRTRunner(folder, name=name)
+    from pipeline.backends.onnxruntime_backend import OrtRunner
+
+    if target == "ort-cuda":
+        return OrtRunner(folder / MODEL_FILE, threads, optimization, name=name, device="cuda")
+    return OrtRunner(folder / MODEL_FILE, threads, optimization, name=name)
+
+
+def model_size(target: str, folder: Path) -> int:
+    """Bytes a deployment ships: the engine for TensorRT, the ONNX file and its weights else."""
+    if target == "tensorrt":
+        from pipeline.backends.tensorrt_backend import ENGINE_FILE
+
+        return (folder / ENGINE_FILE).stat().st_size
+    return onnx_size(folder / MODEL_FILE)

@@ -1,0 +1,157 @@
+"""Which compile targets this machine can use, and what is missing when it cannot.
+
+``ort-cpu`` needs onnxruntime; ``ort-cuda`` needs onnxruntime-gpu (its CUDA execution provider)
+and an NVIDIA GPU; ``tensorrt`` needs the tensorrt package, an NVIDIA GPU, and torch with CUDA
+(its device buffers). GPUs are read from ``nvidia-smi`` so that asking costs no CUDA library
+import. A build checks its variants' targets before any stage runs (:func:`require`), and
+``tforge doctor`` lists them all (:func:`availability`).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from pipeline.errors import TargetUnavailable
+
+TARGETS = ("ort-cpu", "ort-cuda", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    compute_capability: str
+    driver: str
+    memory_mb: int
+
+
+def parse_smi(text: str) -> list[Gpu]:
+    """``nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader,nounits``."""
+    gpus = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4 or not parts[0]:
+            continue
+        name, capability, driver, memory = parts
+        gpus.append(
+            Gpu(
+                name,
+                capability,
+                driver,
+                int(float(memory)) if memory.replace(".", "").isdigit() else 0,
+            )
+        )
+    return gpus
+
+
+@functools.cache
+def gpus() -> tuple[Gpu, ...]:
+    """NVIDIA GPUs seen by the driver; none when nvidia-smi is absent or fails."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ()
+    try:
+        result = subprocess.run(
+            [
+                smi,
+                "--query-gpu=name,compute_cap,driver_version,memory.total",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return tuple(parse_smi(result.stdout)) if result.returncode == 0 else ()
+
+
+@dataclass(frozen=True)
+class Availability:
+    target: str
+    available: bool
+    #: What runs it (versions, device) when available; what is missing and how to get it if not.
+    detail: str
+
+
+def _ort_providers() -> tuple[str | None, list[str]]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, []
+    return ort.__version__, list(ort.get_available_providers())
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def availability(target: str) -> Availability:
+    devices = gpus()
+    names = ", ".join(g.name for g in devices)
+    if target == "ort-cpu":
+        version, providers = _ort_providers()
+        if version is None:
+            return Availability(
+                target, False, "onnxruntime does not import: pip install onnxruntime"
+            )
+        return Availability(
+            target, True, f"onnxruntime {version}; providers {', '.join(providers)}"
+        )
+    if target == "ort-cuda":
+        version, providers = _ort_providers()
+        if "CUDAExecutionProvider" not in providers:
+            return Availability(
+                target,
+                False,
+                "needs onnxruntime-gpu (pip uninstall onnxruntime, then pip install 'tforge[gpu]')",
+            )
+        if not devices:
+            return Availability(
+                target,
+                False,
+                "onnxruntime-gpu is installed but no NVIDIA GPU is visible (nvidia-smi)",
+            )
+        return Availability(target, True, f"onnxruntime-gpu {version}, CUDA provider on {names}")
+    if target == "tensorrt":
+        try:
+            import tensorrt
+        except ImportError:
+            return Availability(
+                target,
+                False,
+                "tensorrt is not installed (pip install 'tforge[tensorrt]' on a machine with an NVIDIA GPU)",
+            )
+        if not devices:
+            return Availability(
+                target,
+                False,
+                f"tensorrt {tensorrt.__version__} is installed but no NVIDIA GPU is visible",
+            )
+        if not _torch_cuda():
+            return Availability(
+                target,
+                False,
+                f"tensorrt {tensorrt.__version__} on {names}, but torch has no CUDA (its tensors hold "
+                "the engine's device buffers): install a CUDA build of torch",
+            )
+        return Availability(target, True, f"tensorrt {tensorrt.__version__} on {names}")
+    raise ValueError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+
+
+def require(targets: set[str]) -> None:
+    """Raise :class:`TargetUnavailable` naming what is missing for the first unusable target."""
+    for target in sorted(targets):
+        found = availability(target)
+        if not found.available:
+            raise TargetUnavailable(
+                f"target {target} is not available on this machine: {found.detail}",
+                "run `tforge doctor` to see which targets are, or build this variant elsewhere",
+            )
