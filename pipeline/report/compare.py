@@ -81,24 +81,17 @@ def _accuracy_deltas(base: Contender, cand: Contender, t: Thresholds) -> list[De
         if b is None and c is None:
             continue
         limit = getattr(t, field)
-        if b is None or c is None:
-            deltas.append(
-                Delta(
-                    variant=cand.name,
-                    metric=metric,
-                    baseline=b,
-                    candidate=c,
-                    change=None,
-                    limit=limit,
-                    status="regression" if c is None else "new",
-                    note="not measured in the candidate" if c is None else "new figure",
-                )
-            )
-            continue
-        change = c - b
-        status: Literal["ok", "improved", "regression"] = (
-            "regression" if -change > limit + _EPS else "improved" if change > limit else "ok"
-        )
+        change = None if b is None or c is None else c - b
+        status: Literal["ok", "improved", "regression", "new"]
+        if change is None:
+            status = "regression" if c is None else "new"
+        elif -change > limit + _EPS:
+            status = "regression"
+        else:
+            status = "improved" if change > limit else "ok"
+        note = None
+        if change is None:
+            note = "not measured in the candidate" if c is None else "new figure"
         deltas.append(
             Delta(
                 variant=cand.name,
@@ -108,6 +101,7 @@ def _accuracy_deltas(base: Contender, cand: Contender, t: Thresholds) -> list[De
                 change=change,
                 limit=-limit,
                 status=status,
+                note=note,
             )
         )
     return deltas
