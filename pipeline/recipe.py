@@ -212,12 +212,23 @@ class CalibrationSpec(_Strict):
     symmetric: bool | None = None
 
 
+#: The budget's known remedies, in the order they are tried.
+REMEDIES = ("reduce_range", "per_tensor", "ffn_down_first")
+
+
 class BudgetSpec(_Strict):
     """Accuracy an INT8 variant must keep; its most sensitive nodes stay float until it does."""
 
     min_mean_cosine: Fraction | None = None
     min_worst_cosine: Fraction | None = None
     min_agreement: Fraction | None = None
+    #: Known remedies searched beside the variant's own settings; the data chooses the one that
+    #: meets the budget with the fewest nodes in float. reduce_range: 7-bit weights;
+    #: per_tensor: one weight scale per matrix; ffn_down_first: the FFN down-projections are the
+    #: first kept in float. ``[all]`` tries every one.
+    remedies: list[Literal["reduce_range", "per_tensor", "ffn_down_first", "all"]] = Field(
+        default_factory=list
+    )
 
     @model_validator(mode="after")
     def _some_limit(self) -> BudgetSpec:
@@ -228,7 +239,14 @@ class BudgetSpec(_Strict):
         return self
 
     def limits(self) -> dict[str, float]:
-        return {k: v for k, v in sorted(self.model_dump().items()) if v is not None}
+        return {
+            k: v for k, v in sorted(self.model_dump().items()) if k != "remedies" and v is not None
+        }
+
+    def remedy_names(self) -> tuple[str, ...]:
+        if "all" in self.remedies:
+            return REMEDIES
+        return tuple(r for r in REMEDIES if r in self.remedies)
 
 
 class QuantizeSpec(_Strict):

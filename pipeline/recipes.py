@@ -159,6 +159,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 reduce_range=q.reduce_range,
                 exclude=tuple(q.exclude),
                 budget=q.budget.limits() if q.budget is not None else None,
+                remedies=q.budget.remedy_names() if q.budget is not None else (),
                 session_optimization=variant.session_optimization,
                 threads=threads,
             )

@@ -73,6 +73,16 @@ def _int8_section(report: Report) -> list[str]:
                 mark = "yes" if attempt["passed"] else "no"
                 lines.append(f"| {attempt['kept_float']} | " + " | ".join(cells) + f" | {mark} |")
             lines.append("")
+            if budget.get("remedies"):
+                tried = ", ".join(
+                    f"{r['name']} " + (f"{r['kept_float']} in float" if r["met"] else "not met")
+                    for r in budget["remedies"]
+                )
+                lines += [
+                    f"Remedies searched (nodes in float to meet the budget): {tried}; "
+                    f"chosen: **{budget['remedy']}**. The attempts above are the chosen search's.",
+                    "",
+                ]
         kept = q.get("kept_float") or []
         if kept:
             lines.append("Kept in float: " + ", ".join(_node(k) for k in kept) + ".")

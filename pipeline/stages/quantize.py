@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.artifacts import Artifact
-from pipeline.budget import FIGURES, BudgetResult, search
+from pipeline.budget import FIGURES, BudgetResult, search, shortfall
 from pipeline.calibration.table import CalibrationTable
 from pipeline.errors import PreconditionError, first_line
 from pipeline.sensitivity import (
@@ -72,6 +72,8 @@ class QuantizeConfig(StageConfig):
     threads: int = 1
     #: Evaluation batches the per-node sensitivity is measured on.
     sensitivity_batches: int = 8
+    #: Remedies the budget search tries beside these settings (pipeline.recipe.REMEDIES).
+    remedies: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -223,7 +225,7 @@ def _quantize_static(
 
 class QuantizeStage(Stage[QuantizeConfig]):
     name = "quantize"
-    version = 2  # 2: per-node sensitivity, the accuracy budget, static QDQ
+    version = 2  # 2: per-node sensitivity, the accuracy budget, static QDQ (remedies: keyed)
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
         require_model_file("quantize", inputs["model"].path)
@@ -231,6 +233,12 @@ class QuantizeStage(Stage[QuantizeConfig]):
             raise PreconditionError(
                 "static quantization has no calibration table", "this is a bug in the pipeline"
             )
+
+    def key_config(self) -> dict[str, Any]:
+        config = super().key_config()
+        if not config["remedies"]:
+            del config["remedies"]  # builds without remedies keep their keys
+        return config
 
     def describe(self) -> str:
         budget = " within an accuracy budget" if self.config.budget else ""
@@ -275,11 +283,16 @@ class QuantizeStage(Stage[QuantizeConfig]):
         target.mkdir()
         path = target / MODEL_FILE
         output_errors: dict[str, float] = {}
+        chosen = cfg
         if cfg.budget:
             with tempfile.TemporaryDirectory(prefix="budget-", dir=out) as work:
-                result, ranked = self._search(ctx, source, Path(work), candidates, ref, table)
+                trials, ranked = self._search(
+                    ctx, source, Path(work), candidates, ref, table, modules
+                )
             output_errors = dict(ranked)
-            kept = [node for node, _ in ranked][: result.kept_float]
+            name, settings, order, result = choose_remedy(cfg.budget, trials)
+            chosen = cfg.model_copy(update=settings)
+            kept = order[: result.kept_float]
             budget = {
                 "limits": cfg.budget,
                 "met": result.met,
@@ -287,8 +300,19 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 "of": len(candidates),
                 "attempts": [a.as_dict() for a in result.attempts],
             }
+            if len(trials) > 1:
+                budget["remedy"] = name
+                budget["remedies"] = [
+                    {
+                        "name": trial_name,
+                        "met": trial.met,
+                        "kept_float": trial.kept_float,
+                        "attempts": [a.as_dict() for a in trial.attempts],
+                    }
+                    for trial_name, _, _, trial in trials
+                ]
         with ctx.progress.task(f"quantize (int8, {cfg.method})", 1) as advance:
-            counts = quantize_file(source / MODEL_FILE, path, cfg, [*cfg.exclude, *kept], table)
+            counts = quantize_file(source / MODEL_FILE, path, chosen, [*cfg.exclude, *kept], table)
             advance(1)
         for name in ("config.json", *TOKENIZER_FILES):
             if (source / name).is_file():
@@ -326,8 +350,14 @@ class QuantizeStage(Stage[QuantizeConfig]):
         candidates: list[str],
         ref: ReferenceData,
         table: CalibrationTable | None,
-    ) -> tuple[BudgetResult, list[tuple[str, float]]]:
-        """Rank nodes by output error alone, then keep 0, 1, 2, 4... of the worst in float."""
+        modules: Mapping[str, str | None],
+    ) -> tuple[list[Trial], list[tuple[str, float]]]:
+        """Rank nodes by output error alone, then keep 0, 1, 2, 4... of the worst in float:
+        with the variant's own settings, then with each remedy the recipe asks for.
+
+        The ranking is measured once, with the variant's settings, and reused by every remedy:
+        re-measuring it per remedy would cost one quantization per node each time.
+        """
         from pipeline.backends.onnxruntime_backend import OrtRunner
 
         cfg = self.config
@@ -340,10 +370,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 "use min_agreement (and the cosine limits only for feature-extraction)",
             )
 
-        def quantized(exclude: list[str], label: str) -> OrtRunner:
+        def quantized(exclude: list[str], label: str, settings: QuantizeConfig = cfg) -> OrtRunner:
             folder = work / label
             folder.mkdir()
-            quantize_file(source / MODEL_FILE, folder / MODEL_FILE, cfg, exclude, table)
+            quantize_file(source / MODEL_FILE, folder / MODEL_FILE, settings, exclude, table)
             return OrtRunner(folder / MODEL_FILE, cfg.threads, cfg.session_optimization)
 
         batches = [
@@ -366,31 +396,84 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 return error
 
             ranking = rank_by_output_error(candidates, measured)
-        order = [node for node, _ in ranking]
+        ranked = [node for node, _ in ranking]
+        trials: list[Trial] = []
+        for name, settings, order in remedy_trials(cfg, ranked, modules):
+            variant = cfg.model_copy(update=settings)
 
-        def evaluate(k: int) -> dict[str, Any]:
-            runner = quantized([*cfg.exclude, *order[:k]], f"k{k}")
-            figures = compare_to_reference(ref, lambda feed: runner.run(feed)[output])
-            shutil.rmtree(runner.path.parent)
-            return figures
+            def evaluate(
+                k: int,
+                variant: QuantizeConfig = variant,
+                order: list[str] = order,
+                name: str = name,
+            ) -> dict[str, Any]:
+                runner = quantized([*cfg.exclude, *order[:k]], f"{name}-k{k}", variant)
+                figures = compare_to_reference(ref, lambda feed: runner.run(feed)[output])
+                shutil.rmtree(runner.path.parent)
+                return figures
 
-        steps = 2 * max(1, math.ceil(math.log2(len(order) + 1))) + 1
-        with ctx.progress.task("accuracy budget search", steps) as advance:
-            result = search(order, cfg.budget, evaluate, on_attempt=lambda _: advance(1))
-        for made in result.attempts:
-            log.info(
-                "budget: %d node(s) in float -> %s (%s)",
-                made.kept_float,
-                ", ".join(
-                    f"{k} {v:.5f}" if v is not None else f"{k} -" for k, v in made.figures.items()
-                ),
-                "meets" if made.passed else "misses",
-            )
-        return result, ranking
+            steps = 2 * max(1, math.ceil(math.log2(len(order) + 1))) + 1
+            with ctx.progress.task(f"accuracy budget search ({name})", steps) as advance:
+                result = search(order, cfg.budget, evaluate, on_attempt=lambda _: advance(1))
+            for made in result.attempts:
+                log.info(
+                    "budget (%s): %d node(s) in float -> %s (%s)",
+                    name,
+                    made.kept_float,
+                    ", ".join(
+                        f"{k} {v:.5f}" if v is not None else f"{k} -"
+                        for k, v in made.figures.items()
+                    ),
+                    "meets" if made.passed else "misses",
+                )
+            trials.append((name, settings, order, result))
+        return trials, ranking
 
 
 #: How many of the most sensitive nodes the stage records.
 SHOWN = 10
+
+#: One budget search: remedy name, the settings it changes, node order, result.
+Trial = tuple[str, dict[str, Any], list[str], BudgetResult]
+
+
+def is_ffn_down(module: str | None) -> bool:
+    """A BERT-style FFN down-projection (``encoder.layer.N.output.dense``; not attention's)."""
+    return (
+        bool(module) and str(module).endswith("output.dense") and ".attention." not in str(module)
+    )
+
+
+def remedy_trials(
+    cfg: QuantizeConfig, ranked: list[str], modules: Mapping[str, str | None]
+) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """The searches to run: the variant's own settings first, then each remedy asked for."""
+    trials: list[tuple[str, dict[str, Any], list[str]]] = [("as configured", {}, ranked)]
+    for remedy in cfg.remedies:
+        if remedy == "reduce_range" and not cfg.reduce_range:
+            trials.append((remedy, {"reduce_range": True}, ranked))
+        elif remedy == "per_tensor" and cfg.per_channel:
+            trials.append((remedy, {"per_channel": False}, ranked))
+        elif remedy == "ffn_down_first":
+            down = [n for n in ranked if is_ffn_down(modules.get(n))]
+            if down:
+                trials.append((remedy, {}, down + [n for n in ranked if n not in down]))
+    return trials
+
+
+def choose_remedy(limits: Mapping[str, float], trials: list[Trial]) -> Trial:
+    """The data's choice: of the searches that met the budget, the one with the fewest nodes
+    in float (the fastest INT8 model), ties to the earlier (the variant's own settings first);
+    when none met it, the one that came closest."""
+    met = [t for t in trials if t[3].met]
+    if met:
+        return min(met, key=lambda t: t[3].kept_float)
+
+    def best_shortfall(t: Trial) -> float:
+        attempt = next(a for a in t[3].attempts if a.kept_float == t[3].kept_float)
+        return shortfall(limits, attempt.figures)
+
+    return min(trials, key=best_shortfall)
 
 
 def _rounded(value: float | None) -> float | None:

@@ -243,3 +243,54 @@ def test_static_and_budget_variants_build_and_share_one_calibration(
     assert outcome.passed
     markdown = (outcome.run_dir / "report.md").read_text()
     assert "## INT8" in markdown and "most sensitive" in markdown
+
+
+def test_remedies_are_searched_and_the_data_chooses(fused_bert, bert_parts, tmp_path) -> None:
+    fragile = _with_sensitive_node(fused_bert, tmp_path / "fragile")
+    _, result = _quantize(
+        tmp_path / "fragile",
+        tmp_path / "remedies",
+        bert_parts["reference"],
+        budget={"min_mean_cosine": 0.99999},
+        remedies=("reduce_range", "per_tensor", "ffn_down_first"),
+        threads=1,
+    )
+    budget = result.stats["budget"]
+    tried = {r["name"]: r for r in budget["remedies"]}
+    assert list(tried) == ["as configured", "reduce_range", "per_tensor", "ffn_down_first"]
+    for remedy in tried.values():
+        # Every search verified its candidates end to end, and its result is one of them.
+        passed = [a["kept_float"] for a in remedy["attempts"] if a["passed"]]
+        assert remedy["met"] == bool(passed)
+        if passed:
+            assert remedy["kept_float"] == min(passed)
+    fewest = min(r["kept_float"] for r in tried.values() if r["met"])
+    assert tried[budget["remedy"]]["kept_float"] == fewest == budget["kept_float"]
+    # The fragile FFN down-projection is first in float whichever order the search used.
+    assert result.stats["kept_float"][0]["node"] == fragile
+    assert result.stats["quantized_matmuls"] == 12 - budget["kept_float"]
+
+
+def test_the_remedy_with_the_fewest_float_nodes_wins() -> None:
+    from pipeline.budget import Attempt, BudgetResult
+    from pipeline.stages.quantize import choose_remedy
+
+    def trial(name: str, kept: int, met: bool, cosine: float) -> tuple:
+        attempt = Attempt(kept, {"mean_cosine": cosine}, met)
+        return (name, {}, [], BudgetResult(kept_float=kept, met=met, attempts=[attempt]))
+
+    limits = {"min_mean_cosine": 0.999}
+    trials = [
+        trial("as configured", 5, True, 0.9991),
+        trial("reduce_range", 3, True, 0.9990),
+        trial("per_tensor", 1, False, 0.95),
+    ]
+    assert choose_remedy(limits, trials)[0] == "reduce_range"
+    # Ties go to the earlier search (the variant's own settings come first).
+    assert (
+        choose_remedy(limits, [trials[1], trial("ffn_down_first", 3, True, 0.9999)])[0]
+        == "reduce_range"
+    )
+    # None met: the closest miss.
+    misses = [trial("as configured", 8, False, 0.990), trial("reduce_range", 8, False, 0.997)]
+    assert choose_remedy(limits, misses)[0] == "reduce_range"
