@@ -1,0 +1,16 @@
+"""Decoder-only language models (GPT-2, Llama, Qwen2 families): export into a prefill and a decode
+graph with the KV cache as explicit inputs and outputs, greedy generation through them, and
+verification against PyTorch (per-step logits, greedy tokens).
+"""
+
+from pipeline.decoders.export import DecoderGraphs, export_decoder
+from pipeline.decoders.generate import OrtGenerator, greedy_reference
+from pipeline.decoders.verify import compare_generation
+
+__all__ = [
+    "DecoderGraphs",
+    "OrtGenerator",
+    "compare_generation",
+    "export_decoder",
+    "greedy_reference",
+]

@@ -1,0 +1,125 @@
+"""Export a decoder into ``prefill.onnx`` and ``decode.onnx`` with an explicit KV cache.
+
+transformers' own exporter (``transformers.exporters.OnnxExporter.export_for_generation``) runs
+``generate`` on a sample and exports each stage with dynamic batch, sequence and past length; we
+use it rather than tracing our own wrapper, and only rename the cache tensors to short, stable
+names: ``past.N.key`` / ``past.N.value`` in, ``present.N.key`` / ``present.N.value`` out, so the
+generation runner and the reports do not depend on the exporter's naming.
+
+The sample batch is left-padded on purpose: with an all-ones mask the exporter would drop the
+``attention_mask`` input (it traces it as a constant), and a decode graph without it cannot serve
+padded batches.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ExportError, first_line
+
+PREFILL, DECODE = "prefill.onnx", "decode.onnx"
+_CACHE = re.compile(r"^(?:(input|output)\.)?cache\.layers\.(\d+)\.(keys|values)$")
+
+
+@dataclass(frozen=True)
+class DecoderGraphs:
+    folder: Path
+    layers: int
+    #: Inputs of each graph, in order (after renaming).
+    prefill_inputs: tuple[str, ...]
+    decode_inputs: tuple[str, ...]
+
+    @property
+    def prefill(self) -> Path:
+        return self.folder / PREFILL
+
+    @property
+    def decode(self) -> Path:
+        return self.folder / DECODE
+
+
+def cache_name(original: str, graph: str) -> str | None:
+    """The short name of an exporter cache tensor, or None for other tensors.
+
+    ``cache.layers.3.keys`` (prefill output), ``output.cache.layers.3.keys`` (decode output)
+    -> ``present.3.key``; ``input.cache.layers.3.values`` -> ``past.3.value``.
+    """
+    match = _CACHE.match(original)
+    if match is None:
+        return None
+    direction, layer, kind = match.groups()
+    prefix = "past" if direction == "input" else "present"
+    if graph == "prefill" and direction == "input":
+        raise ExportError(f"the prefill graph takes a cache input ({original}); expected none")
+    return f"{prefix}.{layer}.{kind[:-1]}"
+
+
+def _rename(path: Path, graph: str) -> tuple[str, ...]:
+    """Rename the cache inputs and outputs of ``path`` in place; returns its input names."""
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    renamed = 0
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        new = cache_name(value.name or "", graph)
+        if new is not None:
+            value.name = new
+            renamed += 1
+    if renamed == 0:
+        raise ExportError(f"{path.name} has no KV-cache inputs or outputs: not a decoder export")
+    # Written beside, then moved over: the loaded model still reads its weights lazily from
+    # the original data file.
+    staging = path.parent / ".rename"
+    staging.mkdir(exist_ok=True)
+    ir.save(model, staging / path.name, external_data=path.name + ".data")
+    names = tuple(v.name or "" for v in model.graph.inputs)
+    del model
+    for item in staging.iterdir():
+        item.replace(path.parent / item.name)
+    staging.rmdir()
+    return names
+
+
+def sample_inputs(vocab_size: int, batch: int = 2, length: int = 8) -> dict[str, Any]:
+    """A left-padded sample batch (the first row two tokens shorter)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(vocab_size, 4), (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def export_decoder(model: Any, out: Path, opset: int | None = None) -> DecoderGraphs:
+    """Export ``model`` (a ``*ForCausalLM`` in eval mode) into ``out``."""
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    out.mkdir(parents=True, exist_ok=True)
+    sample = {**sample_inputs(int(model.config.vocab_size)), "max_new_tokens": 3}
+    try:
+        exported = OnnxExporter().export_for_generation(
+            model, sample, OnnxConfig(dynamic=True, opset_version=opset)
+        )
+    # The exporter raises whatever torch.export, onnxscript or the model itself raises.
+    except Exception as error:
+        raise ExportError(
+            f"transformers' exporter could not export {type(model).__name__}: {first_line(error)}",
+            "check that the architecture supports generation with a cache in this transformers",
+        ) from error
+    if set(exported.components) != {"prefill", "decode"}:
+        raise ExportError(
+            f"expected prefill and decode graphs, the exporter made {sorted(exported.components)}"
+        )
+    exported.save_pretrained(str(out))
+    prefill = _rename(out / PREFILL, "prefill")
+    decode = _rename(out / DECODE, "decode")
+    return DecoderGraphs(
+        folder=out,
+        layers=int(model.config.num_hidden_layers),
+        prefill_inputs=prefill,
+        decode_inputs=decode,
+    )

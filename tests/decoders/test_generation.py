@@ -1,0 +1,136 @@
+"""Decoders: prefill/decode export, greedy generation with the cache, padded batches, vs PyTorch.
+
+Tiny random-weight GPT-2, Llama (grouped-query attention) and Qwen2 models; every claim is
+checked against PyTorch's own ``generate`` on the same prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.decoders import OrtGenerator, compare_generation, export_decoder, greedy_reference
+from pipeline.decoders.export import cache_name
+from pipeline.decoders.generate import positions
+
+VOCAB = 211
+
+
+def tiny(family: str) -> Any:
+    import torch
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128)
+        return GPT2LMHeadModel(config).eval()
+    common = {
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 128,
+    }
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, Path]:
+    model = tiny(request.param)
+    graphs = export_decoder(model, tmp_path_factory.mktemp(request.param))
+    return model, graphs.folder
+
+
+def prompts(batch: int = 4, longest: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """A left-padded batch: row i has ``longest - 2 * i`` real tokens (at least 1)."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, VOCAB, size=(batch, longest)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for row in range(batch):
+        pad = min(2 * row, longest - 1)
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, mask
+
+
+def test_cache_tensors_get_short_stable_names(exported: tuple[Any, Path]) -> None:
+    model, folder = exported
+    layers = model.config.num_hidden_layers
+    decode = onnx.load(str(folder / "decode.onnx"), load_external_data=False)
+    inputs = {i.name for i in decode.graph.input}
+    outputs = {o.name for o in decode.graph.output}
+    for layer in range(layers):
+        for kind in ("key", "value"):
+            assert f"past.{layer}.{kind}" in inputs and f"present.{layer}.{kind}" in outputs
+    assert {"input_ids", "attention_mask", "position_ids"} <= inputs and "logits" in outputs
+    prefill = onnx.load(str(folder / "prefill.onnx"), load_external_data=False)
+    assert not any(i.name.startswith("past.") for i in prefill.graph.input)
+    assert "attention_mask" in {i.name for i in prefill.graph.input}
+    assert cache_name("input.cache.layers.3.values", "decode") == "past.3.value"
+    assert cache_name("cache.layers.0.keys", "prefill") == "present.0.key"
+    assert cache_name("logits", "decode") is None
+
+
+def test_greedy_tokens_and_logits_match_pytorch_on_a_padded_batch(
+    exported: tuple[Any, Path],
+) -> None:
+    model, folder = exported
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, new_tokens=12)
+    figures = compare_generation(OrtGenerator(folder), reference, ids, mask)
+    assert figures["token_match"] == 1.0 and figures["sequence_match"] == 1.0
+    assert figures["first_divergence"] == [None] * 4
+    assert figures["max_logits_error"] < 1e-4
+
+
+def test_padding_does_not_change_a_prompt_s_continuation(exported: tuple[Any, Path]) -> None:
+    """Row 3 of the padded batch, generated alone without padding, gives the same tokens."""
+    _, folder = exported
+    ids, mask = prompts()
+    generator = OrtGenerator(folder)
+    batch = generator.generate(ids, mask, new_tokens=8)
+    real = mask[3].astype(bool)
+    alone = generator.generate(ids[3:4, real], mask[3:4, real], new_tokens=8)
+    assert (alone.tokens[0] == batch.tokens[3]).all()
+    np.testing.assert_allclose(alone.logits[-1][0], batch.logits[-1][3], atol=1e-4)
+
+
+def test_a_broken_decode_graph_is_caught(exported: tuple[Any, Path], tmp_path: Path) -> None:
+    """The check can fail: decode steps that ignore the padding (an all-ones mask) attend to
+    the pad tokens, and the padded rows' logits move far beyond the healthy error."""
+    model, folder = exported
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, new_tokens=6)
+    healthy = compare_generation(OrtGenerator(folder), reference, ids, mask)
+
+    class Unmasked(OrtGenerator):
+        def _feed(self, runner: Any, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            fed = super()._feed(runner, values)
+            if runner is self.decode and "attention_mask" in fed:
+                fed["attention_mask"] = np.ones_like(fed["attention_mask"])
+            return fed
+
+    broken = compare_generation(Unmasked(folder), reference, ids, mask)
+    assert broken["max_logits_error"] > 100 * max(healthy["max_logits_error"], 1e-7)
+
+
+def test_positions_count_real_tokens_only() -> None:
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
