@@ -134,3 +134,44 @@ def test_a_broken_decode_graph_is_caught(exported: tuple[Any, Path], tmp_path: P
 def test_positions_count_real_tokens_only() -> None:
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert positions(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_decoders_generate_close_to_pytorch(
+    exported: tuple[Any, Path], method: str, tmp_path: Path
+) -> None:
+    from pipeline.decoders.quantize import quantize_decoder
+
+    model, folder = exported
+    stats = quantize_decoder(folder, tmp_path / method, method)  # type: ignore[arg-type]
+    for graph in ("prefill", "decode"):
+        # Every projection and the LM head (GPT-2's Gemm projections rewritten first).
+        assert stats[graph]["quantized"] == stats[graph]["weight_matmuls"] >= 4 * 2
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, new_tokens=12)
+    figures = compare_generation(OrtGenerator(tmp_path / method), reference, ids, mask)
+    spread = float(np.std(np.concatenate(reference.logits)))
+    if method == "int8":
+        assert figures["token_match"] == 1.0
+        assert figures["mean_logits_error"] < 0.02 * spread
+    else:
+        # 4-bit weights of a random tiny model: an error of a tenth of the logits' spread.
+        assert 0 < figures["mean_logits_error"] < 0.2 * spread
+
+
+def test_gemm_rewrite_is_exact(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from pipeline.decoders.quantize import gemm_to_matmul
+
+    model = tiny("gpt2")
+    folder = export_decoder(model, tmp_path / "gpt2").folder
+    graph = onnx.load(str(folder / "prefill.onnx"))
+    assert gemm_to_matmul(graph) == 8  # 4 projections per layer, 2 layers
+    assert not any(n.op_type == "Gemm" for n in graph.graph.node)
+    onnx.save(graph, str(tmp_path / "rewritten.onnx"))
+    ids, mask = prompts()
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.cumsum(mask, 1) - 1}
+    before = ort.InferenceSession(str(folder / "prefill.onnx")).run(["logits"], feed)[0]
+    after = ort.InferenceSession(str(tmp_path / "rewritten.onnx")).run(["logits"], feed)[0]
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)

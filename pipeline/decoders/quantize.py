@@ -1,0 +1,144 @@
+"""Weight quantization of a decoder's prefill and decode graphs.
+
+* ``int8``: ONNX Runtime's dynamic quantization (INT8 weights per output channel, activations
+  quantized per call) of every MatMul with a constant weight;
+* ``int4``: ONNX Runtime's ``MatMulNBits`` weight-only quantization (round-to-nearest, symmetric,
+  blocks of ``block_size`` along the input dimension); activations stay float.
+
+Both quantizers act on ``MatMul`` only, and GPT-2's exported projections are ``Gemm`` nodes
+(its Conv1D is ``addmm``); those are first rewritten as ``MatMul`` + ``Add`` when they are a plain
+``A @ B + C`` (no transposes, alpha = beta = 1), which is exact. The two graphs are quantized
+independently with the same settings; their weights are the same, so their errors are too.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.decoders.export import DECODE, PREFILL
+from pipeline.errors import PreconditionError
+
+log = logging.getLogger(__name__)
+
+
+def gemm_to_matmul(model: Any) -> int:
+    """Rewrite ``Gemm(A, B, C)`` with a constant B, no transposes and unit scales as
+    ``Add(MatMul(A, B), C)``, in place. Returns how many were rewritten."""
+    from onnx import helper
+
+    constants = {i.name for i in model.graph.initializer}
+    nodes = []
+    rewritten = 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = (
+            node.op_type == "Gemm"
+            and node.input[1] in constants
+            and attrs.get("transA", 0) == 0
+            and attrs.get("transB", 0) == 0
+            and attrs.get("alpha", 1.0) == 1.0
+            and attrs.get("beta", 1.0) == 1.0
+        )
+        if not plain:
+            nodes.append(node)
+            continue
+        product = f"{node.output[0]}_matmul"
+        nodes.append(
+            helper.make_node(
+                "MatMul", [node.input[0], node.input[1]], [product], name=f"{node.name}_MatMul"
+            )
+        )
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(
+                helper.make_node(
+                    "Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_Add"
+                )
+            )
+        else:
+            nodes[-1].output[0] = node.output[0]
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
+
+
+def _weight_matmuls(model: Any) -> int:
+    constants = {i.name for i in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants)
+
+
+def _quantize_graph(
+    source: Path, target: Path, method: Literal["int8", "int4"], block_size: int
+) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from pipeline.stages.quantize import quiet_quantizer
+
+    model = onnx.load(str(source))
+    gemms = gemm_to_matmul(model)
+    weights = _weight_matmuls(model)
+    if weights == 0:
+        raise PreconditionError(f"{source.name} has no MatMul with a constant weight to quantize")
+    data = target.name + ".data"
+    with quiet_quantizer():
+        if method == "int8":
+            staged = target.with_suffix(".float.onnx")
+            onnx.save(
+                model, str(staged), save_as_external_data=True, location=staged.name + ".data"
+            )
+            quantize_dynamic(
+                str(staged),
+                str(target),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"],
+                use_external_data_format=True,
+            )
+            staged.unlink()
+            (staged.parent / (staged.name + ".data")).unlink()
+        else:
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                MatMulNBitsQuantizer,
+                RTNWeightOnlyQuantConfig,
+            )
+
+            quantizer = MatMulNBitsQuantizer(
+                model,
+                bits=4,
+                block_size=block_size,
+                is_symmetric=True,
+                algo_config=RTNWeightOnlyQuantConfig(),
+            )
+            quantizer.process()
+            onnx.save(quantizer.model.model, str(target), save_as_external_data=True, location=data)
+    quantized = onnx.load(str(target), load_external_data=False)
+    ops = [n.op_type for n in quantized.graph.node]
+    made = (
+        sum(ops.count(op) for op in ("MatMulInteger", "DynamicQuantizeMatMul"))
+        if method == "int8"
+        else ops.count("MatMulNBits")
+    )
+    return {"weight_matmuls": weights, "quantized": made, "gemm_rewritten": gemms}
+
+
+def quantize_decoder(
+    source: Path, out: Path, method: Literal["int8", "int4"], block_size: int = 32
+) -> dict[str, Any]:
+    """Quantize both graphs of the decoder in ``source`` into ``out`` (config files copied)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for name in (PREFILL, DECODE):
+        stats[name.removesuffix(".onnx")] = _quantize_graph(
+            source / name, out / name, method, block_size
+        )
+    for item in source.iterdir():
+        if item.suffix == ".json":
+            shutil.copyfile(item, out / item.name)
+    short = [g for g, s in stats.items() if s["quantized"] < s["weight_matmuls"]]
+    if short:
+        log.warning("decoder %s: not every weight MatMul was quantized in %s", method, short)
+    return stats
