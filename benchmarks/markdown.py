@@ -163,6 +163,42 @@ def compare_noise_section(noise: dict[str, Any]) -> list[str]:
     return lines
 
 
+def decoders_section(d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Decoders: {d['model']}",
+        "",
+        f"Produced by `{d['command']}`: greedy generation, a {d['prompt']}-token prompt and "
+        f"{d['new_tokens']} new tokens, {d['threads']} threads, {d['reps']} interleaved repetitions. "
+        "TTFT is the prefill; per-token figures are decode steps; speed-up is decode tokens/s "
+        "over PyTorch eager's. Random weights: the latency is the model's, the agreement is "
+        "indicative only.",
+        "",
+        "| batch | contender | TTFT ms | token p50 ms | token p99 ms | decode tokens/s | speed-up | size MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for batch, contenders in d["latency"].items():
+        base = contenders["pytorch"]["decode_tokens_per_s"]
+        for name, r in contenders.items():
+            lines.append(
+                f"| {batch} | {name} | {r['ttft_ms']:.1f} | {r['token_p50_ms']:.2f} "
+                f"| {r['token_p99_ms']:.2f} | {r['decode_tokens_per_s']:.1f} "
+                f"| {r['decode_tokens_per_s'] / base:.2f}x | {d['size_mb'].get(name, '–')} |"
+            )
+    lines += [
+        "",
+        "Greedy agreement with PyTorch: "
+        + ", ".join(
+            f"{name} token match {a['token_match']:.3f} (whole continuations {a['sequence_match']:.3f})"
+            for name, a in d["agreement"].items()
+        )
+        + f". Export {d['seconds']['export']} s; quantization "
+        + ", ".join(f"{k.split('-')[1]} {v} s" for k, v in d["seconds"].items() if k != "export")
+        + ".",
+        "",
+    ]
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     machine = results["machine"]
     hw, versions, peaks = machine["hardware"], machine["versions"], machine["peaks"]
@@ -276,6 +312,8 @@ def render(results: dict[str, Any]) -> str:
         lines += calibration_section(results["calibration"])
     if results.get("compare_noise"):
         lines += compare_noise_section(results["compare_noise"])
+    if results.get("decoders"):
+        lines += decoders_section(results["decoders"])
 
     lines += [
         "## The floor",

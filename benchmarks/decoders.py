@@ -1,0 +1,230 @@
+"""Decoder benchmark: GPT-2-small-sized generation, ONNX Runtime (FP32, INT8, INT4) beside PyTorch eager.
+
+No decoder with trained weights is available offline here, so the model is GPT-2 small's
+architecture (12 layers, 768 hidden, 50257 vocabulary, 124M parameters) with seeded random
+weights: latency does not depend on the weight values; agreement with PyTorch on random weights
+is reported, but says less than it would on a trained model (random logits are flat, so 4-bit
+rounding flips more argmaxes than it would on a trained model).
+
+Per contender, batch 1 and 8, a 32-token prompt and 32 new tokens, greedy: time to first token
+(the prefill), the per-token decode latency (p50/p99 over every step of every repetition) and
+decode tokens/s (batch x steps / decode time). Contenders alternate, repetition by repetition,
+in one process with the same threads.
+
+    python -m benchmarks.decoders            # about 5 minutes on 2 cores
+
+Writes the "decoders" entry of benchmarks/results.json and re-renders BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "benchmarks"
+
+
+def gpt2_small() -> Any:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config()).eval()
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(batch, length)).astype(np.int64)
+    return ids, np.ones_like(ids)
+
+
+class TorchDecoder:
+    """PyTorch eager with transformers' cache: the same prefill / decode-step split as ONNX."""
+
+    name = "pytorch"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def generate(
+        self, ids: np.ndarray, mask: np.ndarray, new: int
+    ) -> tuple[np.ndarray, list[float]]:
+        import torch
+
+        times = []
+        tokens = []
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                use_cache=True,
+            )
+            times.append(time.perf_counter() - start)
+            attention = torch.from_numpy(mask)
+            for step in range(new):
+                token = out.logits[:, -1, :].argmax(-1, keepdim=True)
+                tokens.append(token.numpy()[:, 0])
+                if step == new - 1:
+                    break
+                attention = torch.cat([attention, torch.ones_like(token)], dim=1)
+                start = time.perf_counter()
+                out = self.model(
+                    input_ids=token,
+                    attention_mask=attention,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+                times.append(time.perf_counter() - start)
+        return np.stack(tokens, axis=1), times
+
+
+class OrtDecoder:
+    def __init__(self, name: str, folder: Path, threads: int) -> None:
+        from pipeline.decoders import OrtGenerator
+
+        self.name = name
+        self.generator = OrtGenerator(folder, threads=threads)
+
+    def generate(
+        self, ids: np.ndarray, mask: np.ndarray, new: int
+    ) -> tuple[np.ndarray, list[float]]:
+        from pipeline.decoders.generate import positions
+
+        g = self.generator
+        times = []
+        tokens = []
+        values = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+        start = time.perf_counter()
+        out = g.prefill.run(g._feed(g.prefill, values))
+        times.append(time.perf_counter() - start)
+        for step in range(new):
+            token = np.argmax(out["logits"][:, -1, :], axis=-1)
+            tokens.append(token)
+            if step == new - 1:
+                break
+            mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+            values = {
+                "input_ids": token[:, None].astype(np.int64),
+                "attention_mask": mask,
+                "position_ids": (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64),
+            }
+            for layer in range(g.layers):
+                for kind in ("key", "value"):
+                    values[f"past.{layer}.{kind}"] = out[f"present.{layer}.{kind}"]
+            start = time.perf_counter()
+            out = g.decode.run(g._feed(g.decode, values))
+            times.append(time.perf_counter() - start)
+        return np.stack(tokens, axis=1), times
+
+
+def measure(
+    contenders: list[Any], batch: int, length: int, new: int, reps: int, vocab: int
+) -> dict[str, Any]:
+    ids, mask = prompts(batch, length, vocab, seed=batch)
+    ttft: dict[str, list[float]] = {c.name: [] for c in contenders}
+    steps: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for c in contenders:  # warm-up
+        c.generate(ids, mask, 4)
+    for _ in range(reps):
+        for c in contenders:
+            _, times = c.generate(ids, mask, new)
+            ttft[c.name].append(times[0])
+            steps[c.name] += times[1:]
+    out = {}
+    for c in contenders:
+        per_token = np.asarray(steps[c.name]) * 1000
+        out[c.name] = {
+            "ttft_ms": round(float(np.median(ttft[c.name])) * 1000, 3),
+            "token_p50_ms": round(float(np.percentile(per_token, 50)), 3),
+            "token_p99_ms": round(float(np.percentile(per_token, 99)), 3),
+            "decode_tokens_per_s": round(batch * 1000 / float(np.mean(per_token)), 2),
+        }
+    return out
+
+
+def agreement(
+    contenders: list[Any], prompts_n: int, length: int, new: int, vocab: int
+) -> dict[str, Any]:
+    """Greedy tokens of each ONNX contender against PyTorch's, over ``prompts_n`` prompts."""
+    ids, mask = prompts(prompts_n, length, vocab, seed=99)
+    reference, _ = contenders[0].generate(ids, mask, new)
+    result = {}
+    for c in contenders[1:]:
+        tokens, _ = c.generate(ids, mask, new)
+        same = tokens == reference
+        result[c.name] = {
+            "token_match": round(float(same.mean()), 4),
+            "sequence_match": round(float(same.all(axis=1).mean()), 4),
+        }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=16, help="Prompts for token agreement.")
+    args = parser.parse_args()
+
+    import torch
+
+    from pipeline.decoders import export_decoder
+    from pipeline.decoders.quantize import quantize_decoder
+
+    torch.set_num_threads(args.threads)
+    model = gpt2_small()
+    vocab = int(model.config.vocab_size)
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="decoders-bench-") as work:
+        root = Path(work)
+        start = time.perf_counter()
+        graphs = export_decoder(model, root / "fp32")
+        seconds["export"] = round(time.perf_counter() - start, 1)
+        contenders: list[Any] = [
+            TorchDecoder(model),
+            OrtDecoder("ort-fp32", graphs.folder, args.threads),
+        ]
+        sizes = {"ort-fp32": sum(f.stat().st_size for f in graphs.folder.iterdir())}
+        for method in ("int8", "int4"):
+            start = time.perf_counter()
+            quantize_decoder(graphs.folder, root / method, method)  # type: ignore[arg-type]
+            seconds[f"quantize-{method}"] = round(time.perf_counter() - start, 1)
+            contenders.append(OrtDecoder(f"ort-{method}", root / method, args.threads))
+            sizes[f"ort-{method}"] = sum(f.stat().st_size for f in (root / method).iterdir())
+        results = {
+            "command": "python -m benchmarks.decoders",
+            "model": "GPT-2 small architecture, random weights (124M parameters)",
+            "threads": args.threads,
+            "prompt": args.prompt,
+            "new_tokens": args.new,
+            "reps": args.reps,
+            "seconds": seconds,
+            "size_mb": {k: round(v / 1e6, 1) for k, v in sizes.items()},
+            "latency": {
+                f"b{batch}": measure(contenders, batch, args.prompt, args.new, args.reps, vocab)
+                for batch in (1, 8)
+            },
+            "agreement": agreement(contenders, args.prompts, args.prompt, args.new, vocab),
+        }
+    print(json.dumps(results, indent=1))
+    path = HERE / "results.json"
+    stored = json.loads(path.read_text())
+    stored["decoders"] = results
+    path.write_text(json.dumps(stored, indent=1) + "\n")
+    from benchmarks.markdown import render
+
+    (ROOT / "BENCHMARKS.md").write_text(render(stored))
+
+
+if __name__ == "__main__":
+    main()
