@@ -4,13 +4,22 @@ verification against PyTorch (per-step logits, greedy tokens).
 """
 
 from pipeline.decoders.export import DecoderGraphs, export_decoder
-from pipeline.decoders.generate import OrtGenerator, greedy_reference
+from pipeline.decoders.generate import (
+    OrtGenerator,
+    Sampling,
+    greedy_reference,
+    perplexity,
+    sampled_reference,
+)
 from pipeline.decoders.verify import compare_generation
 
 __all__ = [
     "DecoderGraphs",
     "OrtGenerator",
+    "Sampling",
     "compare_generation",
     "export_decoder",
     "greedy_reference",
+    "perplexity",
+    "sampled_reference",
 ]

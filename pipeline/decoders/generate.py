@@ -25,6 +25,39 @@ class Generation:
     logits: list[np.ndarray]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding with a fixed seed: temperature, then the ``top_k`` most likely tokens.
+
+    The draw uses NumPy's seeded generator on float64 probabilities, so two runtimes whose
+    logits agree closely draw the same tokens from the same seed.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
+
+
+def choose(
+    logits: np.ndarray, sampling: Sampling | None, rng: np.random.Generator | None
+) -> np.ndarray:
+    """The next token per row: argmax, or a seeded draw from the top-k softmax."""
+    if sampling is None or rng is None:
+        return np.argmax(logits, axis=-1)
+    scaled = logits.astype(np.float64) / max(sampling.temperature, 1e-6)
+    k = min(sampling.top_k, scaled.shape[-1])
+    top = np.argsort(-scaled, axis=-1, kind="stable")[:, :k]
+    picked = np.take_along_axis(scaled, top, axis=-1)
+    probs = np.exp(picked - picked.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    draws = rng.random(len(logits))
+    index = np.minimum((np.cumsum(probs, axis=-1) < draws[:, None]).sum(axis=-1), k - 1)
+    return top[np.arange(len(top)), index]
+
+
 def positions(mask: np.ndarray) -> np.ndarray:
     """Position ids of a left-padded batch: real tokens count from 0, padding gets 1."""
     position = np.cumsum(mask, axis=1) - 1
@@ -45,7 +78,12 @@ class OrtGenerator:
         return {name: values[name] for name in runner.input_names}
 
     def step_logits(
-        self, ids: np.ndarray, mask: np.ndarray, forced: np.ndarray | None, new_tokens: int
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        forced: np.ndarray | None,
+        new_tokens: int,
+        sampling: Sampling | None = None,
     ) -> Generation:
         """Generate ``new_tokens`` greedily; with ``forced`` (``[batch, new_tokens]``), feed
         those tokens instead of the argmax (teacher forcing: the logits of each step are then
@@ -58,10 +96,11 @@ class OrtGenerator:
         out = self.prefill.run(self._feed(self.prefill, values))
         tokens, steps = [], []
         mask = mask.astype(np.int64)
+        rng = sampling.rng() if sampling is not None else None
         for step in range(new_tokens):
             logits = out["logits"][:, -1, :]
             steps.append(logits)
-            chosen = np.argmax(logits, axis=-1) if forced is None else forced[:, step]
+            chosen = choose(logits, sampling, rng) if forced is None else forced[:, step]
             tokens.append(chosen)
             if step == new_tokens - 1:
                 break
@@ -77,8 +116,75 @@ class OrtGenerator:
             out = self.decode.run(self._feed(self.decode, values))
         return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
 
-    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> Generation:
-        return self.step_logits(ids, mask, None, new_tokens)
+    def generate(
+        self, ids: np.ndarray, mask: np.ndarray, new_tokens: int, sampling: Sampling | None = None
+    ) -> Generation:
+        return self.step_logits(ids, mask, None, new_tokens, sampling)
+
+    def token_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Logits at every position of the prompt (the prefill graph alone)."""
+        values = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+        return self.prefill.run(self._feed(self.prefill, values))["logits"]
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> float:
+    """exp(mean negative log-likelihood) of each next real token given the ones before it."""
+    shifted = logits[:, :-1].astype(np.float64)
+    targets = ids[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).astype(bool)
+    top = shifted.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(shifted - top).sum(axis=-1)) + top[..., 0]
+    picked = np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+    return float(np.exp(np.mean((log_z - picked)[valid])))
+
+
+def torch_token_logits(model: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """PyTorch's logits at every position of a (left-padded) batch."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(
+            input_ids=torch.from_numpy(ids.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            position_ids=torch.from_numpy(positions(mask)),
+        )
+    return out.logits.float().numpy()
+
+
+def sampled_reference(
+    model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int, sampling: Sampling
+) -> Generation:
+    """PyTorch with the same sampler and seed as :class:`OrtGenerator` (transformers' own
+    sampler draws from torch's generator, which no other runtime reproduces)."""
+    import torch
+
+    rng = sampling.rng()
+    tokens, steps = [], []
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+    mask_np = mask.astype(np.int64)
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids_t,
+            attention_mask=torch.from_numpy(mask_np),
+            position_ids=torch.from_numpy(positions(mask_np)),
+            use_cache=True,
+        )
+        for step in range(new_tokens):
+            logits = out.logits[:, -1, :].float().numpy()
+            steps.append(logits)
+            chosen = choose(logits, sampling, rng)
+            tokens.append(chosen)
+            if step == new_tokens - 1:
+                break
+            mask_np = np.concatenate([mask_np, np.ones((len(mask_np), 1), dtype=np.int64)], 1)
+            out = model(
+                input_ids=torch.from_numpy(chosen[:, None].astype(np.int64)),
+                attention_mask=torch.from_numpy(mask_np),
+                position_ids=torch.from_numpy(mask_np.sum(1, keepdims=True) - 1),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+    return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
 
 
 def greedy_reference(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> Generation:
