@@ -122,33 +122,9 @@ class OrtDecoder:
     def generate(
         self, ids: np.ndarray, mask: np.ndarray, new: int
     ) -> tuple[np.ndarray, list[float]]:
-        from pipeline.decoders.generate import positions
-
-        g = self.generator
-        times = []
-        tokens = []
-        values = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
-        start = time.perf_counter()
-        out = g.prefill.run(g._feed(g.prefill, values))
-        times.append(time.perf_counter() - start)
-        for step in range(new):
-            token = np.argmax(out["logits"][:, -1, :], axis=-1)
-            tokens.append(token)
-            if step == new - 1:
-                break
-            mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
-            values = {
-                "input_ids": token[:, None].astype(np.int64),
-                "attention_mask": mask,
-                "position_ids": (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64),
-            }
-            for layer in range(g.layers):
-                for kind in ("key", "value"):
-                    values[f"past.{layer}.{kind}"] = out[f"present.{layer}.{kind}"]
-            start = time.perf_counter()
-            out = g.decode.run(g._feed(g.decode, values))
-            times.append(time.perf_counter() - start)
-        return np.stack(tokens, axis=1), times
+        times: list[float] = []
+        result = self.generator.step_logits(ids, mask, None, new, times=times)
+        return result.tokens, times
 
 
 def measure(

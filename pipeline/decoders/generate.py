@@ -8,6 +8,7 @@ does), and every decode step appends a 1 to the mask. The reference is PyTorch's
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,16 +85,26 @@ class OrtGenerator:
         forced: np.ndarray | None,
         new_tokens: int,
         sampling: Sampling | None = None,
+        times: list[float] | None = None,
     ) -> Generation:
         """Generate ``new_tokens`` greedily; with ``forced`` (``[batch, new_tokens]``), feed
         those tokens instead of the argmax (teacher forcing: the logits of each step are then
-        comparable with another runtime's even after their tokens diverge)."""
+        comparable with another runtime's even after their tokens diverge). ``times``, when
+        given, receives the seconds of each graph call (the prefill first)."""
+
+        def timed(runner: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            start = time.perf_counter()
+            out = runner.run(feed)
+            if times is not None:
+                times.append(time.perf_counter() - start)
+            return out
+
         values: dict[str, np.ndarray] = {
             "input_ids": ids.astype(np.int64),
             "attention_mask": mask.astype(np.int64),
             "position_ids": positions(mask),
         }
-        out = self.prefill.run(self._feed(self.prefill, values))
+        out = timed(self.prefill, self._feed(self.prefill, values))
         tokens, steps = [], []
         mask = mask.astype(np.int64)
         rng = sampling.rng() if sampling is not None else None
@@ -113,7 +124,7 @@ class OrtGenerator:
             for layer in range(self.layers):
                 for kind in ("key", "value"):
                     values[f"past.{layer}.{kind}"] = out[f"present.{layer}.{kind}"]
-            out = self.decode.run(self._feed(self.decode, values))
+            out = timed(self.decode, self._feed(self.decode, values))
         return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
 
     def generate(

@@ -206,3 +206,17 @@ def test_perplexity_matches_pytorch(exported: tuple[Any, Path]) -> None:
     # A random model over 211 tokens is close to uniform: perplexity near the vocabulary size.
     assert 150 < theirs < 300
     assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_the_benchmark_times_every_graph_call(exported: tuple[Any, Path]) -> None:
+    from benchmarks.decoders import OrtDecoder, TorchDecoder
+
+    model, folder = exported
+    ids, mask = prompts()
+    tokens, times = OrtDecoder("ort", folder, threads=1).generate(ids, mask, 5)
+    assert len(times) == 5 and all(t > 0 for t in times)  # the prefill and 4 decode steps
+    assert (tokens == OrtGenerator(folder).generate(ids, mask, 5).tokens).all()
+    # The benchmark's PyTorch loop (transformers' cache) agrees with generate on unpadded rows.
+    full = mask.all(axis=1)
+    eager, eager_times = TorchDecoder(model).generate(ids[full], mask[full], 5)
+    assert len(eager_times) == 5 and (eager == tokens[full]).all()
