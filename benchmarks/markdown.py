@@ -196,7 +196,9 @@ def decoders_section(d: dict[str, Any]) -> list[str]:
             for name, a in d["agreement"].items()
         )
         + f". Export {d['seconds']['export']} s; quantization "
-        + ", ".join(f"{k.split('-')[1]} {v} s" for k, v in d["seconds"].items() if k != "export")
+        + ", ".join(
+            f"{k.removeprefix('quantize-')} {v} s" for k, v in d["seconds"].items() if k != "export"
+        )
         + ".",
         "",
     ]

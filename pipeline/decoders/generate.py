@@ -192,7 +192,7 @@ def sampled_reference(
                 input_ids=torch.from_numpy(chosen[:, None].astype(np.int64)),
                 attention_mask=torch.from_numpy(mask_np),
                 position_ids=torch.from_numpy(mask_np.sum(1, keepdims=True) - 1),
-                past_key_values=out.past_key_values,
+                cache=out.cache,  # transformers 5: `past_key_values` is a deprecated alias
                 use_cache=True,
             )
     return Generation(tokens=np.stack(tokens, axis=1), logits=steps)

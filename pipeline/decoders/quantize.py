@@ -2,8 +2,10 @@
 
 * ``int8``: ONNX Runtime's dynamic quantization (INT8 weights per output channel, activations
   quantized per call) of every MatMul with a constant weight;
-* ``int4``: ONNX Runtime's ``MatMulNBits`` weight-only quantization (round-to-nearest, symmetric,
-  blocks of ``block_size`` along the input dimension); activations stay float.
+* ``int8-weight`` and ``int4``: ONNX Runtime's ``MatMulNBits`` weight-only quantization
+  (round-to-nearest, symmetric, blocks of ``block_size`` along the input dimension) with 8- or
+  4-bit weights; activations stay float, which is what keeps small Llama-family models accurate
+  (their activations have outlier channels that a per-call INT8 activation scale cannot hold).
 
 Both quantizers act on ``MatMul`` only, and GPT-2's exported projections are ``Gemm`` nodes
 (its Conv1D is ``addmm``); those are first rewritten as ``MatMul`` + ``Add`` when they are a plain
@@ -70,9 +72,11 @@ def _weight_matmuls(model: Any) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants)
 
 
-def _quantize_graph(
-    source: Path, target: Path, method: Literal["int8", "int4"], block_size: int
-) -> dict[str, Any]:
+Method = Literal["int8", "int8-weight", "int4"]
+METHODS: tuple[str, ...] = ("int8", "int8-weight", "int4")
+
+
+def _quantize_graph(source: Path, target: Path, method: Method, block_size: int) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -101,17 +105,15 @@ def _quantize_graph(
             staged.unlink()
             (staged.parent / (staged.name + ".data")).unlink()
         else:
-            from onnxruntime.quantization.matmul_nbits_quantizer import (
-                MatMulNBitsQuantizer,
-                RTNWeightOnlyQuantConfig,
-            )
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+            # The default algorithm is blockwise round-to-nearest and honours bits, block size
+            # and symmetry (the RTN config object would apply its own settings instead).
             quantizer = MatMulNBitsQuantizer(
                 model,
-                bits=4,
+                bits=8 if method == "int8-weight" else 4,
                 block_size=block_size,
                 is_symmetric=True,
-                algo_config=RTNWeightOnlyQuantConfig(),
             )
             quantizer.process()
             onnx.save(quantizer.model.model, str(target), save_as_external_data=True, location=data)
@@ -126,7 +128,7 @@ def _quantize_graph(
 
 
 def quantize_decoder(
-    source: Path, out: Path, method: Literal["int8", "int4"], block_size: int = 32
+    source: Path, out: Path, method: Method, block_size: int = 32
 ) -> dict[str, Any]:
     """Quantize both graphs of the decoder in ``source`` into ``out`` (config files copied)."""
     out.mkdir(parents=True, exist_ok=True)

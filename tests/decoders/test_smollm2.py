@@ -79,10 +79,12 @@ def test_smollm2_perplexity_and_its_quantized_variants(
     reference = perplexity(torch_token_logits(model, ids, mask), ids, mask)
     fp32 = perplexity(OrtGenerator(folder).token_logits(ids, mask), ids, mask)
     assert fp32 == pytest.approx(reference, rel=1e-4)
-    # Quantized: measured 1.8x (INT8 dynamic) and 1.4x (INT4 RTN) the reference perplexity on
-    # 64 texts (BENCHMARKS.md) — a real loss, bounded here so a broken quantization (perplexity
-    # towards the 49152-token vocabulary) fails.
-    for method in ("int8", "int4"):
+    # Quantized, measured on 64 texts (BENCHMARKS.md): INT8 dynamic 1.77x the reference
+    # perplexity and INT4 weight-only 1.27x — real losses, bounded here so a broken
+    # quantization (perplexity towards the 49152-token vocabulary) fails; 8-bit weight-only
+    # +0.25%, held to 2%.
+    bounds = {"int8": 3.0, "int4": 3.0, "int8-weight": 1.02}
+    for method, bound in bounds.items():
         quantize_decoder(folder, tmp_path / method, method)  # type: ignore[arg-type]
         value = perplexity(OrtGenerator(tmp_path / method).token_logits(ids, mask), ids, mask)
-        assert reference < value < 3 * reference, (method, value, reference)
+        assert reference < value < bound * reference, (method, value, reference)
