@@ -13,7 +13,10 @@ padded batches.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,10 +98,16 @@ def sample_inputs(vocab_size: int, batch: int = 2, length: int = 8) -> dict[str,
 
 
 def export_decoder(model: Any, out: Path, opset: int | None = None) -> DecoderGraphs:
-    """Export ``model`` (a ``*ForCausalLM`` in eval mode) into ``out``."""
+    """Export ``model`` (a ``*ForCausalLM`` in eval mode) into ``out`` (absent or empty).
+
+    The graphs are written and renamed in a temporary folder beside ``out``, which becomes
+    ``out`` only when both are complete: a failed export leaves nothing half-written.
+    """
     from transformers.exporters import OnnxConfig, OnnxExporter
 
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} is not empty", "export a decoder into a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
     sample = {**sample_inputs(int(model.config.vocab_size)), "max_new_tokens": 3}
     try:
         exported = OnnxExporter().export_for_generation(
@@ -114,9 +123,16 @@ def export_decoder(model: Any, out: Path, opset: int | None = None) -> DecoderGr
         raise ExportError(
             f"expected prefill and decode graphs, the exporter made {sorted(exported.components)}"
         )
-    exported.save_pretrained(str(out))
-    prefill = _rename(out / PREFILL, "prefill")
-    decode = _rename(out / DECODE, "decode")
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        exported.save_pretrained(str(work))
+        prefill = _rename(work / PREFILL, "prefill")
+        decode = _rename(work / DECODE, "decode")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return DecoderGraphs(
         folder=out,
         layers=int(model.config.num_hidden_layers),

@@ -90,20 +90,24 @@ def _quantize_graph(source: Path, target: Path, method: Method, block_size: int)
     data = target.name + ".data"
     with quiet_quantizer():
         if method == "int8":
+            # ORT's dynamic quantizer reads a file: the rewritten float graph, staged beside the
+            # target and removed whether or not quantizing succeeds.
             staged = target.with_suffix(".float.onnx")
-            onnx.save(
-                model, str(staged), save_as_external_data=True, location=staged.name + ".data"
-            )
-            quantize_dynamic(
-                str(staged),
-                str(target),
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul"],
-                use_external_data_format=True,
-            )
-            staged.unlink()
-            (staged.parent / (staged.name + ".data")).unlink()
+            try:
+                onnx.save(
+                    model, str(staged), save_as_external_data=True, location=staged.name + ".data"
+                )
+                quantize_dynamic(
+                    str(staged),
+                    str(target),
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul"],
+                    use_external_data_format=True,
+                )
+            finally:
+                staged.unlink(missing_ok=True)
+                (staged.parent / (staged.name + ".data")).unlink(missing_ok=True)
         else:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -204,6 +204,20 @@ def _environment_warnings(base: Report, cand: Report, t: Thresholds) -> list[str
     return warnings
 
 
+def _variant_delta(name: str, status: Literal["missing", "new"], note: str) -> Delta:
+    """A variant present on one side only."""
+    return Delta(
+        variant=name,
+        metric="variant",
+        baseline=None,
+        candidate=None,
+        change=None,
+        limit=None,
+        status=status,
+        note=note,
+    )
+
+
 def compare(baseline: Report, candidate: Report, thresholds: Thresholds) -> Comparison:
     """Every figure of every variant the two builds share, with its verdict."""
     warnings = _environment_warnings(baseline, candidate, thresholds)
@@ -216,16 +230,7 @@ def compare(baseline: Report, candidate: Report, thresholds: Thresholds) -> Comp
         cand = cand_by_name.get(base.name)
         if cand is None:
             deltas.append(
-                Delta(
-                    variant=base.name,
-                    metric="variant",
-                    baseline=None,
-                    candidate=None,
-                    change=None,
-                    limit=None,
-                    status="missing",
-                    note="in the baseline, not in the candidate",
-                )
+                _variant_delta(base.name, "missing", "in the baseline, not in the candidate")
             )
             continue
         deltas += _accuracy_deltas(base, cand, thresholds)
@@ -233,18 +238,7 @@ def compare(baseline: Report, candidate: Report, thresholds: Thresholds) -> Comp
         deltas += _size_delta(base, cand, thresholds)
     for name in cand_by_name:
         if name not in base_names:
-            deltas.append(
-                Delta(
-                    variant=name,
-                    metric="variant",
-                    baseline=None,
-                    candidate=None,
-                    change=None,
-                    limit=None,
-                    status="new",
-                    note="not in the baseline",
-                )
-            )
+            deltas.append(_variant_delta(name, "new", "not in the baseline"))
     return Comparison(
         baseline_run=baseline.run_id,
         candidate_run=candidate.run_id,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -99,9 +99,9 @@ def _svg(width: float, height: float) -> Iterator[tuple[Figure, io.StringIO]]:
         fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
 
 
-def _render(width: float, height: float, draw: object) -> str:
+def _render(width: float, height: float, draw: Callable[[Figure], None]) -> str:
     with _svg(width, height) as (fig, buffer):
-        draw(fig)  # type: ignore[operator]
+        draw(fig)
     text = buffer.getvalue()
     # Drop the XML prologue and DOCTYPE: the <svg> element is embedded in HTML.
     return text[text.index("<svg") :]

@@ -222,3 +222,15 @@ def test_the_benchmark_times_every_graph_call(exported: tuple[Any, Path]) -> Non
     full = mask.all(axis=1)
     eager, eager_times = TorchDecoder(model).generate(ids[full], mask[full], 5)
     assert len(eager_times) == 5 and (eager == tokens[full]).all()
+
+
+def test_export_refuses_a_used_folder_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    from pipeline.errors import ExportError
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="is not empty"):
+        export_decoder(tiny("gpt2"), used)
+    assert [p.name for p in used.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # no temporary folder left
