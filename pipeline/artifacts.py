@@ -259,6 +259,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: ONNX external-data files: copied, never linked. ``onnx.load`` refuses to read weights
+#: through a hard link or a symbolic link (a guard against link attacks), so a linked data file
+#: would leave both the run's model and the cached one unloadable by onnx.
+COPIED_SUFFIXES = (".data", ".onnx_data")
+
+
 def link_or_copy(source: Path, target: Path) -> None:
     """Place a cached file or folder into a run folder without duplicating bytes when possible."""
     if source.is_dir():
@@ -267,6 +273,9 @@ def link_or_copy(source: Path, target: Path) -> None:
             link_or_copy(file, target / file.relative_to(source))
         return
     target.parent.mkdir(parents=True, exist_ok=True)
+    if source.name.endswith(COPIED_SUFFIXES):
+        shutil.copy2(source, target)
+        return
     try:
         os.link(source, target)
     except OSError:

@@ -108,8 +108,9 @@ def matmul_sensitivity(
     from onnx import numpy_helper
 
     from pipeline.backends.onnxruntime_backend import OrtRunner
+    from pipeline.stages.export import load_onnx
 
-    model = onnx.load(str(model_path))
+    model = load_onnx(model_path)
     weights = {init.name: init for init in model.graph.initializer}
     nodes = [
         n

@@ -95,6 +95,35 @@ def onnx_size(path: Path) -> int:
     return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external)
 
 
+def load_onnx(path: Path) -> Any:
+    """An ONNX model with its external weights read in.
+
+    ``onnx.load`` refuses external data behind a hard link or a symbolic link (a guard against
+    link attacks), and the artifact store hard-links cached files into run folders; the data
+    files tforge wrote itself are read here instead, from the model's own folder only.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    folder = path.parent.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in tensor.external_data}
+        file = (folder / entry["location"]).resolve()
+        if file.parent != folder:
+            raise PreconditionError(
+                f"{path.name}: external data {entry['location']!r} is outside its folder"
+            )
+        with file.open("rb") as handle:
+            handle.seek(int(entry.get("offset", 0)))
+            length = entry.get("length")
+            tensor.raw_data = handle.read(int(length)) if length is not None else handle.read()
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
 def uses_external_data(model: Any) -> bool:
     """Whether an ONNX model (loaded without its weights) keeps weights in a data file."""
     import onnx

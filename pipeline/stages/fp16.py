@@ -23,7 +23,13 @@ from pathlib import Path
 from pipeline.artifacts import Artifact
 from pipeline.errors import PassError
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
-from pipeline.stages.export import MODEL_FILE, graph_stats, require_model_file, uses_external_data
+from pipeline.stages.export import (
+    MODEL_FILE,
+    graph_stats,
+    load_onnx,
+    require_model_file,
+    uses_external_data,
+)
 from pipeline.stages.load import TOKENIZER_FILES
 
 #: Op types kept in float32 by default.
@@ -80,7 +86,7 @@ class Fp16Stage(Stage[Fp16Config]):
         from pipeline.passes.remove_unused import RemoveUnused
 
         source = inputs["model"].path
-        model = onnx.load(str(source / MODEL_FILE))
+        model = load_onnx(source / MODEL_FILE)
         external = uses_external_data(onnx.load(str(source / MODEL_FILE), load_external_data=False))
         with ctx.progress.task("convert to float16", 2) as advance:
             half = convert_float_to_float16(
