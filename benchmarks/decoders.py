@@ -71,53 +71,12 @@ def batch_of(
     return prompts(count, length, vocab, seed)
 
 
-class TorchDecoder:
-    """PyTorch eager with transformers' cache: the same prefill / decode-step split as ONNX."""
+class Decoder:
+    """A contender: a name and a generator (PyTorch eager or ONNX Runtime) that times each call."""
 
-    name = "pytorch"
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def generate(
-        self, ids: np.ndarray, mask: np.ndarray, new: int
-    ) -> tuple[np.ndarray, list[float]]:
-        import torch
-
-        times = []
-        tokens = []
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = self.model(
-                input_ids=torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
-                use_cache=True,
-            )
-            times.append(time.perf_counter() - start)
-            attention = torch.from_numpy(mask)
-            for step in range(new):
-                token = out.logits[:, -1, :].argmax(-1, keepdim=True)
-                tokens.append(token.numpy()[:, 0])
-                if step == new - 1:
-                    break
-                attention = torch.cat([attention, torch.ones_like(token)], dim=1)
-                start = time.perf_counter()
-                out = self.model(
-                    input_ids=token,
-                    attention_mask=attention,
-                    cache=out.cache,  # transformers 5: `past_key_values` is a deprecated alias
-                    use_cache=True,
-                )
-                times.append(time.perf_counter() - start)
-        return np.stack(tokens, axis=1), times
-
-
-class OrtDecoder:
-    def __init__(self, name: str, folder: Path, threads: int) -> None:
-        from pipeline.decoders import OrtGenerator
-
+    def __init__(self, name: str, generator: Any) -> None:
         self.name = name
-        self.generator = OrtGenerator(folder, threads=threads)
+        self.generator = generator
 
     def generate(
         self, ids: np.ndarray, mask: np.ndarray, new: int
@@ -125,6 +84,18 @@ class OrtDecoder:
         times: list[float] = []
         result = self.generator.step_logits(ids, mask, None, new, times=times)
         return result.tokens, times
+
+
+def TorchDecoder(model: Any) -> Decoder:
+    from pipeline.decoders.generate import TorchGenerator
+
+    return Decoder("pytorch", TorchGenerator(model))
+
+
+def OrtDecoder(name: str, folder: Path, threads: int) -> Decoder:
+    from pipeline.decoders import OrtGenerator
+
+    return Decoder(name, OrtGenerator(folder, threads=threads))
 
 
 def measure(

@@ -36,7 +36,7 @@ from pipeline.errors import InputError, RecipeError
 from pipeline.manifest import InputRecord, Manifest
 from pipeline.progress import NullProgress, Progress
 from pipeline.recipe import Recipe, check_name
-from pipeline.recipes import Plan, encoder_pipeline
+from pipeline.recipes import Plan, decoder_pipeline, encoder_pipeline
 from pipeline.report import build_report, render_all
 from pipeline.report.checks import evaluate
 from pipeline.report.compare import Thresholds, confirm_latency
@@ -73,9 +73,24 @@ class BuildOutcome:
         return self.report.passed
 
 
+def checkpoint_input(recipe: Recipe) -> Artifact:
+    """The model the recipe names, checked and hashed: a checkpoint folder's files, or the one
+    GGUF file a decoder package ships."""
+    if not recipe.generates:
+        return checkpoint_artifact(resolve_source(recipe.model.source))
+    from pipeline.decoders.load import resolve_decoder
+
+    path = resolve_decoder(recipe.model.source)
+    if path.is_file():
+        return Artifact.of("checkpoint", path)
+    artifact = checkpoint_artifact(path)
+    if not artifact.size:
+        raise InputError(f"{path} holds no checkpoint files", "pass a save_pretrained folder")
+    return artifact
+
+
 def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
     """The build's own inputs, checked and hashed before any stage runs."""
-    folder = resolve_source(recipe.model.source)
     data = recipe.data
     evaluation = data.evaluation or shipped_data("evaluation")
     # Read the data now: a bad file fails the build before minutes of export. The calibration
@@ -88,7 +103,7 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         limit=data.max_samples,
     )
     inputs = {
-        "checkpoint": checkpoint_artifact(folder),
+        "checkpoint": checkpoint_input(recipe),
         "evaluation": Artifact.of("evaluation", evaluation),
     }
     counts = [
@@ -109,7 +124,10 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
 
 
 def plan_for(recipe: Recipe) -> Plan:
-    return encoder_pipeline(recipe, recipe.latency.threads or environment.default_threads())
+    threads = recipe.latency.threads or environment.default_threads()
+    if recipe.generates:
+        return decoder_pipeline(recipe, threads)
+    return encoder_pipeline(recipe, threads)
 
 
 def _key(step: Step, inputs: dict[str, Artifact]) -> str:
@@ -301,7 +319,7 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     records: list[StageRecord] = []
     for record in run_plan(plan, external, ctx, store, options):
         records.append(record)
-        if record.step == "load":
+        if record.step == "load" and not recipe.generates:
             check_against_checkpoint(recipe, CheckpointInfo.read(store.artifacts(record)["info"]))
     recipe_json = recipe.model_dump(mode="json")
     created = datetime.now(UTC).isoformat(timespec="seconds")

@@ -31,6 +31,7 @@ from rich.table import Table
 from pipeline import __version__
 from pipeline.artifacts import StageRecord, write_text_atomic
 from pipeline.errors import GateFailed, TforgeError
+from pipeline.recipe import TASKS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -121,6 +122,21 @@ def threshold_options(func: F) -> F:
             help="Largest drop of the task metric (absolute).",
         ),
         click.option(
+            "--max-token-match-drop",
+            type=float,
+            default=0.01,
+            show_default=True,
+            help="Decoders: largest drop of the greedy token match with PyTorch (absolute).",
+        ),
+        click.option(
+            "--max-perplexity-increase",
+            type=float,
+            default=0.01,
+            show_default=True,
+            help="Decoders: largest growth of the perplexity increase over PyTorch "
+            "(absolute: 0.01 = one percentage point).",
+        ),
+        click.option(
             "--max-latency-regression",
             type=float,
             default=10.0,
@@ -163,6 +179,8 @@ def threshold_options(func: F) -> F:
                 max_worst_cosine_drop=kwargs.pop("max_worst_cosine_drop"),
                 max_agreement_drop=kwargs.pop("max_agreement_drop"),
                 max_task_metric_drop=kwargs.pop("max_task_drop"),
+                max_token_match_drop=kwargs.pop("max_token_match_drop"),
+                max_perplexity_increase=kwargs.pop("max_perplexity_increase"),
                 max_latency_regression=kwargs.pop("max_latency_regression") / 100,
                 max_size_growth=kwargs.pop("max_size_growth") / 100,
                 latency_basis=kwargs.pop("latency_basis"),
@@ -229,26 +247,19 @@ def cli() -> None:
 
 
 def _print_summary(outcome: Any) -> None:
-    from pipeline.report.markdown import figure
+    from pipeline.report.markdown import accuracy_cells, accuracy_columns
 
     report = outcome.report
     table = Table(title=f"{report.recipe_name}: {report.task}", title_justify="left")
     table.add_column("contender")
-    table.add_column("max abs err", justify="right")
-    table.add_column("mean cos", justify="right")
-    table.add_column("agreement", justify="right")
+    for header, _, _ in accuracy_columns(report):
+        table.add_column(header, justify="right")
     for shape in report.shapes:
         table.add_column(f"{shape} p50 ms", justify="right")
         table.add_column("speed-up", justify="right")
     table.add_column("size MB", justify="right")
     for c in report.contenders:
-        acc = c.accuracy
-        row = [
-            escape(c.name),
-            "ref" if acc is None else figure(acc.get("max_abs_error"), ".2e"),
-            "–" if acc is None else figure(acc.get("mean_cosine"), ".6f"),
-            "–" if acc is None else figure(acc.get("agreement"), ".3f"),
-        ]
+        row = [escape(c.name), *accuracy_cells(report, c)]
         for shape in report.shapes:
             lat = c.latency.get(shape)
             row += (
@@ -293,7 +304,7 @@ def _print_comparison(comparison: Any, quiet: bool) -> None:
 )
 @click.option(
     "--task",
-    type=click.Choice(["feature-extraction", "sequence-classification", "token-classification"]),
+    type=click.Choice(list(TASKS)),
     help="Task; overrides the recipe's.",
 )
 @click.option(
@@ -413,7 +424,7 @@ def _manifest_path(path: Path) -> Path:
 
 
 @cli.command()
-@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.argument("run", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--format",
     "fmt",
@@ -430,7 +441,7 @@ def _manifest_path(path: Path) -> Path:
 @click.option("--schema", is_flag=True, help="Print the JSON Schema of report.json and exit.")
 @common_options
 def report(
-    run: Path, fmt: str, output: Path | None, schema: bool, quiet: bool, verbose: int
+    run: Path | None, fmt: str, output: Path | None, schema: bool, quiet: bool, verbose: int
 ) -> None:
     """Re-render the reports of RUN (a run folder or its manifest.json) in every format."""
     from pipeline.errors import InputError
@@ -441,6 +452,8 @@ def report(
     if schema:
         click.echo(json.dumps(json_schema(), indent=2))
         return
+    if run is None:
+        raise click.UsageError("pass RUN (a run folder or its manifest.json), or --schema")
     path = _manifest_path(run)
     if not path.is_file():
         raise InputError(f"{run} has no manifest.json", "pass a run folder under artifacts/runs/")

@@ -27,12 +27,16 @@ from pydantic import (
 
 from pipeline.errors import RecipeError
 
-Task = Literal["feature-extraction", "sequence-classification", "token-classification"]
+Task = Literal[
+    "feature-extraction", "sequence-classification", "token-classification", "text-generation"
+]
 TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
+#: Decoder-only language models: a prefill and a decode graph with an explicit KV cache.
+GENERATION = "text-generation"
 Pooling = Literal["auto", "mean", "cls", "max", "last"]
 PaddingSide = Literal["right", "left"]
 Target = Literal["ort-cpu", "ort-cuda", "tensorrt"]
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "int4"]
 SessionOptimization = Literal["disabled", "basic", "extended", "all"]
 Optimize = Literal["none", "standard", "ort"]
 Fusion = Literal["attention", "mha", "skip-layernorm", "ffn"]
@@ -250,16 +254,20 @@ class BudgetSpec(_Strict):
 
 
 class QuantizeSpec(_Strict):
-    """INT8 settings of a variant with ``precision: int8``."""
+    """Quantization settings of a variant with ``precision: int8`` (or ``int4``, decoders)."""
 
     #: dynamic: weights INT8 ahead of time, activations quantized at run time (no calibration
-    #: data); static: QDQ with activation ranges from calibration data.
-    method: Literal["dynamic", "static"] = "dynamic"
+    #: data); static: QDQ with activation ranges from calibration data; weight-only (decoders):
+    #: blockwise INT8/INT4 weights in ONNX Runtime's MatMulNBits, activations stay float.
+    method: Literal["dynamic", "static", "weight-only"] = "dynamic"
+    #: weight-only: weights per block of this many input channels share one scale.
+    block_size: int = Field(32, ge=16, le=256)
     #: One scale per output channel of each weight matrix.
     per_channel: bool = True
     #: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate.
     reduce_range: bool = False
-    #: Node names kept in float (see `tforge inspect` of the float model).
+    #: Node names kept in float (see `tforge inspect` of the float model). Decoders also take
+    #: PyTorch module names and shell patterns of them (``lm_head``, ``*.down_proj``).
     exclude: list[str] = Field(default_factory=list)
     #: Static only: calibration settings.
     calibration: CalibrationSpec | None = None
@@ -281,6 +289,8 @@ class QuantizeSpec(_Strict):
     def _calibration_is_static(self) -> QuantizeSpec:
         if self.calibration is not None and self.method != "static":
             raise ValueError(f"calibration: needs method: static (this variant has {self.method})")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: {self.block_size} is not a power of two (16 to 256)")
         return self
 
 
@@ -338,6 +348,12 @@ class VariantSpec(_Strict):
             data["fusions"] = list(defaults.get("fusions", ["attention", "skip-layernorm", "ffn"]))
         if data.get("precision") == "int8" and data.get("quantize") is None:
             data["quantize"] = {}
+        if data.get("precision") == "int4":
+            quantize = data.get("quantize")
+            if quantize is None:
+                data["quantize"] = {"method": "weight-only"}
+            elif isinstance(quantize, dict):
+                data["quantize"] = {"method": "weight-only", **quantize}
         if "session_optimization" not in data:
             data["session_optimization"] = (
                 defaults.get("session_optimization", "all") if optimize == "ort" else "all"
@@ -357,8 +373,15 @@ class VariantSpec(_Strict):
                 "fusions: attention and mha are two forms of the same fusion; list one "
                 "(mha leaves the Q/K/V projections as MatMuls, for INT8)"
             )
-        if self.quantize is not None and self.precision != "int8":
-            raise ValueError(f"quantize: needs precision: int8 (this variant has {self.precision})")
+        if self.quantize is not None and self.precision not in ("int8", "int4"):
+            raise ValueError(
+                f"quantize: needs precision: int8 or int4 (this variant has {self.precision})"
+            )
+        if self.precision == "int4" and self.quantize and self.quantize.method != "weight-only":
+            raise ValueError(
+                f"precision int4 is weight-only (MatMulNBits); quantize.method: {self.quantize.method} "
+                "is an INT8 method"
+            )
         if self.target == "ort-cuda" and self.precision == "int8":
             raise ValueError(
                 "target ort-cuda: INT8 Q/DQ graphs do not run on ONNX Runtime's CUDA execution "
@@ -390,7 +413,12 @@ class GateSpec(_Strict):
     min_agreement: Fraction | None = None
     min_task_metric: Fraction | None = None
     max_abs_error: float | None = Field(None, gt=0)
-    #: Median latency ceiling in milliseconds: one number for every shape, or per shape (``b8s128``).
+    #: text-generation: greedy tokens equal to PyTorch's (fraction of generated positions).
+    min_token_match: Fraction | None = None
+    #: text-generation: largest relative perplexity increase over PyTorch (0.05 = 5%).
+    max_perplexity_increase: float | None = Field(None, ge=0)
+    #: Median latency ceiling in milliseconds: one number for every shape, or per shape
+    #: (``b8s128``; for text-generation ``prefill-b1s32`` or ``decode-b1s32``, per token).
     max_p50_ms: float | dict[str, float] | None = None
     #: Minimum speed-up of the median over PyTorch eager, at every timed shape.
     min_speedup: float | None = Field(None, gt=0)
@@ -402,13 +430,37 @@ class GateSpec(_Strict):
     def _shape_keys(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
         if isinstance(value, dict):
             for key, ms in value.items():
-                if not re.fullmatch(r"b\d+s\d+", key):
-                    raise ValueError(f"shape key {key!r} must look like b8s128")
+                if not re.fullmatch(r"((prefill|decode)-)?b\d+s\d+", key):
+                    raise ValueError(
+                        f"shape key {key!r} must look like b8s128 (or decode-b1s32 for text-generation)"
+                    )
                 if ms <= 0:
                     raise ValueError(f"{key}: must be > 0")
         elif value is not None and value <= 0:
             raise ValueError("must be > 0")
         return value
+
+
+class GenerationSpec(_Strict):
+    """How a text-generation model is verified: greedy continuations of evaluation prompts."""
+
+    #: Evaluation texts used as prompts (the first ones of data.evaluation).
+    prompts: PositiveInt = 64
+    #: Each prompt is the first this many tokens of its text (left-padded in a batch).
+    prompt_tokens: PositiveInt = 32
+    #: Tokens generated per prompt, verified and timed.
+    new_tokens: int = Field(32, ge=2, le=1024)
+    #: Prompts per verification batch.
+    batch_size: PositiveInt = 16
+    #: Evaluation texts (up to data.max_length tokens) whose perplexity is measured.
+    perplexity_texts: PositiveInt = 64
+    #: Reference logits kept per step (the most likely tokens) for the logits error.
+    top_k: int = Field(32, ge=1, le=1024)
+
+
+#: Recipe fields that only one kind of task reads (refused on the other, not ignored).
+_ENCODER_GATES = ("min_mean_cosine", "min_worst_cosine", "min_task_metric")
+_DECODER_GATES = ("min_token_match", "max_perplexity_increase")
 
 
 class Recipe(_Strict):
@@ -423,6 +475,74 @@ class Recipe(_Strict):
         default_factory=lambda: [VariantSpec(name="fp32")], min_length=1
     )
     gates: GateSpec = Field(default_factory=GateSpec)
+    #: text-generation only: prompts, new tokens, perplexity texts.
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generation_defaults(cls, data: Any) -> Any:
+        """Decoders time short prompts with few, long runs, and have no graph fusions yet."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        if not (isinstance(model, dict) and model.get("task") == GENERATION):
+            return data
+        data = dict(data)
+        data.setdefault("shapes", {"batch": [1, 8], "sequence": [32]})
+        latency = data.get("latency")
+        if latency is None or isinstance(latency, dict):
+            data["latency"] = {"warmup": 1, "runs": 5, **(latency or {})}
+        variants = data.get("variants")
+        if isinstance(variants, list):
+            data["variants"] = [
+                {"optimize": "none", **v} if isinstance(v, dict) else v for v in variants
+            ]
+        elif variants is None:
+            data["variants"] = [{"name": "fp32", "optimize": "none"}]
+        return data
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> Recipe:
+        gates = [
+            g for g in (*_ENCODER_GATES, *_DECODER_GATES) if getattr(self.gates, g) is not None
+        ]
+        keys = self.gates.max_p50_ms if isinstance(self.gates.max_p50_ms, dict) else {}
+        if self.model.task != GENERATION:
+            for variant in self.variants:
+                if variant.precision == "int4" or (
+                    variant.quantize and variant.quantize.method == "weight-only"
+                ):
+                    raise ValueError(
+                        f"variants: {variant.name}: weight-only INT8/INT4 is for text-generation "
+                        "models; use precision int8 with method dynamic or static"
+                    )
+            wrong = [g for g in gates if g in _DECODER_GATES]
+            wrong += [f"max_p50_ms.{k}" for k in keys if "-" in k]
+            if wrong:
+                raise ValueError(f"gates {wrong} apply to task text-generation only")
+            return self
+        for variant in self.variants:
+            problem = None
+            if variant.target != "ort-cpu":
+                problem = f"target {variant.target} is not built for decoders yet; use ort-cpu"
+            elif variant.optimize != "none":
+                problem = "decoder graph fusions are not built yet; use optimize: none"
+            elif variant.precision == "fp16":
+                problem = "fp16 is not built for decoders on ort-cpu; use fp32, int8 or int4"
+            elif variant.quantize is not None and variant.quantize.method == "static":
+                problem = "decoders take quantize.method dynamic or weight-only, not static"
+            elif variant.quantize is not None and variant.quantize.budget is not None:
+                problem = "an accuracy budget is not built for decoders yet; list exclude instead"
+            if problem:
+                raise ValueError(f"variants: {variant.name}: {problem}")
+        wrong = [g for g in gates if g in _ENCODER_GATES]
+        wrong += [f"max_p50_ms.{k}" for k in keys if "-" not in k]
+        if wrong:
+            raise ValueError(
+                f"gates {wrong} do not apply to text-generation (its figures: token_match, "
+                "agreement, perplexity; latency per prefill-/decode- shape)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -433,16 +553,26 @@ class Recipe(_Strict):
         if timed and not self.latency.enabled:
             raise ValueError(f"gates {timed} need latency; latency.enabled is false")
         if isinstance(self.gates.max_p50_ms, dict):
-            untimed = sorted(set(self.gates.max_p50_ms) - set(self.shapes.keys()))
+            untimed = sorted(set(self.gates.max_p50_ms) - set(self.timed_shapes()))
             if untimed:
                 raise ValueError(
-                    f"gates.max_p50_ms: {untimed} are not timed shapes (timed: {self.shapes.keys()})"
+                    f"gates.max_p50_ms: {untimed} are not timed shapes (timed: {self.timed_shapes()})"
                 )
         if self.gates.variants:
             unknown = sorted(set(self.gates.variants) - set(names))
             if unknown:
                 raise ValueError(f"gates.variants: {unknown} are not variants (variants: {names})")
         return self
+
+    @property
+    def generates(self) -> bool:
+        return self.model.task == GENERATION
+
+    def timed_shapes(self) -> list[str]:
+        """The latency figures' shape keys: ``b8s128``; decoders ``prefill-b1s32``, ``decode-b1s32``."""
+        if self.generates:
+            return [f"{phase}-{key}" for key in self.shapes for phase in ("prefill", "decode")]
+        return self.shapes.keys()
 
     def with_model(self, source: str | None = None, task: str | None = None) -> Recipe:
         """The same recipe with the model source and/or task replaced (CLI overrides)."""

@@ -21,6 +21,20 @@ from pipeline.stages.calibrate import CalibrateConfig, CalibrateStage
 from pipeline.stages.compile import CompileConfig, CompileStage
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.fp16 import Fp16Config, Fp16Stage
+from pipeline.stages.generation import (
+    ExportDecoderConfig,
+    ExportDecoderStage,
+    GenerationLatencyConfig,
+    GenerationLatencyStage,
+    GenerationReferenceConfig,
+    GenerationReferenceStage,
+    LoadDecoderConfig,
+    LoadDecoderStage,
+    QuantizeDecoderConfig,
+    QuantizeDecoderStage,
+    VerifyGenerationConfig,
+    VerifyGenerationStage,
+)
 from pipeline.stages.latency import LatencyConfig, LatencyStage
 from pipeline.stages.load import LoadConfig, LoadStage
 from pipeline.stages.optimize import OptimizeConfig, OptimizeStage
@@ -240,4 +254,104 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             **{f"model:{name}": ref for name, ref in models.items()},
         }
         steps.append(Step("latency", LatencyStage(config_l), inputs))
+    return Plan(steps=steps, variant_models=models)
+
+
+def decoder_method(variant: VariantSpec) -> str | None:
+    """The decoder quantizer's method for a variant (None: float)."""
+    if variant.precision == "int4":
+        return "int4"
+    if variant.precision == "int8":
+        q = variant.quantize or QuantizeSpec()
+        return "int8-weight" if q.method == "weight-only" else "int8"
+    return None
+
+
+def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
+    """load -> export (prefill + decode) -> reference -> quantize (each) -> verify (each) -> latency.
+
+    Step ids are the encoder pipeline's, so reports and checks read both alike.
+    """
+    gen = recipe.generation
+    data = recipe.data
+    checkpoint = {"checkpoint": "input:checkpoint", "info": "load.info"}
+    steps = [
+        Step(
+            "load",
+            LoadDecoderStage(LoadDecoderConfig(task=recipe.model.task)),
+            {"checkpoint": "input:checkpoint"},
+        ),
+        Step(
+            "export", ExportDecoderStage(ExportDecoderConfig(opset=recipe.export.opset)), checkpoint
+        ),
+        Step(
+            "reference",
+            GenerationReferenceStage(
+                GenerationReferenceConfig(
+                    prompts=gen.prompts,
+                    prompt_tokens=gen.prompt_tokens,
+                    new_tokens=gen.new_tokens,
+                    batch_size=gen.batch_size,
+                    perplexity_texts=gen.perplexity_texts,
+                    max_length=data.max_length,
+                    top_k=gen.top_k,
+                    text_field=data.text_field,
+                    threads=threads,
+                )
+            ),
+            {**checkpoint, "evaluation": "input:evaluation"},
+        ),
+    ]
+    models = {}
+    for variant in recipe.variants:
+        method = decoder_method(variant)
+        if method is None:
+            models[variant.name] = "export.model"
+            continue
+        q = variant.quantize or QuantizeSpec()
+        config = QuantizeDecoderConfig(
+            method=method,
+            # Settings a method does not use stay at their defaults, so they do not split the key.
+            block_size=q.block_size if method != "int8" else 32,
+            exclude=tuple(sorted(q.exclude)),
+        )
+        steps.append(
+            Step(
+                f"quantize[{variant.name}]", QuantizeDecoderStage(config), {"model": "export.model"}
+            )
+        )
+        models[variant.name] = f"quantize[{variant.name}].model"
+    for variant in recipe.variants:
+        steps.append(
+            Step(
+                f"verify[{variant.name}]",
+                VerifyGenerationStage(
+                    VerifyGenerationConfig(
+                        variant=variant.name,
+                        precision=variant.precision,
+                        session_optimization=variant.session_optimization,
+                        threads=threads,
+                    )
+                ),
+                {"model": models[variant.name], "reference": "reference.reference"},
+            )
+        )
+    if recipe.latency.enabled:
+        lat = recipe.latency
+        config_l = GenerationLatencyConfig(
+            shapes=tuple(recipe.shapes.pairs()),
+            new_tokens=gen.new_tokens,
+            warmup=lat.warmup,
+            runs=lat.runs,
+            threads=threads,
+            memory=lat.memory,
+            variants={v.name: v.session_optimization for v in recipe.variants},
+            text_field=data.text_field,
+        )
+        inputs = {
+            **checkpoint,
+            "evaluation": "input:evaluation",
+            **{f"model:{name}": ref for name, ref in models.items()},
+        }
+        steps.append(Step("latency", GenerationLatencyStage(config_l), inputs))
     return Plan(steps=steps, variant_models=models)

@@ -65,7 +65,7 @@ def test_literal_error_lists_allowed_values() -> None:
     with pytest.raises(RecipeError) as caught:
         parse_recipe({"variants": [{"name": "x", "precision": "fp64"}]}, origin="r")
     assert (
-        "r: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32', 'fp16' or 'int8')"
+        "r: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32', 'fp16', 'int8' or 'int4')"
         in caught.value.message
     )
 

@@ -21,18 +21,37 @@ from pipeline.errors import TforgeError
 
 @dataclass(frozen=True)
 class MemoryProbe:
-    kind: str  # "pytorch" or "onnxruntime"
-    path: str  # checkpoint folder (pytorch) or ONNX file
+    #: "pytorch" or "onnxruntime"; "pytorch-decoder" or "onnxruntime-decoder" generate
+    #: ``new_tokens`` tokens from the feed's prompts instead of running it once.
+    kind: str
+    #: Checkpoint folder (pytorch), ONNX file (onnxruntime), the decoder's checkpoint folder or
+    #: GGUF file (pytorch-decoder), or its prefill/decode folder (onnxruntime-decoder).
+    path: str
     threads: int
     task: str = "feature-extraction"
     inputs: tuple[str, ...] = ()
     optimization: str = "all"
+    new_tokens: int = 0
 
 
 def _probe(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
     from pipeline.environment import peak_rss_bytes
 
-    if probe.kind == "pytorch":
+    if probe.kind.endswith("-decoder"):
+        from pipeline.decoders.generate import OrtGenerator, TorchGenerator
+        from pipeline.decoders.load import load_decoder
+
+        generator: OrtGenerator | TorchGenerator
+        if probe.kind == "pytorch-decoder":
+            import torch
+
+            torch.set_num_threads(probe.threads)
+            generator = TorchGenerator(load_decoder(Path(probe.path))[0])
+        else:
+            generator = OrtGenerator(Path(probe.path), probe.threads, probe.optimization)
+        for _ in range(2):
+            generator.step_logits(feed["input_ids"], feed["attention_mask"], None, probe.new_tokens)
+    elif probe.kind == "pytorch":
         from pipeline.backends.torch_backend import (
             OUTPUT_NAME,
             TorchRunner,

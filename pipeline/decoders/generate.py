@@ -138,15 +138,23 @@ class OrtGenerator:
         return self.prefill.run(self._feed(self.prefill, values))["logits"]
 
 
-def perplexity(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> float:
-    """exp(mean negative log-likelihood) of each next real token given the ones before it."""
+def negative_log_likelihood(
+    logits: np.ndarray, ids: np.ndarray, mask: np.ndarray
+) -> tuple[float, int]:
+    """(sum of -log p, count) of each next real token given the ones before it: batches add up."""
     shifted = logits[:, :-1].astype(np.float64)
     targets = ids[:, 1:]
     valid = (mask[:, 1:] * mask[:, :-1]).astype(bool)
     top = shifted.max(axis=-1, keepdims=True)
     log_z = np.log(np.exp(shifted - top).sum(axis=-1)) + top[..., 0]
     picked = np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
-    return float(np.exp(np.mean((log_z - picked)[valid])))
+    return float((log_z - picked)[valid].sum()), int(valid.sum())
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> float:
+    """exp(mean negative log-likelihood) of each next real token given the ones before it."""
+    total, count = negative_log_likelihood(logits, ids, mask)
+    return float(np.exp(total / max(count, 1)))
 
 
 def torch_token_logits(model: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -162,44 +170,76 @@ def torch_token_logits(model: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndar
     return out.logits.float().numpy()
 
 
+class TorchGenerator:
+    """PyTorch eager with transformers' cache, in the same prefill / decode-step split and with
+    the same sampler as :class:`OrtGenerator`: the reference for sampled decoding (transformers'
+    own sampler draws from torch's generator, which no other runtime reproduces) and the
+    baseline the decoder latency is timed against."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def step_logits(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        forced: np.ndarray | None,
+        new_tokens: int,
+        sampling: Sampling | None = None,
+        times: list[float] | None = None,
+    ) -> Generation:
+        """As :meth:`OrtGenerator.step_logits`."""
+        import torch
+
+        rng = sampling.rng() if sampling is not None else None
+        tokens, steps = [], []
+        mask_np = mask.astype(np.int64)
+
+        def call(**kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = self.model(**kwargs, use_cache=True)
+            if times is not None:
+                times.append(time.perf_counter() - start)
+            return out
+
+        with torch.inference_mode():
+            out = call(
+                input_ids=torch.from_numpy(ids.astype(np.int64)),
+                attention_mask=torch.from_numpy(mask_np),
+                position_ids=torch.from_numpy(positions(mask_np)),
+            )
+            for step in range(new_tokens):
+                logits = out.logits[:, -1, :].float().numpy()
+                steps.append(logits)
+                chosen = choose(logits, sampling, rng) if forced is None else forced[:, step]
+                tokens.append(chosen)
+                if step == new_tokens - 1:
+                    break
+                mask_np = np.concatenate([mask_np, np.ones((len(mask_np), 1), dtype=np.int64)], 1)
+                out = call(
+                    input_ids=torch.from_numpy(chosen[:, None].astype(np.int64)),
+                    attention_mask=torch.from_numpy(mask_np),
+                    position_ids=torch.from_numpy(mask_np.sum(1, keepdims=True) - 1),
+                    cache=out.cache,  # transformers 5: `past_key_values` is a deprecated alias
+                )
+        return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
+
+
 def sampled_reference(
     model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int, sampling: Sampling
 ) -> Generation:
-    """PyTorch with the same sampler and seed as :class:`OrtGenerator` (transformers' own
-    sampler draws from torch's generator, which no other runtime reproduces)."""
-    import torch
-
-    rng = sampling.rng()
-    tokens, steps = [], []
-    ids_t = torch.from_numpy(ids.astype(np.int64))
-    mask_np = mask.astype(np.int64)
-    with torch.inference_mode():
-        out = model(
-            input_ids=ids_t,
-            attention_mask=torch.from_numpy(mask_np),
-            position_ids=torch.from_numpy(positions(mask_np)),
-            use_cache=True,
-        )
-        for step in range(new_tokens):
-            logits = out.logits[:, -1, :].float().numpy()
-            steps.append(logits)
-            chosen = choose(logits, sampling, rng)
-            tokens.append(chosen)
-            if step == new_tokens - 1:
-                break
-            mask_np = np.concatenate([mask_np, np.ones((len(mask_np), 1), dtype=np.int64)], 1)
-            out = model(
-                input_ids=torch.from_numpy(chosen[:, None].astype(np.int64)),
-                attention_mask=torch.from_numpy(mask_np),
-                position_ids=torch.from_numpy(mask_np.sum(1, keepdims=True) - 1),
-                cache=out.cache,  # transformers 5: `past_key_values` is a deprecated alias
-                use_cache=True,
-            )
-    return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
+    """PyTorch with the same sampler and seed as :class:`OrtGenerator`."""
+    return TorchGenerator(model).step_logits(ids, mask, None, new_tokens, sampling)
 
 
 def greedy_reference(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> Generation:
-    """PyTorch ``generate``, greedy, exactly ``new_tokens`` tokens, with each step's logits."""
+    """PyTorch ``generate``, greedy, exactly ``new_tokens`` tokens, with each step's logits.
+
+    No end-of-text token stops it, and none is suppressed: every step takes the argmax of the
+    raw logits, as the compiled decoder's greedy loop does. (``min_new_tokens`` would instead
+    mask the end-of-text token out of the choice while a continuation is short, and a trained
+    model that wants to end its text would then be judged against a token it did not choose.)
+    """
     import torch
 
     with torch.inference_mode():
@@ -207,11 +247,13 @@ def greedy_reference(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: 
             input_ids=torch.from_numpy(ids.astype(np.int64)),
             attention_mask=torch.from_numpy(mask.astype(np.int64)),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            eos_token_id=None,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
             pad_token_id=0,
         )
     tokens = result.sequences[:, ids.shape[1] :].numpy()
+    if tokens.shape[1] != new_tokens:
+        raise RuntimeError(f"generate made {tokens.shape[1]} tokens, not {new_tokens}")
     return Generation(tokens=tokens, logits=[step.float().numpy() for step in result.logits])

@@ -32,19 +32,39 @@ def packaged_gguf(distribution: str) -> Path:
     return found[0]
 
 
-def load_decoder(source: str) -> tuple[Any, Any]:
-    """(model in eval mode, float32; tokenizer padding on the left) for ``source``."""
+def resolve_decoder(source: str) -> Path:
+    """The file or folder ``source`` names: a packaged GGUF file, or a checkpoint folder."""
+    if source.startswith("package:"):
+        return packaged_gguf(source.removeprefix("package:"))
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.resolve()
+    if not path.is_dir():
+        raise InputError(
+            f"model path {path} does not exist" if not path.exists() else f"{path} is not a folder",
+            "pass a Hugging Face checkpoint folder, a .gguf file or package:<name>",
+        )
+    if not (path / "config.json").is_file():
+        raise InputError(
+            f"{path} has no config.json", "pass a folder saved by transformers' save_pretrained"
+        )
+    return path.resolve()
+
+
+def load_decoder(source: str | Path) -> tuple[Any, Any]:
+    """(model in eval mode, float32; tokenizer padding on the left) for ``source``: a
+    ``package:`` name, a checkpoint folder or a GGUF file."""
     import torch
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"local_files_only": True}
-    if source.startswith("package:"):
-        gguf = packaged_gguf(source.removeprefix("package:"))
-        folder, kwargs["gguf_file"] = gguf.parent, gguf.name
+    path = resolve_decoder(source) if isinstance(source, str) else source
+    if path.is_file():
+        folder, kwargs["gguf_file"] = path.parent, path.name
     else:
-        folder = Path(source)
+        folder = path
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -15,6 +15,7 @@ independently with the same settings; their weights are the same, so their error
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import shutil
 from pathlib import Path
@@ -67,26 +68,47 @@ def gemm_to_matmul(model: Any) -> int:
     return rewritten
 
 
-def _weight_matmuls(model: Any) -> int:
+def _weight_matmuls(model: Any) -> list[Any]:
     constants = {i.name for i in model.graph.initializer}
-    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants)
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+
+
+def excluded(nodes: list[Any], patterns: tuple[str, ...]) -> dict[str, str]:
+    """Node name -> the module (or node) name that matched one of ``patterns``.
+
+    A pattern is a PyTorch module name or a shell pattern of one (``lm_head``,
+    ``*.down_proj``, ``layers.0.*``; the module is read from the exporter's scope metadata), or
+    an ONNX node name.
+    """
+    from pipeline.sensitivity import module_name
+
+    kept = {}
+    for node in nodes:
+        module = module_name(node) or ""
+        if any(fnmatch.fnmatchcase(module, p) or node.name == p for p in patterns):
+            kept[node.name] = module or node.name
+    return kept
 
 
 Method = Literal["int8", "int8-weight", "int4"]
 METHODS: tuple[str, ...] = ("int8", "int8-weight", "int4")
 
 
-def _quantize_graph(source: Path, target: Path, method: Method, block_size: int) -> dict[str, Any]:
+def _quantize_graph(
+    source: Path, target: Path, method: Method, block_size: int, exclude: tuple[str, ...]
+) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from pipeline.stages.export import load_onnx
     from pipeline.stages.quantize import quiet_quantizer
 
-    model = onnx.load(str(source))
+    model = load_onnx(source)
     gemms = gemm_to_matmul(model)
-    weights = _weight_matmuls(model)
-    if weights == 0:
+    matmuls = _weight_matmuls(model)
+    if not matmuls:
         raise PreconditionError(f"{source.name} has no MatMul with a constant weight to quantize")
+    kept = excluded(matmuls, exclude)
     data = target.name + ".data"
     with quiet_quantizer():
         if method == "int8":
@@ -103,6 +125,7 @@ def _quantize_graph(source: Path, target: Path, method: Method, block_size: int)
                     per_channel=True,
                     weight_type=QuantType.QInt8,
                     op_types_to_quantize=["MatMul"],
+                    nodes_to_exclude=sorted(kept),
                     use_external_data_format=True,
                 )
             finally:
@@ -118,6 +141,7 @@ def _quantize_graph(source: Path, target: Path, method: Method, block_size: int)
                 bits=8 if method == "int8-weight" else 4,
                 block_size=block_size,
                 is_symmetric=True,
+                nodes_to_exclude=sorted(kept),
             )
             quantizer.process()
             onnx.save(quantizer.model.model, str(target), save_as_external_data=True, location=data)
@@ -128,23 +152,37 @@ def _quantize_graph(source: Path, target: Path, method: Method, block_size: int)
         if method == "int8"
         else ops.count("MatMulNBits")
     )
-    return {"weight_matmuls": weights, "quantized": made, "gemm_rewritten": gemms}
+    return {
+        "weight_matmuls": len(matmuls),
+        "quantized": made,
+        "gemm_rewritten": gemms,
+        "kept_float": sorted(set(kept.values())),
+    }
 
 
 def quantize_decoder(
-    source: Path, out: Path, method: Method, block_size: int = 32
+    source: Path,
+    out: Path,
+    method: Method,
+    block_size: int = 32,
+    exclude: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Quantize both graphs of the decoder in ``source`` into ``out`` (config files copied)."""
+    """Quantize both graphs of the decoder in ``source`` into ``out`` (other files copied).
+
+    ``exclude``: module names, shell patterns of them, or node names kept in float.
+    """
     out.mkdir(parents=True, exist_ok=True)
     stats = {}
     for name in (PREFILL, DECODE):
         stats[name.removesuffix(".onnx")] = _quantize_graph(
-            source / name, out / name, method, block_size
+            source / name, out / name, method, block_size, exclude
         )
     for item in source.iterdir():
-        if item.suffix == ".json":
+        if item.is_file() and not item.name.startswith(("prefill.onnx", "decode.onnx")):
             shutil.copyfile(item, out / item.name)
-    short = [g for g, s in stats.items() if s["quantized"] < s["weight_matmuls"]]
+    short = [
+        g for g, s in stats.items() if s["quantized"] + len(s["kept_float"]) < s["weight_matmuls"]
+    ]
     if short:
         log.warning("decoder %s: not every weight MatMul was quantized in %s", method, short)
     return stats

@@ -23,7 +23,50 @@ def _by_step(stages: list[StageRecord]) -> dict[str, StageRecord]:
     return {s.step: s for s in stages}
 
 
+#: Built-in limits of a decoder variant against PyTorch FP32, per precision. FP32 runs the same
+#: math in another runtime: its teacher-forced decisions must agree and its logits stay close.
+#: Quantized decoders are only checked for broken output (non-finite logits): how many tokens a
+#: product may lose is a gate in its recipe (min_token_match, max_perplexity_increase).
+DECODER_TOLERANCES: dict[str, dict[str, tuple[float, Literal["min", "max"]]]] = {
+    "fp32": {"agreement": (0.99, "min"), "max_abs_error": (1e-2, "max")},
+}
+
+
+def decoder_tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
+    steps = _by_step(stages)
+    override = recipe.verify.tolerance
+    overrides = {"agreement": override.min_agreement, "max_abs_error": override.max_abs_error}
+    checks = []
+    for variant in recipe.variants:
+        figures = steps[f"verify[{variant.name}]"].stats
+        checks.append(
+            check(
+                "tolerance",
+                variant.name,
+                "nonfinite_outputs",
+                figures["nonfinite_outputs"],
+                0,
+                "max",
+            )
+        )
+        for metric, (default, kind) in DECODER_TOLERANCES.get(variant.precision, {}).items():
+            limit = overrides[metric]
+            checks.append(
+                check(
+                    "tolerance",
+                    variant.name,
+                    metric,
+                    figures.get(metric),
+                    default if limit is None else limit,
+                    kind,
+                )
+            )
+    return checks
+
+
 def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
+    if recipe.generates:
+        return decoder_tolerance_checks(recipe, stages)
     steps = _by_step(stages)
     load = steps["load"].stats
     family = family_of(str(load["model_type"]))
@@ -82,6 +125,8 @@ def gate_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
         ("min_agreement", "agreement", "min"),
         ("min_task_metric", "task_metric", "min"),
         ("max_abs_error", "max_abs_error", "max"),
+        ("min_token_match", "token_match", "min"),
+        ("max_perplexity_increase", "perplexity_increase", "max"),
     )
     for name in names:
         figures = steps[f"verify[{name}]"].stats

