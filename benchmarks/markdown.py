@@ -212,6 +212,65 @@ def decoders_section(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def decoder_build_section(d: dict[str, Any]) -> list[str]:
+    """A text-generation build's own measurement: accuracy against PyTorch and decode speed."""
+    model = d["model"]
+    lines = [
+        f"## Decoder build: {model['source']} ({model.get('model_type')}, {model.get('layers')} layers, "
+        f"{model.get('parameters', 0) / 1e6:.0f}M parameters), {d['threads']} threads",
+        "",
+        f"Produced by `{d['command']}` (run {d['run_id']}). {d['prompts']} evaluation prompts, "
+        f"{d['new_tokens']} new tokens, greedy, against PyTorch FP32 (perplexity "
+        f"{d['reference_perplexity']:.2f} on the evaluation texts). Latency: each contender generates "
+        f"{d['new_tokens']} tokens per run, round-robin; `prefill` is the prompt (time to first token), "
+        "`decode` one step; tokens/s = batch / median step; speed-up over PyTorch eager with its cache.",
+        "",
+        "| contender | token match | whole continuations | agreement (teacher-forced) | perplexity (change) "
+        + "".join(f"| {s} p50 ms (x eager) " for s in d["shapes"])
+        + "| size MB | peak RSS MB |",
+        "|---|---|---|---|---|" + "---|" * len(d["shapes"]) + "---|---|",
+    ]
+    for name, c in d["contenders"].items():
+        a = c["accuracy"] or {}
+        change = a.get("perplexity_increase")
+        row = [
+            name + (f" ({c['precision']})" if c["precision"] != "fp32" else ""),
+            figure(a.get("token_match"), ".3f") if a else "reference",
+            figure(a.get("sequence_match"), ".3f") if a else "–",
+            figure(a.get("agreement"), ".4f") if a else "–",
+            (
+                f"{a['perplexity']:.2f} ({100 * change:+.2f}%)"
+                if a and change is not None
+                else f"{d['reference_perplexity']:.2f}"
+            ),
+        ]
+        for shape in d["shapes"]:
+            lat = c["latency"].get(shape)
+            row.append(
+                "–"
+                if lat is None
+                else f"{lat['p50_ms']:.1f}"
+                + (f" ({lat['speedup']:.2f}x)" if lat["speedup"] else "")
+            )
+        row += [figure(c["size_mb"], ".1f"), figure(c["peak_rss_mb"], ".0f")]
+        lines.append("| " + " | ".join(row) + " |")
+    decode = [s for s in d["shapes"] if s.startswith("decode-")]
+    lines += [
+        "",
+        "Decode tokens/s: "
+        + "; ".join(
+            f"{name} "
+            + ", ".join(
+                f"{c['latency'][s]['throughput']:.1f} @{s}" for s in decode if s in c["latency"]
+            )
+            for name, c in d["contenders"].items()
+        )
+        + ".",
+        "",
+    ]
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     machine = results["machine"]
     hw, versions, peaks = machine["hardware"], machine["versions"], machine["peaks"]
@@ -329,6 +388,8 @@ def render(results: dict[str, Any]) -> str:
         lines += decoders_section(results["decoders"])
     if results.get("decoders_real"):
         lines += decoders_section(results["decoders_real"])
+    if results.get("decoder_build"):
+        lines += decoder_build_section(results["decoder_build"])
 
     lines += [
         "## The floor",

@@ -314,6 +314,7 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             # Settings a method does not use stay at their defaults, so they do not split the key.
             block_size=q.block_size if method != "int8" else 32,
             exclude=tuple(sorted(q.exclude)),
+            compute=q.compute if method != "int8" else "int8",
         )
         steps.append(
             Step(

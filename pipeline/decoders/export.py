@@ -105,14 +105,17 @@ def export_decoder(model: Any, out: Path, opset: int | None = None) -> DecoderGr
     """
     from transformers.exporters import OnnxConfig, OnnxExporter
 
+    from pipeline.stages.export import quiet_exporter
+
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty", "export a decoder into a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     sample = {**sample_inputs(int(model.config.vocab_size)), "max_new_tokens": 3}
     try:
-        exported = OnnxExporter().export_for_generation(
-            model, sample, OnnxConfig(dynamic=True, opset_version=opset)
-        )
+        with quiet_exporter():
+            exported = OnnxExporter().export_for_generation(
+                model, sample, OnnxConfig(dynamic=True, opset_version=opset)
+            )
     # The exporter raises whatever torch.export, onnxscript or the model itself raises.
     except Exception as error:
         raise ExportError(

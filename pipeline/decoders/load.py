@@ -10,7 +10,9 @@ compared with. The tokenizer pads on the left, as generation needs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +68,12 @@ def load_decoder(source: str | Path) -> tuple[Any, Any]:
     else:
         folder = path
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, **kwargs
-        ).eval()
+        # GGUF dequantization draws its own progress bar; the build shows its own progress.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, **kwargs
+            ).eval()
     except ImportError as error:
         raise InputError(
             f"{source}: loading it needs a package that is missing ({first_line(error)})",

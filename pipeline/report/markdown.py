@@ -84,7 +84,9 @@ def _int8_section(report: Report) -> list[str]:
             sign = "symmetric" if q.get("symmetric") else "asymmetric"
             how += f", {q['calibration']} calibration on {data.get('samples', '?')} samples, {sign} activations"
         if q.get("block_size"):
-            how += f", weight-only, blocks of {q['block_size']}"
+            how += (
+                f", weight-only, symmetric blocks of {q['block_size']}, {q.get('compute')} products"
+            )
         lines += [
             "",
             f"**{c.name}** ({how}): {q.get('quantized_matmuls')} of {q.get('weight_matmuls')} "
@@ -398,10 +400,17 @@ def render_comparison(comparison: Comparison, level: int = 1) -> str:
         "",
     ]
     t = comparison.thresholds
-    lines.append(
-        f"Thresholds: mean cosine drop <= {t['max_cosine_drop']}, worst cosine drop <= "
+    decoders = any(d.metric in ("token_match", "perplexity_increase") for d in comparison.deltas)
+    accuracy = (
+        f"token match drop <= {t.get('max_token_match_drop')}, agreement drop <= "
+        f"{t['max_agreement_drop']}, perplexity increase growth <= {t.get('max_perplexity_increase')}"
+        if decoders
+        else f"mean cosine drop <= {t['max_cosine_drop']}, worst cosine drop <= "
         f"{t['max_worst_cosine_drop']}, agreement drop <= {t['max_agreement_drop']}, task metric "
-        f"drop <= {t['max_task_metric_drop']}, latency ({t['latency_basis']}) "
+        f"drop <= {t['max_task_metric_drop']}"
+    )
+    lines.append(
+        f"Thresholds: {accuracy}, latency ({t['latency_basis']}) "
         f"+{t['max_latency_regression'] * 100:g}% beyond a {t['noise_sigmas']:g}-sigma noise band, "
         f"size +{t['max_size_growth'] * 100:g}%."
         + (

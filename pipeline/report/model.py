@@ -308,6 +308,7 @@ def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
         "calibration",
         "symmetric",
         "block_size",
+        "compute",
     )
     out = {k: quantize.stats[k] for k in keys if k in quantize.stats}
     calibrate = manifest.stage(f"calibrate[{name}]")

@@ -18,6 +18,7 @@ other tools (Optimum's ORTModel, plain onnxruntime) load.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import shutil
 import warnings
@@ -43,8 +44,9 @@ _TWO_GB = 2**31 - 1
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs optional-dependency notes and progress; keep them out of our output."""
+def quiet_exporter() -> Iterator[None]:
+    """The exporter logs optional-dependency notes and prints its progress; keep both out of
+    our output (progress is ours to show, and CI logs stay readable)."""
     names = (
         "torch.onnx",
         "torch.export",
@@ -57,7 +59,7 @@ def _quiet_exporter() -> Iterator[None]:
     for name in names:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -203,7 +205,7 @@ class ExportStage(Stage[ExportConfig]):
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
         dynamic = {name: {0: batch, 1: sequence} for name in info.inputs}
         try:
-            with _quiet_exporter():
+            with quiet_exporter():
                 program = torch.onnx.export(
                     module,
                     (),
@@ -233,7 +235,7 @@ class ExportStage(Stage[ExportConfig]):
         model_path = target / MODEL_FILE
         size = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
         _drop_machine_specific_metadata(program.model)
-        with _quiet_exporter():
+        with quiet_exporter():
             program.save(str(model_path), external_data=size > _TWO_GB)
         self._check(model_path, info)
         for name in ("config.json", *TOKENIZER_FILES):

@@ -335,10 +335,14 @@ class QuantizeDecoderConfig(StageConfig):
     method: str
     block_size: int
     exclude: tuple[str, ...]
+    #: Weight-only: int8 or float products.
+    compute: str = "int8"
 
 
 class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
     name = "quantize-decoder"
+    #: 2: a tied LM head is untied and quantized.
+    version = 2
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.decoders.quantize import quantize_decoder
@@ -351,6 +355,7 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 cfg.method,  # type: ignore[arg-type]
                 cfg.block_size,
                 cfg.exclude,
+                cfg.compute,
             )
             advance(1)
         if cfg.exclude and not graphs["decode"]["kept_float"]:
@@ -364,6 +369,7 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
             stats={
                 "method": cfg.method,
                 "block_size": cfg.block_size if cfg.method != "int8" else None,
+                "compute": cfg.compute if cfg.method != "int8" else None,
                 "weight_matmuls": decode["weight_matmuls"],
                 "quantized_matmuls": decode["quantized"],
                 "kept_float": [{"node": m, "module": m} for m in decode["kept_float"]],

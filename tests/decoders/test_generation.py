@@ -251,3 +251,55 @@ def test_the_reference_takes_the_argmax_even_when_it_ends_the_text(
     reference = greedy_reference(ending, ids, mask, new_tokens=6)
     assert reference.tokens.shape == (len(ids), 6)
     assert (reference.tokens == ours.tokens).all()
+
+
+def test_a_tied_lm_head_is_untied_to_be_quantized_unless_excluded(tmp_path: Path) -> None:
+    """A tied LM head multiplies by the transposed embedding table (``Transpose`` at run time
+    when the table is too large for the exporter to fold, as SmolLM2's is), which no quantizer
+    takes: it gets its own transposed copy unless kept float. Built here as that pattern: an
+    embedding lookup and a head sharing one table."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.decoders.quantize import quantize_decoder
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(VOCAB, 64)).astype(np.float32)
+
+    def graph(name: str) -> Any:
+        nodes = [
+            helper.make_node("Gather", ["embed.weight", "input_ids"], ["hidden"], name="embed"),
+            helper.make_node("Transpose", ["embed.weight"], ["head_t"], name="t", perm=[1, 0]),
+            helper.make_node("MatMul", ["hidden", "head_t"], ["logits"], name="node_lm_head"),
+        ]
+        return helper.make_model(
+            helper.make_graph(
+                nodes,
+                name,
+                [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", VOCAB])],
+                [numpy_helper.from_array(table, "embed.weight")],
+            ),
+            opset_imports=[helper.make_opsetid("", 20)],
+        )
+
+    folder = tmp_path / "fp32"
+    folder.mkdir()
+    for name in ("prefill.onnx", "decode.onnx"):
+        onnx.save(graph(name), str(folder / name))
+    every = quantize_decoder(folder, tmp_path / "int8", "int8")
+    assert every["decode"]["untied"] == 1
+    assert every["decode"]["quantized"] == every["decode"]["weight_matmuls"] == 1
+    kept = quantize_decoder(folder, tmp_path / "kept", "int8", exclude=("node_lm_head",))
+    assert kept["decode"]["untied"] == 0 and kept["decode"]["quantized"] == 0
+    assert kept["decode"]["kept_float"] == ["node_lm_head"]
+    import onnxruntime as ort
+
+    ids = rng.integers(0, VOCAB, size=(2, 5)).astype(np.int64)
+    expected = table[ids] @ table.T
+    for name in ("int8", "kept"):
+        session = ort.InferenceSession(str(tmp_path / name / "decode.onnx"))
+        logits = session.run(None, {"input_ids": ids})[0]
+        # INT8: close to the float product (per-channel weights, activations per call); float:
+        # the same product.
+        limit = 0.05 * np.abs(expected).max() if name == "int8" else 1e-4
+        assert np.abs(logits - expected).max() < limit, name

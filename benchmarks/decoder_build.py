@@ -1,0 +1,87 @@
+"""Record a decoder build (``tforge build models/smollm2.yaml``) in BENCHMARKS.md.
+
+The build itself measures: every variant's greedy tokens, teacher-forced agreement, logits and
+perplexity against PyTorch on the recipe's prompts, and prefill / per-token decode latency beside
+PyTorch eager with its cache, interleaved in one process. This script copies those figures from
+the run's report.json into benchmarks/results.json ("decoder_build") and re-renders BENCHMARKS.md.
+
+    tforge build models/smollm2.yaml
+    python -m benchmarks.decoder_build --run artifacts/runs/latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "benchmarks"
+ACCURACY = (
+    "token_match",
+    "sequence_match",
+    "agreement",
+    "max_abs_error",
+    "perplexity",
+    "perplexity_increase",
+)
+
+
+def summary(report: dict[str, Any], recipe: str) -> dict[str, Any]:
+    """The figures BENCHMARKS.md shows, from a text-generation build's report.json."""
+    if report.get("task") != "text-generation":
+        raise SystemExit(
+            f"{report.get('run_id')} is a {report.get('task')} build, not text-generation"
+        )
+    contenders = {}
+    for c in report["contenders"]:
+        contenders[c["name"]] = {
+            "precision": c["precision"],
+            "accuracy": {k: (c["accuracy"] or {}).get(k) for k in ACCURACY}
+            if c["accuracy"]
+            else None,
+            "latency": {
+                shape: {k: lat[k] for k in ("p50_ms", "p90_ms", "throughput", "speedup", "runs")}
+                for shape, lat in c["latency"].items()
+            },
+            "size_mb": round(c["size_bytes"] / 1e6, 1) if c["size_bytes"] else None,
+            "peak_rss_mb": round(c["peak_rss_bytes"] / 1e6, 1) if c["peak_rss_bytes"] else None,
+            "quantization": {
+                k: (c["quantization"] or {}).get(k) for k in ("method", "block_size", "compute")
+            }
+            if c["quantization"]
+            else None,
+        }
+    first = next(c for c in report["contenders"] if c["accuracy"])["accuracy"]
+    return {
+        "command": f"tforge build {recipe} && python -m benchmarks.decoder_build --run <run folder>",
+        "run_id": report["run_id"],
+        "model": report["model"],
+        "threads": report["threads"],
+        "prompts": first["prompts"],
+        "new_tokens": first["new_tokens"],
+        "reference_perplexity": first["reference_perplexity"],
+        "shapes": report["shapes"],
+        "contenders": contenders,
+        "stages": {s["step"]: s["seconds"] for s in report["stages"]},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="The build's run folder.")
+    parser.add_argument("--recipe", default="models/smollm2.yaml")
+    args = parser.parse_args()
+    report = json.loads((args.run / "report.json").read_text())
+    path = HERE / "results.json"
+    stored = json.loads(path.read_text())
+    stored["decoder_build"] = summary(report, args.recipe)
+    path.write_text(json.dumps(stored, indent=1) + "\n")
+    from benchmarks.markdown import render
+
+    (ROOT / "BENCHMARKS.md").write_text(render(stored))
+
+
+if __name__ == "__main__":
+    main()
