@@ -42,6 +42,7 @@ from pipeline.report.checks import evaluate
 from pipeline.report.compare import Thresholds, confirm_latency
 from pipeline.report.model import Report
 from pipeline.stages.base import BuildContext, Step
+from pipeline.stages.generation import DecoderInfo
 from pipeline.stages.load import CheckpointInfo, checkpoint_artifact, resolve_source
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,26 @@ def check_against_checkpoint(recipe: Recipe, info: CheckpointInfo) -> None:
             )
 
 
+def check_against_decoder(recipe: Recipe, info: DecoderInfo) -> None:
+    """Prompts plus new tokens must fit the decoder's positions, before minutes of export."""
+    limit = info.max_positions
+    if limit is None:
+        return
+    gen = recipe.generation
+    longest = max([gen.prompt_tokens, *(recipe.shapes.sequence if recipe.latency.enabled else [])])
+    if longest + gen.new_tokens > limit:
+        raise InputError(
+            f"prompts of up to {longest} tokens plus {gen.new_tokens} new tokens exceed the "
+            f"model's {limit} positions",
+            "shorten shapes.sequence, generation.prompt_tokens or generation.new_tokens",
+        )
+    if recipe.data.max_length > limit:
+        raise InputError(
+            f"data.max_length {recipe.data.max_length} exceeds the model's {limit} positions",
+            f"set data.max_length to at most {limit}",
+        )
+
+
 def choose_run_id(store: ArtifactStore, requested: str | None, name: str) -> str:
     """The run folder's name, checked before any work: a given one must be new and file-safe."""
     if requested is not None:
@@ -319,8 +340,12 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     records: list[StageRecord] = []
     for record in run_plan(plan, external, ctx, store, options):
         records.append(record)
-        if record.step == "load" and not recipe.generates:
-            check_against_checkpoint(recipe, CheckpointInfo.read(store.artifacts(record)["info"]))
+        if record.step == "load":
+            info = store.artifacts(record)["info"]
+            if recipe.generates:
+                check_against_decoder(recipe, DecoderInfo.read(info))
+            else:
+                check_against_checkpoint(recipe, CheckpointInfo.read(info))
     recipe_json = recipe.model_dump(mode="json")
     created = datetime.now(UTC).isoformat(timespec="seconds")
 

@@ -288,6 +288,29 @@ def test_an_exclude_that_matches_nothing_is_an_error(built: Any, checkpoint: Pat
         build(parse_recipe(data), BuildOptions(artifacts=artifacts))
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"generation": {"new_tokens": 120}}, "exceed the model's 128 positions"),
+        ({"data": {"max_length": 256}}, "data.max_length 256 exceeds"),
+    ],
+)
+def test_what_does_not_fit_the_positions_fails_before_the_export(
+    checkpoint: Path, tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    from pipeline.errors import InputError
+
+    data = recipe_data(checkpoint)
+    for section, values in change.items():
+        data[section] = {**data.get(section, {}), **values}
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(InputError, match=message):
+        build(parse_recipe(data), BuildOptions(artifacts=artifacts))
+    # Only the load step ran: nothing was exported.
+    steps = [json.loads(p.read_text())["step"] for p in artifacts.glob("cache/*/*/record.json")]
+    assert steps == ["load"]
+
+
 def test_the_shipped_smollm2_recipe_parses() -> None:
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "models" / "smollm2.yaml")
     assert recipe.generates
