@@ -6,6 +6,7 @@ Read top to bottom, a pipeline is the build: which stage runs, on what, in which
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.backends.tensorrt_backend import derive_profile
 from pipeline.recipe import (
@@ -115,6 +116,20 @@ def calibrate_config(
         max_length=recipe.data.max_length,
         text_field=recipe.data.text_field,
     )
+
+
+def timing_settings(recipe: Recipe, threads: int) -> dict[str, Any]:
+    """The latency stage settings every pipeline shares (see stages.latency.TimingConfig)."""
+    lat = recipe.latency
+    return {
+        "shapes": tuple(recipe.shapes.pairs()),
+        "warmup": lat.warmup,
+        "runs": lat.runs,
+        "threads": threads,
+        "memory": lat.memory,
+        "variants": {v.name: v.session_optimization for v in recipe.variants},
+        "text_field": recipe.data.text_field,
+    }
 
 
 def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
@@ -237,15 +252,8 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             )
         )
     if recipe.latency.enabled:
-        lat = recipe.latency
         config_l = LatencyConfig(
-            shapes=tuple(recipe.shapes.pairs()),
-            warmup=lat.warmup,
-            runs=lat.runs,
-            threads=threads,
-            memory=lat.memory,
-            variants={v.name: v.session_optimization for v in recipe.variants},
-            text_field=data.text_field,
+            **timing_settings(recipe, threads),
             targets={v.name: v.target for v in recipe.variants if v.target != "ort-cpu"},
         )
         inputs = {
@@ -338,16 +346,8 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             )
         )
     if recipe.latency.enabled:
-        lat = recipe.latency
         config_l = GenerationLatencyConfig(
-            shapes=tuple(recipe.shapes.pairs()),
-            new_tokens=gen.new_tokens,
-            warmup=lat.warmup,
-            runs=lat.runs,
-            threads=threads,
-            memory=lat.memory,
-            variants={v.name: v.session_optimization for v in recipe.variants},
-            text_field=data.text_field,
+            **timing_settings(recipe, threads), new_tokens=gen.new_tokens
         )
         inputs = {
             **checkpoint,

@@ -29,12 +29,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.artifacts import Artifact, size_of
-from pipeline.backends.memory import MemoryProbe, peak_rss
+from pipeline.backends.memory import MemoryProbe
 from pipeline.backends.timing import SETTLE_AFTER_TORCH, LatencyStats
 from pipeline.calibration import read_samples
 from pipeline.errors import InputError
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
-from pipeline.stages.latency import PYTORCH, token_stream
+from pipeline.stages.latency import PYTORCH, TimingConfig, peak_memory, token_stream
 
 INFO_FILE = "decoder.json"
 MODEL_DIR = "model"
@@ -443,17 +443,9 @@ def prompt_rows(stream: np.ndarray, batch: int, sequence: int, bos: int | None) 
     return rows.astype(np.int64)
 
 
-class GenerationLatencyConfig(StageConfig):
-    #: (batch, prompt length) pairs.
-    shapes: tuple[tuple[int, int], ...]
+class GenerationLatencyConfig(TimingConfig):
+    #: Tokens generated per timed run.
     new_tokens: int
-    warmup: int
-    runs: int
-    threads: int
-    memory: bool
-    #: Variant name -> ONNX Runtime session optimisation level.
-    variants: dict[str, str]
-    text_field: str
 
 
 class GenerationLatencyStage(Stage[GenerationLatencyConfig]):
@@ -535,11 +527,6 @@ class GenerationLatencyStage(Stage[GenerationLatencyConfig]):
                     for name, folder in folders.items()
                 },
             }
-            with ctx.progress.task("peak memory", total=len(probes)) as advance:
-                rss = {}
-                for name, probe in probes.items():
-                    rss[name] = peak_rss(probe, feed)
-                    advance(1)
-            stats["peak_rss_bytes"] = rss
+            stats["peak_rss_bytes"] = peak_memory(ctx, probes, feed)
             stats["memory_shape"] = f"b{batch}s{sequence}, {cfg.new_tokens} new tokens"
         return StageResult(stats=stats)

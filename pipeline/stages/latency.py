@@ -83,7 +83,22 @@ def timing_feed(
     return {name: feed[name] for name in inputs}
 
 
-class LatencyConfig(StageConfig):
+def peak_memory(
+    ctx: BuildContext, probes: Mapping[str, MemoryProbe], feed: dict[str, np.ndarray]
+) -> dict[str, int]:
+    """Each contender's peak RSS, one fresh process at a time, with progress."""
+    rss = {}
+    with ctx.progress.task("peak memory", total=len(probes)) as advance:
+        for name, probe in probes.items():
+            rss[name] = peak_rss(probe, feed)
+            advance(1)
+    return rss
+
+
+class TimingConfig(StageConfig):
+    """What every latency stage times: shapes, rounds, threads, the variants' sessions."""
+
+    #: (batch, sequence) pairs; for decoders the sequence is the prompt length.
     shapes: tuple[tuple[int, int], ...]
     warmup: int
     runs: int
@@ -92,6 +107,9 @@ class LatencyConfig(StageConfig):
     #: Variant name -> ONNX Runtime session optimisation level.
     variants: dict[str, str]
     text_field: str
+
+
+class LatencyConfig(TimingConfig):
     #: Variant name -> target, for variants not on ort-cpu (so CPU-only builds keep their keys).
     targets: dict[str, str] = Field(default_factory=dict)
 
@@ -200,11 +218,6 @@ class LatencyStage(Stage[LatencyConfig]):
                     if cfg.targets.get(name, "ort-cpu") == "ort-cpu"
                 }
             )
-            with ctx.progress.task("peak memory", total=len(probes)) as advance:
-                rss = {}
-                for name, probe in probes.items():
-                    rss[name] = peak_rss(probe, feed)
-                    advance(1)
-            stats["peak_rss_bytes"] = rss
+            stats["peak_rss_bytes"] = peak_memory(ctx, probes, feed)
             stats["memory_shape"] = shape_key(batch, sequence)
         return StageResult(stats=stats)
