@@ -24,6 +24,11 @@ from typing import Any
 from pipeline.errors import ExportError, first_line
 
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
+#: The one weights file both graphs read (see share_weights).
+WEIGHTS = "weights.onnx.data"
+#: Tensors smaller than this stay inside their graph.
+_INLINE_BYTES = 1024
+_ALIGN = 4096
 _CACHE = re.compile(r"^(?:(input|output)\.)?cache\.layers\.(\d+)\.(keys|values)$")
 
 
@@ -86,6 +91,70 @@ def _rename(path: Path, graph: str) -> tuple[str, ...]:
     return names
 
 
+def graph_files(folder: Path) -> list[Path]:
+    """The files that make up a decoder's graphs: both .onnx files and their weights."""
+    return sorted(
+        f for f in folder.iterdir() if f.name.startswith(("prefill.onnx", "decode.onnx", WEIGHTS))
+    )
+
+
+def share_weights(folder: Path) -> dict[str, int]:
+    """Store each weight of the prefill and decode graphs once, in ``weights.onnx.data``.
+
+    The two graphs are exported (and quantized) separately, so each carries its own copy of
+    every weight; equal tensors (same type, shape and bytes) are written once and both graphs
+    point at that copy, which halves a decoder on disk. Each tensor starts on a 4 KiB boundary
+    (ONNX Runtime may map the file). The file is written beside the graphs and renamed into
+    place; the graphs' own data files are removed after.
+    """
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.stages.export import load_onnx
+
+    models = {name: load_onnx(folder / name) for name in (PREFILL, DECODE)}
+    placed: dict[str, tuple[int, int]] = {}
+    total = 0
+    staging = folder / f".{WEIGHTS}.tmp"
+    with staging.open("wb") as out:
+        for model in models.values():
+            for tensor in model.graph.initializer:
+                if not tensor.HasField("raw_data"):
+                    tensor.CopyFrom(
+                        numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name)
+                    )
+                raw = tensor.raw_data
+                if len(raw) < _INLINE_BYTES:
+                    continue
+                total += len(raw)
+                key = hashlib.sha256(
+                    f"{tensor.data_type}:{list(tensor.dims)}:".encode() + raw
+                ).hexdigest()
+                if key not in placed:
+                    out.write(b"\0" * (-out.tell() % _ALIGN))
+                    placed[key] = (out.tell(), len(raw))
+                    out.write(raw)
+                offset, length = placed[key]
+                tensor.ClearField("raw_data")
+                del tensor.external_data[:]
+                for k, v in (
+                    ("location", WEIGHTS),
+                    ("offset", str(offset)),
+                    ("length", str(length)),
+                ):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = k, v
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+    for name, model in models.items():
+        onnx.save_model(model, str(folder / name))
+        (folder / f"{name}.data").unlink(missing_ok=True)
+    os.replace(staging, folder / WEIGHTS)
+    stored = sum(length for _, length in placed.values())
+    return {"weight_bytes": total, "stored_bytes": stored}
+
+
 def sample_inputs(vocab_size: int, batch: int = 2, length: int = 8) -> dict[str, Any]:
     """A left-padded sample batch (the first row two tokens shorter)."""
     import torch
@@ -131,6 +200,7 @@ def export_decoder(model: Any, out: Path, opset: int | None = None) -> DecoderGr
         exported.save_pretrained(str(work))
         prefill = _rename(work / PREFILL, "prefill")
         decode = _rename(work / DECODE, "decode")
+        share_weights(work)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(work, out)

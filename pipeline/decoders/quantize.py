@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.decoders.export import DECODE, PREFILL
+from pipeline.decoders.export import DECODE, PREFILL, WEIGHTS, share_weights
 from pipeline.errors import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -241,17 +241,19 @@ def quantize_decoder(
     ``compute`` (weight-only methods): ``int8`` or ``float`` products (see ACCURACY_LEVEL).
     """
     out.mkdir(parents=True, exist_ok=True)
-    stats = {}
+    stats: dict[str, Any] = {}
     for name in (PREFILL, DECODE):
         stats[name.removesuffix(".onnx")] = _quantize_graph(
             source / name, out / name, method, block_size, exclude, compute
         )
     for item in source.iterdir():
-        if item.is_file() and not item.name.startswith(("prefill.onnx", "decode.onnx")):
+        if item.is_file() and not item.name.startswith(("prefill.onnx", "decode.onnx", WEIGHTS)):
             shutil.copyfile(item, out / item.name)
     short = [
         g for g, s in stats.items() if s["quantized"] + len(s["kept_float"]) < s["weight_matmuls"]
     ]
     if short:
         log.warning("decoder %s: not every weight MatMul was quantized in %s", method, short)
+    # Both graphs were quantized alike: their weights are the same bytes, stored once.
+    stats["shared"] = share_weights(out)
     return stats

@@ -54,6 +54,7 @@ def quiet_exporter() -> Iterator[None]:
         "onnxscript",
         "torch._dynamo",
         "torch.fx",
+        "transformers.exporters",
     )
     saved = {name: logging.getLogger(name).level for name in names}
     for name in names:

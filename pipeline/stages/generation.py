@@ -153,7 +153,9 @@ def graph_nodes(folder: Path) -> dict[str, int]:
 
 def decoder_size(folder: Path) -> int:
     """Bytes of both graphs and their weights (the deployable decoder, config files aside)."""
-    return sum(size_of(f) for f in folder.iterdir() if f.name.startswith(("prefill.", "decode.")))
+    from pipeline.decoders.export import graph_files
+
+    return sum(size_of(f) for f in graph_files(folder))
 
 
 class ExportDecoderConfig(StageConfig):
@@ -162,6 +164,8 @@ class ExportDecoderConfig(StageConfig):
 
 class ExportDecoderStage(Stage[ExportDecoderConfig]):
     name = "export-decoder"
+    #: 2: weights stored once for both graphs.
+    version = 2
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.decoders import export_decoder
@@ -341,8 +345,8 @@ class QuantizeDecoderConfig(StageConfig):
 
 class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
     name = "quantize-decoder"
-    #: 2: a tied LM head is untied and quantized.
-    version = 2
+    #: 2: a tied LM head is untied and quantized; 3: weights stored once for both graphs.
+    version = 3
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.decoders.quantize import quantize_decoder

@@ -303,3 +303,30 @@ def test_a_tied_lm_head_is_untied_to_be_quantized_unless_excluded(tmp_path: Path
         # the same product.
         limit = 0.05 * np.abs(expected).max() if name == "int8" else 1e-4
         assert np.abs(logits - expected).max() < limit, name
+
+
+def test_both_graphs_read_one_copy_of_the_weights(
+    exported: tuple[Any, Path], tmp_path: Path
+) -> None:
+    """Prefill and decode share their weights in one file, exported and quantized alike."""
+    from pipeline.decoders.export import WEIGHTS, graph_files
+    from pipeline.decoders.quantize import quantize_decoder
+
+    model, folder = exported
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    for path in (folder, tmp_path / "int8"):
+        if path != folder:
+            stats = quantize_decoder(folder, path, "int8-weight")
+            assert stats["shared"]["stored_bytes"] * 1.5 < stats["shared"]["weight_bytes"]
+        names = {f.name for f in graph_files(path)}
+        assert names == {"prefill.onnx", "decode.onnx", WEIGHTS}, names
+        for graph in ("prefill.onnx", "decode.onnx"):
+            locations = {
+                e.value
+                for t in onnx.load(str(path / graph), load_external_data=False).graph.initializer
+                for e in t.external_data
+                if e.key == "location"
+            }
+            assert locations == {WEIGHTS}
+    # The float weights are on disk about once (GPT-2's tied table and constants aside).
+    assert (folder / WEIGHTS).stat().st_size < 1.6 * parameters
