@@ -239,9 +239,11 @@ def decoder_build_section(d: dict[str, Any]) -> list[str]:
             figure(a.get("sequence_match"), ".3f") if a else "–",
             figure(a.get("agreement"), ".4f") if a else "–",
             (
-                f"{a['perplexity']:.2f} ({100 * change:+.2f}%)"
-                if a and change is not None
-                else f"{d['reference_perplexity']:.2f}"
+                f"{d['reference_perplexity']:.2f}"
+                if not a
+                else (
+                    f"{a['perplexity']:.2f} ({100 * change:+.2f}%)" if change is not None else "–"
+                )
             ),
         ]
         for shape in d["shapes"]:

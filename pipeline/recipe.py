@@ -294,6 +294,16 @@ class QuantizeSpec(_Strict):
     def _calibration_is_static(self) -> QuantizeSpec:
         if self.calibration is not None and self.method != "static":
             raise ValueError(f"calibration: needs method: static (this variant has {self.method})")
+        # Refused when changed from the default (a dumped recipe lists every default).
+        given = sorted(
+            name
+            for name in ("block_size", "compute")
+            if getattr(self, name) != type(self).model_fields[name].default
+        )
+        if given and self.method != "weight-only":
+            raise ValueError(
+                f"{', '.join(given)}: applies to method weight-only (this variant has {self.method})"
+            )
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: {self.block_size} is not a power of two (16 to 256)")
         return self
@@ -513,6 +523,9 @@ class Recipe(_Strict):
         ]
         keys = self.gates.max_p50_ms if isinstance(self.gates.max_p50_ms, dict) else {}
         if self.model.task != GENERATION:
+            # Compared with the defaults, not the fields given: a dumped recipe lists them all.
+            if self.generation != GenerationSpec():
+                raise ValueError("generation: applies to task text-generation only")
             for variant in self.variants:
                 if variant.precision == "int4" or (
                     variant.quantize and variant.quantize.method == "weight-only"
@@ -538,8 +551,30 @@ class Recipe(_Strict):
                 problem = "decoders take quantize.method dynamic or weight-only, not static"
             elif variant.quantize is not None and variant.quantize.budget is not None:
                 problem = "an accuracy budget is not built for decoders yet; list exclude instead"
+            elif variant.quantize is not None and (
+                not variant.quantize.per_channel or variant.quantize.reduce_range
+            ):
+                problem = (
+                    "decoder INT8 is per-channel with 8-bit weights (per_channel and reduce_range "
+                    "are not built for decoders)"
+                )
             if problem:
                 raise ValueError(f"variants: {variant.name}: {problem}")
+        default = VerifySpec()
+        encoder_only = [
+            name
+            for name in ("padding", "batch_size")
+            if getattr(self.verify, name) != getattr(default, name)
+        ] + (
+            ["tolerance.min_mean_cosine"]
+            if self.verify.tolerance.min_mean_cosine is not None
+            else []
+        )
+        if encoder_only:
+            raise ValueError(
+                f"verify: {encoder_only} do not apply to text-generation (the prompts are "
+                "left-padded in generation.batch_size batches)"
+            )
         wrong = [g for g in gates if g in _ENCODER_GATES]
         wrong += [f"max_p50_ms.{k}" for k in keys if "-" not in k]
         if wrong:
@@ -586,7 +621,9 @@ class Recipe(_Strict):
             model["source"] = _absolute_source(source)
         if task is not None:
             model["task"] = task
-        return parse_recipe({**self.model_dump(mode="json"), "model": model}, origin="options")
+        # Only what the recipe set: defaults are the new task's, not the old one's.
+        kept = self.model_dump(mode="json", exclude_unset=True)
+        return parse_recipe({**kept, "model": model}, origin="options")
 
 
 def _describe_value(value: Any) -> str:

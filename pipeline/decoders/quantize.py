@@ -125,21 +125,31 @@ def untie(model: Any, nodes: list[Any]) -> int:
     return sum(1 for n in nodes if n.input[1] in made.values())
 
 
-def excluded(nodes: list[Any], patterns: tuple[str, ...]) -> dict[str, str]:
-    """Node name -> the module (or node) name that matched one of ``patterns``.
+def _matches(pattern: str, node: Any, module: str) -> bool:
+    # PyTorch names the decoder body ``model.layers.N...``; either spelling is taken.
+    names = (module, f"model.{module}") if module else ()
+    return node.name == pattern or any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def excluded(nodes: list[Any], patterns: tuple[str, ...]) -> tuple[dict[str, str], set[str]]:
+    """(node name -> the module (or node) name that matched one of ``patterns``, the
+    patterns that matched nothing).
 
     A pattern is a PyTorch module name or a shell pattern of one (``lm_head``,
-    ``*.down_proj``, ``layers.0.*``; the module is read from the exporter's scope metadata), or
-    an ONNX node name.
+    ``*.down_proj``, ``layers.0.*`` or ``model.layers.0.*``; the module is read from the
+    exporter's scope metadata), or an ONNX node name.
     """
     from pipeline.sensitivity import module_name
 
     kept = {}
+    unused = set(patterns)
     for node in nodes:
         module = module_name(node) or ""
-        if any(fnmatch.fnmatchcase(module, p) or node.name == p for p in patterns):
+        hits = {p for p in patterns if _matches(p, node, module)}
+        if hits:
             kept[node.name] = module or node.name
-    return kept
+            unused -= hits
+    return kept, unused
 
 
 Method = Literal["int8", "int8-weight", "int4"]
@@ -170,7 +180,7 @@ def _quantize_graph(
     matmuls = _weight_matmuls(model)
     if not matmuls:
         raise PreconditionError(f"{source.name} has no MatMul with a constant weight to quantize")
-    kept = excluded(matmuls, exclude)
+    kept, unused = excluded(matmuls, exclude)
     untied = untie(model, [n for n in matmuls if n.name not in kept])
     data = target.name + ".data"
     with quiet_quantizer():
@@ -224,6 +234,8 @@ def _quantize_graph(
         "gemm_rewritten": gemms,
         "untied": untied,
         "kept_float": sorted(set(kept.values())),
+        "kept_nodes": dict(sorted(kept.items())),
+        "unmatched": sorted(unused),
     }
 
 
@@ -250,7 +262,7 @@ def quantize_decoder(
         if item.is_file() and not item.name.startswith(("prefill.onnx", "decode.onnx", WEIGHTS)):
             shutil.copyfile(item, out / item.name)
     short = [
-        g for g, s in stats.items() if s["quantized"] + len(s["kept_float"]) < s["weight_matmuls"]
+        g for g, s in stats.items() if s["quantized"] + len(s["kept_nodes"]) < s["weight_matmuls"]
     ]
     if short:
         log.warning("decoder %s: not every weight MatMul was quantized in %s", method, short)

@@ -79,6 +79,10 @@ ACCURACY = (
 )
 
 
+#: Accuracy figures where a rise is a loss.
+LOWER_IS_BETTER = frozenset(metric for metric, _, higher in ACCURACY if not higher)
+
+
 def _relative_se(lat: Latency) -> float:
     """Standard error of the median over the median, from the run's own spread."""
     sd = max(lat.p90_ms - lat.p50_ms, 0.0) / _P90_SDS

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.budget import FIGURES as BUDGET_FIGURES
+from pipeline.report.compare import LOWER_IS_BETTER
 from pipeline.report.model import Comparison, Contender, Delta, Report
 
 
@@ -340,8 +341,8 @@ def _limit(d: Delta) -> str:
         return "–"
     if d.shape is not None or d.metric == "size_mb":
         return f"<= {d.limit:+.1%}" + (f" (noise +-{d.noise:.1%})" if d.noise is not None else "")
-    # A lower-is-better figure (perplexity increase) has a positive limit: an upper bound.
-    return f"<= {d.limit:+.5f}" if d.limit > 0 else f">= {d.limit:+.5f}"
+    # A lower-is-better figure (the perplexity increase) has an upper bound.
+    return f"<= {d.limit:+.5f}" if d.metric in LOWER_IS_BETTER else f">= {d.limit:+.5f}"
 
 
 _MARK = {

@@ -113,15 +113,26 @@ def load_onnx(path: Path) -> Any:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         entry = {e.key: e.value for e in tensor.external_data}
-        file = (folder / entry["location"]).resolve()
-        if file.parent != folder:
+        location = entry.get("location", "")
+        file = (folder / location).resolve()
+        if not location or file.parent != folder or not file.is_file():
             raise PreconditionError(
-                f"{path.name}: external data {entry['location']!r} is outside its folder"
+                f"{path.name}: tensor {tensor.name} names external data {location!r}, which is "
+                "not a file beside the model",
+                "re-export the model",
+            )
+        size = file.stat().st_size
+        offset = int(entry.get("offset", 0))
+        length = int(entry["length"]) if "length" in entry else size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise PreconditionError(
+                f"{path.name}: tensor {tensor.name} reads bytes {offset}..{offset + length} of "
+                f"{location}, which holds {size}",
+                "the weights file is truncated or belongs to another model: re-export it",
             )
         with file.open("rb") as handle:
-            handle.seek(int(entry.get("offset", 0)))
-            length = entry.get("length")
-            tensor.raw_data = handle.read(int(length)) if length is not None else handle.read()
+            handle.seek(offset)
+            tensor.raw_data = handle.read(length)
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
     return model

@@ -254,6 +254,9 @@ PERPLEXITY_BATCH = 8
 
 class GenerationReferenceStage(Stage[GenerationReferenceConfig]):
     name = "generation-reference"
+    # PyTorch's CPU kernels round differently per instruction set (as for encoders).
+    facets = ("versions", "hardware")
+    version = 2
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from safetensors.numpy import save_file
@@ -345,8 +348,9 @@ class QuantizeDecoderConfig(StageConfig):
 
 class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
     name = "quantize-decoder"
-    #: 2: a tied LM head is untied and quantized; 3: weights stored once for both graphs.
-    version = 3
+    #: 2: a tied LM head is untied and quantized; 3: weights stored once for both graphs;
+    #: 4: kept-float nodes named by node.
+    version = 4
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.decoders.quantize import quantize_decoder
@@ -362,12 +366,13 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 cfg.compute,
             )
             advance(1)
-        if cfg.exclude and not graphs["decode"]["kept_float"]:
-            raise InputError(
-                f"quantize.exclude {list(cfg.exclude)} matches no weight MatMul of the decoder",
-                "name modules as PyTorch does (lm_head, *.down_proj, layers.0.*) or ONNX nodes",
-            )
         decode = graphs["decode"]
+        unmatched = sorted(set(decode["unmatched"]) & set(graphs["prefill"]["unmatched"]))
+        if unmatched:
+            raise InputError(
+                f"quantize.exclude {unmatched} matches no weight MatMul of the decoder",
+                "name modules as PyTorch does (lm_head, *.down_proj, model.layers.0.*) or ONNX nodes",
+            )
         return StageResult(
             outputs={"model": MODEL_DIR},
             stats={
@@ -376,7 +381,10 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 "compute": cfg.compute if cfg.method != "int8" else None,
                 "weight_matmuls": decode["weight_matmuls"],
                 "quantized_matmuls": decode["quantized"],
-                "kept_float": [{"node": m, "module": m} for m in decode["kept_float"]],
+                "kept_float": [
+                    {"node": node, "module": module}
+                    for node, module in decode["kept_nodes"].items()
+                ],
                 "graphs": graphs,
                 "size_bytes": decoder_size(out / MODEL_DIR),
             },
@@ -392,6 +400,9 @@ class VerifyGenerationConfig(StageConfig):
 
 class VerifyGenerationStage(Stage[VerifyGenerationConfig]):
     name = "verify-generation"
+    # MatMulNBits and INT8 kernels differ per instruction set (VNNI or not).
+    facets = ("versions", "hardware")
+    version = 2
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.decoders.generate import OrtGenerator, negative_log_likelihood

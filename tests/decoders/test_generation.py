@@ -330,3 +330,22 @@ def test_both_graphs_read_one_copy_of_the_weights(
             assert locations == {WEIGHTS}
     # The float weights are on disk about once (GPT-2's tied table and constants aside).
     assert (folder / WEIGHTS).stat().st_size < 1.6 * parameters
+
+
+def test_a_truncated_weights_file_is_a_clear_error(
+    exported: tuple[Any, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from pipeline.decoders.export import WEIGHTS
+    from pipeline.errors import PreconditionError
+    from pipeline.stages.export import load_onnx
+
+    _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert load_onnx(copy / "decode.onnx").graph.initializer  # whole: it loads
+    data = (copy / WEIGHTS).read_bytes()
+    (copy / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(PreconditionError, match="truncated"):
+        load_onnx(copy / "decode.onnx")
