@@ -9,6 +9,7 @@ does), and every decode step appends a 1 to the mask. The reference is PyTorch's
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,60 @@ def positions(mask: np.ndarray) -> np.ndarray:
     return np.where(mask == 0, 1, position).astype(np.int64)
 
 
+def decode_loop(
+    prefill: Callable[[dict[str, np.ndarray]], Any],
+    step: Callable[[dict[str, np.ndarray], Any], Any],
+    last_logits: Callable[[Any], np.ndarray],
+    ids: np.ndarray,
+    mask: np.ndarray,
+    forced: np.ndarray | None,
+    new_tokens: int,
+    sampling: Sampling | None,
+    times: list[float] | None,
+) -> Generation:
+    """The generation loop every runtime shares: the prefill on the prompt, then one decode
+    step per new token with the cache of the previous call (``step(feed, previous output)``).
+
+    The mask grows by one column per step and positions count real tokens only, so left-padded
+    rows continue where their text ends. ``times`` receives each model call's seconds (the
+    prefill first); reading the logits out is not timed.
+    """
+
+    def timed(call: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        out = call(*args)
+        if times is not None:
+            times.append(time.perf_counter() - start)
+        return out
+
+    mask = mask.astype(np.int64)
+    out = timed(
+        prefill,
+        {
+            "input_ids": ids.astype(np.int64),
+            "attention_mask": mask,
+            "position_ids": positions(mask),
+        },
+    )
+    tokens, steps = [], []
+    rng = sampling.rng() if sampling is not None else None
+    for index in range(new_tokens):
+        logits = last_logits(out)
+        steps.append(logits)
+        chosen = choose(logits, sampling, rng) if forced is None else forced[:, index]
+        tokens.append(chosen)
+        if index == new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+        feed = {
+            "input_ids": chosen[:, None].astype(np.int64),
+            "attention_mask": mask,
+            "position_ids": (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64),
+        }
+        out = timed(step, feed, out)
+    return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
+
+
 class OrtGenerator:
     """ONNX Runtime sessions over a decoder's prefill and decode graphs."""
 
@@ -92,40 +147,23 @@ class OrtGenerator:
         comparable with another runtime's even after their tokens diverge). ``times``, when
         given, receives the seconds of each graph call (the prefill first)."""
 
-        def timed(runner: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            start = time.perf_counter()
-            out = runner.run(feed)
-            if times is not None:
-                times.append(time.perf_counter() - start)
-            return out
-
-        values: dict[str, np.ndarray] = {
-            "input_ids": ids.astype(np.int64),
-            "attention_mask": mask.astype(np.int64),
-            "position_ids": positions(mask),
-        }
-        out = timed(self.prefill, self._feed(self.prefill, values))
-        tokens, steps = [], []
-        mask = mask.astype(np.int64)
-        rng = sampling.rng() if sampling is not None else None
-        for step in range(new_tokens):
-            logits = out["logits"][:, -1, :]
-            steps.append(logits)
-            chosen = choose(logits, sampling, rng) if forced is None else forced[:, step]
-            tokens.append(chosen)
-            if step == new_tokens - 1:
-                break
-            mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
-            values = {
-                "input_ids": chosen[:, None].astype(np.int64),
-                "attention_mask": mask,
-                "position_ids": (np.sum(mask, axis=1, keepdims=True) - 1).astype(np.int64),
-            }
+        def step(feed: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             for layer in range(self.layers):
                 for kind in ("key", "value"):
-                    values[f"past.{layer}.{kind}"] = out[f"present.{layer}.{kind}"]
-            out = timed(self.decode, self._feed(self.decode, values))
-        return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
+                    feed[f"past.{layer}.{kind}"] = out[f"present.{layer}.{kind}"]
+            return self.decode.run(self._feed(self.decode, feed))
+
+        return decode_loop(
+            lambda feed: self.prefill.run(self._feed(self.prefill, feed)),
+            step,
+            lambda out: out["logits"][:, -1, :],
+            ids,
+            mask,
+            forced,
+            new_tokens,
+            sampling,
+            times,
+        )
 
     def generate(
         self, ids: np.ndarray, mask: np.ndarray, new_tokens: int, sampling: Sampling | None = None
@@ -191,38 +229,23 @@ class TorchGenerator:
         """As :meth:`OrtGenerator.step_logits`."""
         import torch
 
-        rng = sampling.rng() if sampling is not None else None
-        tokens, steps = [], []
-        mask_np = mask.astype(np.int64)
-
-        def call(**kwargs: Any) -> Any:
-            start = time.perf_counter()
-            out = self.model(**kwargs, use_cache=True)
-            if times is not None:
-                times.append(time.perf_counter() - start)
-            return out
+        def call(feed: dict[str, np.ndarray], **extra: Any) -> Any:
+            tensors = {name: torch.from_numpy(value) for name, value in feed.items()}
+            return self.model(**tensors, **extra, use_cache=True)
 
         with torch.inference_mode():
-            out = call(
-                input_ids=torch.from_numpy(ids.astype(np.int64)),
-                attention_mask=torch.from_numpy(mask_np),
-                position_ids=torch.from_numpy(positions(mask_np)),
+            return decode_loop(
+                call,
+                # transformers 5: `past_key_values` is a deprecated alias of `cache`
+                lambda feed, out: call(feed, cache=out.cache),
+                lambda out: out.logits[:, -1, :].float().numpy(),
+                ids,
+                mask,
+                forced,
+                new_tokens,
+                sampling,
+                times,
             )
-            for step in range(new_tokens):
-                logits = out.logits[:, -1, :].float().numpy()
-                steps.append(logits)
-                chosen = choose(logits, sampling, rng) if forced is None else forced[:, step]
-                tokens.append(chosen)
-                if step == new_tokens - 1:
-                    break
-                mask_np = np.concatenate([mask_np, np.ones((len(mask_np), 1), dtype=np.int64)], 1)
-                out = call(
-                    input_ids=torch.from_numpy(chosen[:, None].astype(np.int64)),
-                    attention_mask=torch.from_numpy(mask_np),
-                    position_ids=torch.from_numpy(mask_np.sum(1, keepdims=True) - 1),
-                    cache=out.cache,  # transformers 5: `past_key_values` is a deprecated alias
-                )
-        return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
 
 
 def sampled_reference(

@@ -338,3 +338,13 @@ def test_the_shipped_smollm2_recipe_parses() -> None:
     assert recipe.generates
     assert {v.precision for v in recipe.variants} >= {"fp32", "int8", "int4"}
     assert np.all([v.target == "ort-cpu" for v in recipe.variants])
+
+
+def test_remeasure_re_times_a_decoder_build_only(built: Any, checkpoint: Path) -> None:
+    from dataclasses import replace
+
+    _, artifacts = built
+    options = BuildOptions(artifacts=artifacts, run_id="re-timed")
+    again = build(parse_recipe(recipe_data(checkpoint)), replace(options, remeasure=True))
+    ran = [s.step for s in again.manifest.stages if not s.cached]
+    assert ran == ["latency"]
