@@ -216,7 +216,7 @@ def decoder_build_section(d: dict[str, Any]) -> list[str]:
     """A text-generation build's own measurement: accuracy against PyTorch and decode speed."""
     model = d["model"]
     lines = [
-        f"## Decoder build: {model['source']} ({model.get('model_type')}, {model.get('layers')} layers, "
+        f"## {d.get('title', 'Decoder build')}: {model['source']} ({model.get('model_type')}, {model.get('layers')} layers, "
         f"{model.get('parameters', 0) / 1e6:.0f}M parameters), {d['threads']} threads",
         "",
         f"Produced by `{d['command']}` (run {d['run_id']}). {d['prompts']} evaluation prompts, "
@@ -257,6 +257,8 @@ def decoder_build_section(d: dict[str, Any]) -> list[str]:
         row += [figure(c["size_mb"], ".1f"), figure(c["peak_rss_mb"], ".0f")]
         lines.append("| " + " | ".join(row) + " |")
     decode = [s for s in d["shapes"] if s.startswith("decode-")]
+    if d.get("note"):
+        lines += ["", d["note"]]
     lines += [
         "",
         "Decode tokens/s: "
@@ -392,6 +394,8 @@ def render(results: dict[str, Any]) -> str:
         lines += decoders_section(results["decoders_real"])
     if results.get("decoder_build"):
         lines += decoder_build_section(results["decoder_build"])
+    if results.get("decoder_fusions"):
+        lines += decoder_build_section(results["decoder_fusions"])
 
     lines += [
         "## The floor",

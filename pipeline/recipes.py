@@ -31,6 +31,8 @@ from pipeline.stages.generation import (
     GenerationReferenceStage,
     LoadDecoderConfig,
     LoadDecoderStage,
+    OptimizeDecoderConfig,
+    OptimizeDecoderStage,
     QuantizeDecoderConfig,
     QuantizeDecoderStage,
     VerifyGenerationConfig,
@@ -276,7 +278,8 @@ def decoder_method(variant: VariantSpec) -> str | None:
 
 
 def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
-    """load -> export (prefill + decode) -> reference -> quantize (each) -> verify (each) -> latency.
+    """load -> export (prefill + decode) -> reference -> optimize, quantize (each) -> verify (each)
+    -> latency.
 
     Step ids are the encoder pipeline's, so reports and checks read both alike.
     """
@@ -312,9 +315,23 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
     ]
     models = {}
     for variant in recipe.variants:
+        graphs = "export.model"
+        if variant.optimize == "ort":
+            fuse = OptimizeDecoderConfig(
+                fusions=tuple(variant.fusions),
+                session_optimization=variant.session_optimization,
+            )
+            steps.append(
+                Step(
+                    f"optimize[{variant.name}]",
+                    OptimizeDecoderStage(fuse),
+                    {"model": "export.model", "info": "load.info"},
+                )
+            )
+            graphs = f"optimize[{variant.name}].model"
         method = decoder_method(variant)
         if method is None:
-            models[variant.name] = "export.model"
+            models[variant.name] = graphs
             continue
         q = variant.quantize or QuantizeSpec()
         config = QuantizeDecoderConfig(
@@ -325,9 +342,7 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             compute=q.compute if method != "int8" else "int8",
         )
         steps.append(
-            Step(
-                f"quantize[{variant.name}]", QuantizeDecoderStage(config), {"model": "export.model"}
-            )
+            Step(f"quantize[{variant.name}]", QuantizeDecoderStage(config), {"model": graphs})
         )
         models[variant.name] = f"quantize[{variant.name}].model"
     for variant in recipe.variants:

@@ -197,6 +197,22 @@ def fusion_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
         record = steps.get(f"optimize[{variant.name}]")
         if record is None or variant.optimize != "ort":
             continue
+        if "expected" in record.stats:
+            # A decoder's optimize stage says what its architecture should give, per fusion.
+            for fusion, count in record.stats["expected"].items():
+                dropped = record.stats.get("fallback", {}).get(fusion)
+                checks.append(
+                    check(
+                        "fusion",
+                        variant.name,
+                        fusion,
+                        record.stats["made"].get(fusion, 0),
+                        count,
+                        "min",
+                        note=f"dropped: {dropped}" if dropped else "fused ops in the decode graph",
+                    )
+                )
+            continue
         made = record.stats["fusions"]
         for fusion in variant.fusions:
             per_layer = family.expects(fusion)

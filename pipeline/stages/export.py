@@ -47,7 +47,7 @@ _TWO_GB = 2**31 - 1
 def quiet_exporter() -> Iterator[None]:
     """The exporter logs optional-dependency notes and prints its progress; keep both out of
     our output (progress is ours to show, and CI logs stay readable)."""
-    names = (
+    names: tuple[str, ...] = (
         "torch.onnx",
         "torch.export",
         "torch._export",
@@ -56,6 +56,13 @@ def quiet_exporter() -> Iterator[None]:
         "torch.fx",
         "transformers.exporters",
     )
+    try:
+        # This module's logger is named by its file path, outside the "transformers" tree.
+        from transformers.exporters import exporter_dynamo
+
+        names += (exporter_dynamo.logger.name,)
+    except (ImportError, AttributeError):
+        pass
     saved = {name: logging.getLogger(name).level for name in names}
     for name in names:
         logging.getLogger(name).setLevel(logging.ERROR)

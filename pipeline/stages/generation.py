@@ -1,7 +1,7 @@
 """Stages of a text-generation build (decoder-only language models).
 
 The steps keep the encoder pipeline's ids (``load``, ``export``, ``reference``,
-``quantize[<variant>]``, ``verify[<variant>]``, ``latency``), so reports, checks and comparisons
+``optimize[<variant>]``, ``quantize[<variant>]``, ``verify[<variant>]``, ``latency``), so reports, checks and comparisons
 read both kinds of build alike; the stages behind them differ:
 
 * ``load-decoder``: the float32 PyTorch model (a checkpoint folder, or GGUF weights dequantized
@@ -10,6 +10,8 @@ read both kinds of build alike; the stages behind them differ:
   outputs (see pipeline.decoders.export), plus the tokenizer and config;
 * ``generation-reference``: PyTorch's greedy continuations of the evaluation prompts with the
   top-k logits of every step, and PyTorch's perplexity on the evaluation texts;
+* ``optimize-decoder``: normalisation and rotary fusions on both graphs, each run against the
+  unfused graphs before it is kept (see pipeline.decoders.fuse);
 * ``quantize-decoder``: INT8 dynamic, or 8-/4-bit weight-only MatMulNBits, on both graphs;
 * ``verify-generation``: a variant's greedy tokens, teacher-forced decisions and logits, and
   perplexity against the reference (see pipeline.decoders.verify);
@@ -333,6 +335,66 @@ class GenerationReferenceStage(Stage[GenerationReferenceConfig]):
                 "perplexity_tokens": count,
                 "truncated": truncated,
                 "max_length": cfg.max_length,
+            },
+        )
+
+
+class OptimizeDecoderConfig(StageConfig):
+    fusions: tuple[str, ...]
+    #: The session level the fused graphs are checked at (the variant's).
+    session_optimization: str
+
+
+class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
+    """Fused prefill and decode graphs; stats: the fused ops, what each fusion should have
+    made for the architecture (``expected``), and any fusion dropped with its reason."""
+
+    name = "optimize-decoder"
+
+    def describe(self) -> str:
+        return f"optimize decoder ({', '.join(self.config.fusions) or 'no fusions'})"
+
+    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
+        from pipeline.decoders.fuse import FUSED_BY, expected_ops, fuse_decoder
+
+        info = DecoderInfo.read(inputs["info"])
+        with ctx.progress.task("fuse prefill and decode graphs", total=1) as advance:
+            result = fuse_decoder(
+                inputs["model"].path,
+                out / MODEL_DIR,
+                self.config.fusions,
+                info.max_positions,
+                info.vocab_size,
+                self.config.session_optimization,
+            )
+            advance(1)
+        decode = result["fused_ops"]["decode"]
+        made = {
+            fusion: sum(decode.get(op, 0) for op in ops)
+            for fusion, ops in FUSED_BY.items()
+            if fusion in self.config.fusions
+        }
+        expected = {
+            fusion: count
+            for fusion, count in expected_ops(info.model_type, info.layers).items()
+            if fusion in self.config.fusions
+        }
+        nodes = graph_nodes(out / MODEL_DIR)
+        return StageResult(
+            outputs={"model": MODEL_DIR},
+            stats={
+                "profile": "ort",
+                # Fused op -> count in the decode graph (the report's Graph section).
+                "fusions": decode,
+                "made": made,
+                "expected": expected,
+                "kept": result["kept"],
+                "fallback": result["fallback"],
+                "prefill_fusions": result["fused_ops"]["prefill"],
+                "nodes": nodes["decode"],
+                "prefill_nodes": nodes["prefill"],
+                "decode_nodes": nodes["decode"],
+                "size_bytes": decoder_size(out / MODEL_DIR),
             },
         )
 

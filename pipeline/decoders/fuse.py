@@ -1,0 +1,499 @@
+"""Graph fusions for a decoder's prefill and decode graphs, checked by running them.
+
+* ``skip-layernorm``: RMSNorm into ``SimplifiedLayerNormalization`` and, with the residual add
+  before it, ``SkipSimplifiedLayerNormalization`` (Llama, Qwen2); LayerNorm with its residual
+  add into ``SkipLayerNormalization`` (GPT-2). onnxscript's rules.
+* ``rotary``: the rotary position embedding of queries and keys into ONNX Runtime's
+  ``RotaryEmbedding``, which reads cos/sin from a table indexed by ``position_ids``.
+* ``attention``: the whole attention of a rotary layer (head reshapes, rotary, cache concat,
+  the key/value heads repeated for grouped queries, softmax(QK^T)V) into one
+  ``GroupQueryAttention`` that also writes the new cache. Needs ``rotary``.
+
+Why our own rules, beside onnxscript's:
+
+* The cos/sin table: onnxscript's ``cos_sin_cache`` rule matches the angle computation of older
+  transformers (``inv_freq @ position_ids``, then a Transpose); transformers 5 computes it
+  elementwise (``position_ids[..., None].float() * inv_freq``), which no onnxscript rule matches,
+  so its RotaryEmbedding fusion is inlined back and nothing is fused. :class:`RotaryTableFusion`
+  matches the elementwise form and precomputes the table for every position the model takes
+  (``max_position_embeddings``).
+* GroupQueryAttention: onnxscript's GQA rule derives each row's length from ``position_ids`` and
+  drops the attention mask (ONNX Runtime GenAI's convention: right-padded rows). Our generation
+  runner left-pads, so :class:`LeftPaddedAttention` keeps the mask: every row's length is the
+  full mask width, and the graph's own additive mask (padding and causal) goes in as
+  ``attention_bias``; the queries and keys are rotated as 3-D tensors before the op, with the
+  positions the runner gives (GroupQueryAttention's own rotary would count from the first
+  column, padding included).
+
+At batch 1 a 135M decoder's decode step is dominated by small ops, not by its MatMuls: with
+INT4 weights ONNX Runtime runs 2,094 nodes of the exported SmolLM2 decode graph per token (2,245
+before its own fusions), and the 211 MatMulNBits take about a third of the kernel time; the
+fused graph has 493 nodes (BENCHMARKS.md, "Decoder fusions").
+
+Every fused graph is run against the unfused one on a left-padded sample (prefill and one
+decode step) before it is kept; a fusion that fails to load or run, or changes the logits, is
+dropped and the reason recorded (``fallback``), and the graphs keep the fusions before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.decoders.export import DECODE, PREFILL, WEIGHTS, share_weights
+from pipeline.errors import first_line
+from pipeline.recipe import DECODER_FUSIONS
+
+log = logging.getLogger(__name__)
+
+
+#: The ops each fusion makes (counted in the fused graphs).
+FUSED_BY = {
+    "skip-layernorm": (
+        "SimplifiedLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+    ),
+    "rotary": ("RotaryEmbedding",),
+    "attention": ("GroupQueryAttention",),
+}
+
+#: Model types whose attention rotates queries and keys (one RotaryEmbedding each per layer).
+ROTARY_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo", "olmo2", "gemma"}
+)
+#: Model types with a known layout: the normalisations and rotary ops each layer should give.
+KNOWN_MODEL_TYPES = ROTARY_MODEL_TYPES | {"gpt2"}
+
+#: A fused graph's logits must stay this close to the unfused graph's (relative to their size).
+_RTOL = 1e-3
+
+
+def expected_ops(model_type: str, layers: int) -> dict[str, int]:
+    """How many fused ops each fusion should make in each graph, for a known model type.
+
+    Two normalisations per layer plus the final one (the first takes no residual: it is a
+    plain ``SimplifiedLayerNormalization`` for RMSNorm models); one RotaryEmbedding for the
+    queries and one for the keys per layer, and one GroupQueryAttention (GPT-2's attention,
+    without rotary, is not fused).
+    """
+    if model_type not in KNOWN_MODEL_TYPES:
+        return {}
+    expected = {"skip-layernorm": 2 * layers + 1}
+    if model_type in ROTARY_MODEL_TYPES:
+        expected["rotary"] = 2 * layers
+        expected["attention"] = layers
+    return expected
+
+
+def _rotary_rule(max_positions: int) -> Any:
+    import onnx_ir as ir
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    class RotaryTableFusion(pattern.RewriteRuleClassBase):
+        """onnxscript's intermediate RotaryEmbedding (x, cos, sin), with cos/sin computed from
+        ``position_ids`` elementwise, -> ``com.microsoft.RotaryEmbedding`` with a cos/sin table."""
+
+        def __init__(self) -> None:
+            # The angle nodes feed every layer's rotary op: they are left for the final cleanup.
+            super().__init__("RotaryTable", remove_nodes=False)
+            self.tables: dict[Any, tuple[Any, Any]] = {}
+
+        def pattern(self, op, x, position_ids, axis, inv_freq, interleaved, num_heads):
+            positions = op.Cast(op.Unsqueeze(position_ids, axis), to=ir.DataType.FLOAT)
+            freqs = op.Mul(positions, inv_freq)
+            angles = op.Concat(freqs, freqs, axis=-1)
+            cos = op.Unsqueeze(op.Cos(angles), [1])
+            sin = op.Unsqueeze(op.Sin(angles), [1])
+            return op.RotaryEmbedding(
+                x,
+                cos,
+                sin,
+                interleaved=interleaved,
+                num_heads=num_heads,
+                _domain="ai.onnxruntime._fusion",
+            )
+
+        def check(self, context, x, position_ids, axis, inv_freq, **_):
+            result = pattern.MatchResult()
+            if not _ir_utils.has_rank(position_ids, 2):
+                return result.fail("position_ids is not [batch, sequence]", position_ids)
+            if not (
+                _ir_utils.is_singleton_value(axis, -1) or _ir_utils.is_singleton_value(axis, 2)
+            ):
+                return result.fail("the positions are not unsqueezed on the last axis", axis)
+            if inv_freq.const_value is None or inv_freq.const_value.numpy().ndim != 1:
+                return result.fail("inv_freq is not a constant vector", inv_freq)
+            if x.dtype != ir.DataType.FLOAT:
+                return result.fail("the rotated tensor is not float32", x)
+            return result
+
+        def rewrite(self, op, x, position_ids, inv_freq, interleaved, num_heads, **_):
+            if inv_freq not in self.tables:
+                frequencies = inv_freq.const_value.numpy().astype(np.float64)
+                angles = np.arange(max_positions, dtype=np.float64)[:, None] * frequencies[None]
+                self.tables[inv_freq] = (
+                    op.Constant(value=ir.tensor(np.cos(angles).astype(np.float32))),
+                    op.Constant(value=ir.tensor(np.sin(angles).astype(np.float32))),
+                )
+            cos, sin = self.tables[inv_freq]
+            return op.RotaryEmbedding(
+                x,
+                position_ids,
+                cos,
+                sin,
+                interleaved=interleaved,
+                num_heads=num_heads,
+                _domain="com.microsoft",
+            )
+
+    return RotaryTableFusion.rule()
+
+
+def _attention_rules() -> list[Any]:
+    import onnx_ir as ir
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    class LeftPaddedAttention(pattern.RewriteRuleClassBase):
+        """A rotary layer's attention, after onnxscript's SDPA fusion, -> GroupQueryAttention.
+
+        ``zeroed``: the exporter zeroes the output of fully masked rows (a Where) -- padding
+        queries, whose output nothing reads; ``reshaped``: a no-op Reshape before the heads are
+        merged (the decode graph has it). One rule per form: onnxscript cannot return values
+        behind a choice.
+        """
+
+        def __init__(self, zeroed: bool, reshaped: bool, lengths: dict[Any, Any]) -> None:
+            super().__init__(f"LeftPaddedAttention{int(zeroed)}{int(reshaped)}", remove_nodes=False)
+            self.zeroed, self.reshaped = zeroed, reshaped
+            # The mask -> (seqlens_k, total_sequence_length), built once per graph.
+            self.lengths = lengths
+
+        def pattern(
+            self, op, query, key, value, past_key, past_value, position_ids, cos, sin, mask, rows
+        ):
+            def heads(x, name):
+                split = op.Reshape(x, pattern.ANY_VALUE, _outputs=[name])
+                return op.Transpose(split, perm=[0, 2, 1, 3])
+
+            q = op.RotaryEmbedding(
+                heads(query, "query_heads"),
+                position_ids,
+                cos,
+                sin,
+                _domain="com.microsoft",
+                _outputs=["query_rotary"],
+            )
+            k = op.RotaryEmbedding(
+                heads(key, "key_heads"),
+                position_ids,
+                cos,
+                sin,
+                _domain="com.microsoft",
+                _outputs=["key_rotary"],
+            )
+            v = heads(value, "value_heads")
+            # The cache: the past concatenated with the new keys (the prefill has no past).
+            keys = pattern.OrValue([op.Concat(past_key, k, axis=-2), k])
+            values = pattern.OrValue([op.Concat(past_value, v, axis=-2), v])
+
+            def repeated(x):
+                expanded = op.Expand(op.Unsqueeze(x, [2]), pattern.ANY_VALUE)
+                return op.Reshape(expanded, pattern.ANY_VALUE)
+
+            out = op.SDPA(
+                q,
+                repeated(keys),
+                repeated(values),
+                mask,
+                _domain="ai.onnxruntime._fusion",
+                _allow_other_attributes=True,
+                _outputs=["attention"],
+            )
+            if self.zeroed:
+                out = op.Where(rows, 0.0, out)
+            if self.reshaped:
+                out = op.Reshape(out, pattern.ANY_VALUE)
+            merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
+            return merged, keys, values
+
+        def check(self, context, query_heads, key_heads, query_rotary, key_rotary, mask, **_):
+            result = pattern.MatchResult()
+            num_heads = _ir_utils.get_dim(query_heads, 2)
+            kv_heads = _ir_utils.get_dim(key_heads, 2)
+            head_size = _ir_utils.get_dim(query_heads, 3)
+            if not all(isinstance(d, int) for d in (num_heads, kv_heads, head_size)):
+                return result.fail("the head counts are not static", query_heads)
+            if num_heads % kv_heads or head_size % 8:
+                return result.fail(
+                    "GroupQueryAttention needs kv heads dividing heads, head size % 8"
+                )
+            if mask.shape is None or len(mask.shape) != 4 or mask.dtype != ir.DataType.FLOAT:
+                return result.fail("the mask is not a float [batch, 1, query, key] bias", mask)
+            q_attrs = query_rotary.producer().attributes
+            k_attrs = key_rotary.producer().attributes
+            if q_attrs.get_int("interleaved", 0) != k_attrs.get_int("interleaved", 0):
+                return result.fail("queries and keys rotate differently", query_rotary)
+            return result
+
+        def rewrite(
+            self,
+            op,
+            query,
+            key,
+            value,
+            past_key,
+            past_value,
+            position_ids,
+            cos,
+            sin,
+            mask,
+            query_heads,
+            key_heads,
+            query_rotary,
+            attention,
+            **_,
+        ):
+            num_heads = _ir_utils.get_dim(query_heads, 2)
+            kv_heads = _ir_utils.get_dim(key_heads, 2)
+            interleaved = query_rotary.producer().attributes.get_int("interleaved", 0)
+            if mask not in self.lengths:
+                # Every row spans the whole mask: padding is masked by the bias, not by length.
+                total = op.Shape(mask, start=3, end=4)
+                one = op.Constant(value_ints=[1])
+                seqlens = op.Expand(
+                    op.Cast(op.Sub(total, one), to=ir.DataType.INT32),
+                    op.Shape(mask, start=0, end=1),
+                )
+                width = op.Squeeze(
+                    op.Cast(total, to=ir.DataType.INT32), op.Constant(value_ints=[0])
+                )
+                self.lengths[mask] = (seqlens, width)
+            seqlens, width = self.lengths[mask]
+            # RotaryEmbedding takes [batch, sequence, hidden] with num_heads as well.
+            q = op.RotaryEmbedding(
+                query,
+                position_ids,
+                cos,
+                sin,
+                interleaved=interleaved,
+                num_heads=num_heads,
+                _domain="com.microsoft",
+            )
+            k = op.RotaryEmbedding(
+                key,
+                position_ids,
+                cos,
+                sin,
+                interleaved=interleaved,
+                num_heads=kv_heads,
+                _domain="com.microsoft",
+            )
+            attributes = {"num_heads": num_heads, "kv_num_heads": kv_heads}
+            scale = attention.producer().attributes.get_float("scale", None)
+            if scale is not None:
+                attributes["scale"] = scale
+            return op.GroupQueryAttention(
+                q,
+                k,
+                value,
+                past_key,
+                past_value,
+                seqlens,
+                width,
+                None,  # cos_cache, sin_cache, position_ids: rotated above
+                None,
+                None,
+                mask,  # attention_bias
+                _domain="com.microsoft",
+                _outputs=3,
+                **attributes,
+            )
+
+    lengths: dict[Any, Any] = {}
+    return [
+        LeftPaddedAttention.rule(zeroed, reshaped, lengths)
+        for zeroed in (True, False)
+        for reshaped in (True, False)
+    ]
+
+
+def fuse_graph(model: Any, fusions: Sequence[str], max_positions: int | None) -> dict[str, int]:
+    """Apply ``fusions`` to an ``onnx_ir`` model in place; returns each rule's match count."""
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter import _fusion_utils, pattern
+    from onnxscript.rewriter.ort_fusions import shape_optimization
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
+    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+    from onnxscript.rewriter.ort_fusions.skip_normalization import (
+        fuse_skip_layer_normalization,
+        fuse_skip_rms_normalization,
+    )
+
+    # The rules need shapes and folded shape arithmetic (onnxscript's own preparation).
+    common_passes.ShapeInferencePass()(model)
+    optimize(model)
+    shape_optimization.rules.apply_to_model(model)
+    optimize(model)
+    matched: dict[str, int] = {}
+    if "skip-layernorm" in fusions:
+        matched["rms_normalization"] = fuse_rms_normalization(model)
+        matched["skip_rms_normalization"] = fuse_skip_rms_normalization(model)
+        matched["skip_layer_normalization"] = fuse_skip_layer_normalization(model)
+    if "rotary" in fusions and max_positions:
+        matched["rotary_embedding"] = fuse_rotary_embedding(model)
+        table = pattern.RewriteRuleSet([_rotary_rule(max_positions)])
+        matched["rotary_table"] = _fusion_utils.apply_fusion_rules(table)(model)
+    rotary = any(
+        n.op_type == "RotaryEmbedding" and n.domain == "com.microsoft" for n in model.graph
+    )
+    if "attention" in fusions and rotary:
+        # SDPA (onnxscript's intermediate op) first, then the rule that consumes it. An SDPA
+        # left over (a layer the rule did not match) cannot run: the check below drops the
+        # fusion then. Without rotary ops (GPT-2) there is nothing for the rule to match.
+        matched["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
+        rules = pattern.RewriteRuleSet(_attention_rules())
+        matched["group_query_attention"] = _fusion_utils.apply_fusion_rules(rules)(model)
+    # Inlines any intermediate fusion that nothing consumed, and drops the dead nodes.
+    optimize(model)
+    return matched
+
+
+def fused_ops(folder: Path) -> dict[str, dict[str, int]]:
+    """Per graph, how many of each fused op it holds."""
+    import onnx
+
+    ops = [op for made in FUSED_BY.values() for op in made]
+    counts = {}
+    for name in (PREFILL, DECODE):
+        graph = onnx.load(str(folder / name), load_external_data=False).graph
+        by_type = Counter(node.op_type for node in graph.node)
+        counts[name.removesuffix(".onnx")] = {op: by_type[op] for op in ops if by_type[op]}
+    return counts
+
+
+def _write(source: Path, out: Path, fusions: Sequence[str], max_positions: int | None) -> None:
+    import onnx_ir as ir
+
+    out.mkdir(parents=True)
+    if not fusions:
+        for item in source.iterdir():
+            if item.name.startswith((PREFILL, DECODE, WEIGHTS)):
+                shutil.copyfile(item, out / item.name)
+        return
+    for name in (PREFILL, DECODE):
+        model = ir.load(source / name)
+        fuse_graph(model, fusions, max_positions)
+        ir.save(model, out / name, external_data=f"{name}.data")
+        del model
+    share_weights(out)
+
+
+def _sample(vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The check's input: two prompts of 7 tokens, the second left-padded by 3, and the two
+    tokens fed back (the prefill, then one decode step with the cache)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, max(vocab_size, 4), size=(2, 7)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    return ids, mask, np.full((2, 2), 3, dtype=np.int64)
+
+
+def _logits(folder: Path, sample: tuple[np.ndarray, ...], level: str) -> list[np.ndarray]:
+    from pipeline.decoders.generate import OrtGenerator
+
+    ids, mask, forced = sample
+    return OrtGenerator(folder, 1, level).step_logits(ids, mask, forced, forced.shape[1]).logits
+
+
+def _compare(
+    reference: list[np.ndarray], folder: Path, sample: tuple[np.ndarray, ...], level: str
+) -> str | None:
+    """Why the graphs in ``folder`` cannot replace the unfused ones, or None when they can."""
+    try:
+        logits = _logits(folder, sample, level)
+    # ONNX Runtime raises its own exception types (Fail, InvalidGraph, RuntimeException...).
+    except Exception as error:
+        return f"ONNX Runtime could not run it: {first_line(error)}"
+    for step, (want, got) in enumerate(zip(reference, logits, strict=True)):
+        scale = max(1.0, float(np.abs(want).max()))
+        difference = float(np.abs(want - got).max())
+        if not np.isfinite(difference) or difference > _RTOL * scale:
+            return f"its logits differ from the unfused graph's by {difference:.3g} at step {step}"
+    return None
+
+
+def fuse_decoder(
+    source: Path,
+    out: Path,
+    fusions: Sequence[str],
+    max_positions: int | None,
+    vocab_size: int,
+    session_optimization: str = "all",
+) -> dict[str, Any]:
+    """Fuse both graphs of the decoder in ``source`` into ``out`` (other files copied).
+
+    Returns the fusions kept, those dropped with the reason (``fallback``) and the fused ops
+    per graph. Each candidate set is written to a temporary folder beside ``out`` and run;
+    the kept one becomes ``out``.
+    """
+    sample = _sample(vocab_size)
+    reference = _logits(source, sample, session_optimization)
+    fallback: dict[str, str] = {}
+    if "rotary" in fusions and not max_positions:
+        fallback["rotary"] = "the model declares no maximum position: no cos/sin table size"
+    if "attention" in fusions and ("rotary" not in fusions or "rotary" in fallback):
+        fallback["attention"] = "it needs the rotary fusion (its pattern starts at RotaryEmbedding)"
+    wanted = [f for f in DECODER_FUSIONS if f in fusions and f not in fallback]
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def attempt(chosen: Sequence[str]) -> tuple[Path, str | None]:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)) / "model"
+        try:
+            _write(source, work, chosen, max_positions)
+        # The rewriter raises whatever a rule or onnx_ir raises on a graph it did not expect.
+        except Exception as error:
+            return work, f"the rewriter failed: {first_line(error)}"
+        return work, _compare(reference, work, sample, session_optimization)
+
+    work, problem = attempt(wanted)
+    if problem is not None:
+        # Find the fusion at fault: add them one at a time, keeping each that still runs.
+        shutil.rmtree(work.parent)
+        kept: list[str] = []
+        last: Path | None = None
+        for fusion in wanted:
+            if fusion == "attention" and "rotary" not in kept:
+                fallback[fusion] = "it needs the rotary fusion, which was dropped"
+                continue
+            trial, why = attempt([*kept, fusion])
+            if why is None:
+                kept.append(fusion)
+                if last is not None:
+                    shutil.rmtree(last.parent)
+                last = trial
+            else:
+                fallback[fusion] = why
+                shutil.rmtree(trial.parent)
+        wanted = kept
+        work = last if last is not None else attempt([])[0]
+    for fusion, why in fallback.items():
+        log.warning("decoder fusion %s dropped: %s", fusion, why)
+    for item in source.iterdir():
+        if item.is_file() and not item.name.startswith((PREFILL, DECODE, WEIGHTS)):
+            shutil.copyfile(item, work / item.name)
+    if out.exists():
+        out.rmdir()
+    work.replace(out)
+    shutil.rmtree(work.parent)
+    return {"kept": wanted, "fallback": fallback, "fused_ops": fused_ops(out)}

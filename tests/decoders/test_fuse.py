@@ -1,0 +1,124 @@
+"""Decoder fusions: normalisations, rotary embeddings and attention fused, counted, run against
+PyTorch.
+
+Tiny random-weight GPT-2, Llama and Qwen2 models (tests/decoders/test_generation.py): each
+family's fused graphs must hold the ops its architecture should give and generate PyTorch's
+tokens on a left-padded batch; a fusion ONNX Runtime cannot run is dropped, with its reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.decoders import OrtGenerator, export_decoder, greedy_reference
+from pipeline.decoders.fuse import expected_ops, fuse_decoder
+from tests.decoders.test_generation import VOCAB, prompts, tiny
+
+FUSIONS = ("skip-layernorm", "rotary", "attention")
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
+def fused(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, Path, dict[str, Any]]:
+    model = tiny(request.param)
+    root = tmp_path_factory.mktemp(request.param)
+    graphs = export_decoder(model, root / "export")
+    result = fuse_decoder(graphs.folder, root / "fused", FUSIONS, 128, VOCAB)
+    return model, root, result
+
+
+def test_each_family_gets_the_fused_ops_its_architecture_should(
+    fused: tuple[Any, Path, dict[str, Any]],
+) -> None:
+    model, root, result = fused
+    layers = model.config.num_hidden_layers
+    expected = expected_ops(model.config.model_type, layers)
+    assert result["fallback"] == {}
+    rotary = model.config.model_type != "gpt2"
+    assert expected == {
+        "skip-layernorm": 2 * layers + 1,
+        **({"rotary": 2 * layers, "attention": layers} if rotary else {}),
+    }
+    for graph in ("prefill", "decode"):
+        ops = result["fused_ops"][graph]
+        if rotary:
+            # RMSNorm: the first normalisation has no residual before it.
+            assert ops["SimplifiedLayerNormalization"] == 1
+            assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+            assert ops["RotaryEmbedding"] == 2 * layers
+            # One op per layer takes the cache in and gives the new one out.
+            assert ops["GroupQueryAttention"] == layers
+        else:
+            assert ops == {"SkipLayerNormalization": 2 * layers + 1}
+        nodes = onnx.load(str(root / "fused" / f"{graph}.onnx"), load_external_data=False).graph
+        unfused = onnx.load(str(root / "export" / f"{graph}.onnx"), load_external_data=False)
+        # The rotate-half plumbing and the RMSNorm arithmetic are gone.
+        assert len(nodes.node) < len(unfused.graph.node)
+        if rotary:
+            gone = ("Neg", "Sqrt", "Reciprocal", "Softmax", "Transpose")
+            assert not any(n.op_type in gone for n in nodes.node)
+            attention = [n for n in nodes.node if n.op_type == "GroupQueryAttention"]
+            # The cache tensors are the op's own outputs, under their stable names.
+            assert {o for n in attention for o in n.output[1:]} == {
+                f"present.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")
+            }
+    # Both graphs still read one weights file, and the tokenizer and config came along.
+    names = {p.name for p in (root / "fused").iterdir()}
+    assert {"prefill.onnx", "decode.onnx", "weights.onnx.data", "config.json"} <= names
+    assert not any(n.endswith(".onnx.data") and n != "weights.onnx.data" for n in names)
+
+
+def test_fused_graphs_generate_pytorchs_tokens_on_a_padded_batch(
+    fused: tuple[Any, Path, dict[str, Any]],
+) -> None:
+    model, root, _ = fused
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, 8)
+    unfused = OrtGenerator(root / "export").step_logits(ids, mask, reference.tokens, 8)
+    fused_run = OrtGenerator(root / "fused").step_logits(ids, mask, reference.tokens, 8)
+    assert (OrtGenerator(root / "fused").generate(ids, mask, 8).tokens == reference.tokens).all()
+    for want, plain, got in zip(reference.logits, unfused.logits, fused_run.logits, strict=True):
+        assert np.abs(got - want).max() < 1e-4
+        # Fusing changes the arithmetic's order only.
+        assert np.abs(got - plain).max() < 1e-5
+
+
+def test_a_rotary_table_too_short_for_the_positions_is_dropped_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    model = tiny("llama")
+    graphs = export_decoder(model, tmp_path / "export")
+    # 4 positions cannot hold the check's sample (7 prompt tokens + 2 steps): ONNX Runtime's
+    # RotaryEmbedding refuses a position past its table, so the fusion must fall back.
+    result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, 4, VOCAB)
+    assert result["kept"] == ["skip-layernorm"]
+    assert "ONNX Runtime could not run it" in result["fallback"]["rotary"]
+    assert "needs the rotary fusion" in result["fallback"]["attention"]
+    assert "RotaryEmbedding" not in result["fused_ops"]["decode"]
+    assert result["fused_ops"]["decode"]["SkipSimplifiedLayerNormalization"] == 4
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, 6)
+    assert (
+        OrtGenerator(tmp_path / "fused").generate(ids, mask, 6).tokens == reference.tokens
+    ).all()
+    # Nothing half-written beside the output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "fused"]
+
+
+def test_without_a_maximum_position_rotary_is_not_attempted(tmp_path: Path) -> None:
+    graphs = export_decoder(tiny("qwen2"), tmp_path / "export")
+    result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, None, VOCAB)
+    assert "no maximum position" in result["fallback"]["rotary"]
+    assert result["kept"] == ["skip-layernorm"]
+
+
+def test_unknown_architectures_expect_nothing() -> None:
+    assert expected_ops("mamba", 4) == {}
+    assert expected_ops("llama", 3) == {"skip-layernorm": 7, "rotary": 6, "attention": 3}
+    assert expected_ops("gpt2", 3) == {"skip-layernorm": 7}
