@@ -482,8 +482,9 @@ DECODER_FUSIONS = ("skip-layernorm", "rotary", "attention")
 
 
 def _decoder_variant(variant: dict[str, Any]) -> dict[str, Any]:
-    """A decoder variant's defaults: both decoder fusions at the full session level, measured
-    fastest on SmolLM2 (BENCHMARKS.md, "Decoder fusions"); not the encoder targets' defaults."""
+    """A decoder variant's defaults: every decoder fusion (measured faster on SmolLM2 at both
+    timed batch sizes, BENCHMARKS.md "Decoder fusions"), at ONNX Runtime's full session level
+    (the level the unfused decoders were built and timed at); not the encoder targets'."""
     if variant.get("target", "ort-cpu") != "ort-cpu":
         return variant  # refused by name in Recipe._task_fields
     variant = {"optimize": "ort", **variant}
@@ -511,8 +512,8 @@ class Recipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _generation_defaults(cls, data: Any) -> Any:
-        """Decoders time short prompts with few, long runs, and fuse their normalisations and
-        rotary embeddings (pipeline.decoders.fuse) at ONNX Runtime's full session level."""
+        """Decoders time short prompts with few, long runs, and get the decoder fusions
+        (pipeline.decoders.fuse) at ONNX Runtime's full session level."""
         if not isinstance(data, dict):
             return data
         model = data.get("model")
@@ -566,6 +567,10 @@ class Recipe(_Strict):
             elif variant.optimize == "standard":
                 problem = (
                     "the standard profile is not built for decoders; use optimize: ort or none"
+                )
+            elif "attention" in variant.fusions and "rotary" not in variant.fusions:
+                problem = (
+                    "the attention fusion needs rotary (its pattern starts at RotaryEmbedding)"
                 )
             elif set(variant.fusions) - set(DECODER_FUSIONS):
                 problem = (
@@ -650,7 +655,19 @@ class Recipe(_Strict):
             model["task"] = task
         # Only what the recipe set: defaults are the new task's, not the old one's.
         kept = self.model_dump(mode="json", exclude_unset=True)
+        if task is not None and task != self.model.task and "variants" in kept:
+            kept["variants"] = [_without_defaults(v, self.generates) for v in kept["variants"]]
         return parse_recipe({**kept, "model": model}, origin="options")
+
+
+def _without_defaults(variant: dict[str, Any], generates: bool) -> dict[str, Any]:
+    """A variant without the graph settings its old task gave it by default (a variant's
+    validator writes them in, so they read as set)."""
+    bare: dict[str, Any] = {k: variant[k] for k in ("name", "target", "precision") if k in variant}
+    defaults = VariantSpec.model_validate(_decoder_variant(bare) if generates else bare)
+    given = defaults.model_dump(mode="json")
+    graph = ("optimize", "fusions", "session_optimization")
+    return {k: v for k, v in variant.items() if not (k in graph and given.get(k) == v)}
 
 
 def _describe_value(value: Any) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.backends.tensorrt_backend import derive_profile
 from pipeline.recipe import (
+    DECODER_FUSIONS,
     CalibrationSpec,
     QuantizeSpec,
     Recipe,
@@ -318,7 +319,8 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
         graphs = "export.model"
         if variant.optimize == "ort":
             fuse = OptimizeDecoderConfig(
-                fusions=tuple(variant.fusions),
+                # In their run order: the same fusions listed another way share a result.
+                fusions=tuple(f for f in DECODER_FUSIONS if f in variant.fusions),
                 session_optimization=variant.session_optimization,
             )
             steps.append(

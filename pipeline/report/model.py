@@ -217,6 +217,11 @@ def build_report(manifest: Manifest) -> Report:
         note = load.stats.get("note")
         if note:
             notes.append(note)
+    for stage in manifest.stages:
+        if stage.step.startswith("optimize[") and stage.stats.get("fallback"):
+            variant = stage.step[len("optimize[") : -1]
+            for fusion, why in stage.stats["fallback"].items():
+                notes.append(f"{variant}: the {fusion} fusion was dropped: {why}")
     if reference is not None and reference.stats.get("truncated"):
         notes.append(
             f"{reference.stats['truncated']} evaluation texts were longer than {reference.stats['max_length']} tokens and were truncated."

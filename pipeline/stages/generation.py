@@ -10,8 +10,8 @@ read both kinds of build alike; the stages behind them differ:
   outputs (see pipeline.decoders.export), plus the tokenizer and config;
 * ``generation-reference``: PyTorch's greedy continuations of the evaluation prompts with the
   top-k logits of every step, and PyTorch's perplexity on the evaluation texts;
-* ``optimize-decoder``: normalisation and rotary fusions on both graphs, each run against the
-  unfused graphs before it is kept (see pipeline.decoders.fuse);
+* ``optimize-decoder``: normalisation, rotary and attention fusions on both graphs, each run
+  against the unfused graphs before it is kept (see pipeline.decoders.fuse);
 * ``quantize-decoder``: INT8 dynamic, or 8-/4-bit weight-only MatMulNBits, on both graphs;
 * ``verify-generation``: a variant's greedy tokens, teacher-forced decisions and logits, and
   perplexity against the reference (see pipeline.decoders.verify);
@@ -355,7 +355,7 @@ class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
         return f"optimize decoder ({', '.join(self.config.fusions) or 'no fusions'})"
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
-        from pipeline.decoders.fuse import FUSED_BY, expected_ops, fuse_decoder
+        from pipeline.decoders.fuse import COUNTED, expected_ops, fuse_decoder
 
         info = DecoderInfo.read(inputs["info"])
         with ctx.progress.task("fuse prefill and decode graphs", total=1) as advance:
@@ -371,7 +371,7 @@ class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
         decode = result["fused_ops"]["decode"]
         made = {
             fusion: sum(decode.get(op, 0) for op in ops)
-            for fusion, ops in FUSED_BY.items()
+            for fusion, ops in COUNTED.items()
             if fusion in self.config.fusions
         }
         expected = {
