@@ -212,6 +212,33 @@ def decoders_section(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def decoder_fusion_peer_section(d: dict[str, Any]) -> list[str]:
+    """tforge's decoder fusions beside transformers' ort_fusions="cpu", on the same graphs."""
+    labels = {
+        "unfused": "as exported (optimize: none)",
+        "tforge": "tforge fusions",
+        "transformers": f"transformers {d['transformers']} ort_fusions=cpu",
+    }
+    lines = [
+        f"## Decoder fusions beside transformers' (SmolLM2-135M FP32, {d['threads']} threads)",
+        "",
+        f"Produced by `{d['command']}` (run {d['run_id']}). The same exported graphs, fused by each; "
+        "decode step p50, interleaved; logits compared with the unfused graphs' teacher-forced, on "
+        "32 steps of a batch whose last row is left-padded by 5 tokens.",
+        "",
+        "| graphs | decode-b1 ms | decode-b8 ms | max logit difference b1 / b8 | agreement b1 / b8 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in d["results"].items():
+        b1, b8 = r["b1"], r["b8"]
+        lines.append(
+            f"| {labels.get(name, name)} | {b1['decode_ms']:.2f} | {b8['decode_ms']:.2f} "
+            f"| {b1['max_logit_difference']:.2g} / {b8['max_logit_difference']:.2g} "
+            f"| {b1['agreement']:.3f} / {b8['agreement']:.3f} |"
+        )
+    return [*lines, ""]
+
+
 def decoder_build_section(d: dict[str, Any]) -> list[str]:
     """A text-generation build's own measurement: accuracy against PyTorch and decode speed."""
     model = d["model"]
@@ -396,6 +423,8 @@ def render(results: dict[str, Any]) -> str:
         lines += decoder_build_section(results["decoder_build"])
     if results.get("decoder_fusions"):
         lines += decoder_build_section(results["decoder_fusions"])
+    if results.get("decoder_fusion_peer"):
+        lines += decoder_fusion_peer_section(results["decoder_fusion_peer"])
 
     lines += [
         "## The floor",

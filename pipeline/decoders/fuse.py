@@ -22,8 +22,12 @@ Why our own rules, beside onnxscript's:
   runner left-pads, so :class:`LeftPaddedAttention` keeps the mask: every row's length is the
   full mask width, and the graph's own additive mask (padding and causal) goes in as
   ``attention_bias``; the queries and keys are rotated as 3-D tensors before the op, with the
-  positions the runner gives (GroupQueryAttention's own rotary would count from the first
-  column, padding included).
+  positions the runner gives. transformers' own ``OnnxConfig(ort_fusions="cpu")`` (5.24) keeps
+  the mask too, and packs the q/k/v and gate/up projections (about 5% faster at batch 1 on
+  SmolLM2 FP32), but rotates inside GroupQueryAttention, whose CPU kernel counts a prompt's
+  positions from its first column: a left-padded row's keys are cached at shifted positions.
+  Measured on SmolLM2 at batch 8 with one row padded by 5 tokens: its logits 19.3 off the
+  unfused graph's and 95.7% of its decisions; ours 1.3e-4 and 100%.
 
 At batch 1 a 135M decoder's decode step is dominated by small ops, not by its MatMuls: with
 INT4 weights ONNX Runtime runs 2,094 nodes of the exported SmolLM2 decode graph per token (2,245
