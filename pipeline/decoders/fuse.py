@@ -108,6 +108,21 @@ def expected_ops(model_type: str, layers: int) -> dict[str, int]:
     return expected
 
 
+def _rotate(
+    op: Any, x: Any, positions: Any, cos: Any, sin: Any, interleaved: int, heads: int
+) -> Any:
+    """ONNX Runtime's RotaryEmbedding of ``x`` at ``positions`` from a cos/sin table."""
+    return op.RotaryEmbedding(
+        x,
+        positions,
+        cos,
+        sin,
+        interleaved=interleaved,
+        num_heads=heads,
+        _domain="com.microsoft",
+    )
+
+
 def _rotary_rule(max_positions: int) -> Any:
     import onnx_ir as ir
     from onnxscript.rewriter import _ir_utils, pattern
@@ -160,15 +175,7 @@ def _rotary_rule(max_positions: int) -> Any:
                     op.Constant(value=ir.tensor(np.sin(angles).astype(np.float32))),
                 )
             cos, sin = self.tables[inv_freq]
-            return op.RotaryEmbedding(
-                x,
-                position_ids,
-                cos,
-                sin,
-                interleaved=interleaved,
-                num_heads=num_heads,
-                _domain="com.microsoft",
-            )
+            return _rotate(op, x, position_ids, cos, sin, interleaved, num_heads)
 
     return RotaryTableFusion.rule()
 
@@ -307,24 +314,8 @@ def _attention_rules() -> list[Any]:
                 self.lengths[mask] = (seqlens, width)
             seqlens, width = self.lengths[mask]
             # RotaryEmbedding takes [batch, sequence, hidden] with num_heads as well.
-            q = op.RotaryEmbedding(
-                query,
-                position_ids,
-                cos,
-                sin,
-                interleaved=interleaved,
-                num_heads=num_heads,
-                _domain="com.microsoft",
-            )
-            k = op.RotaryEmbedding(
-                key,
-                position_ids,
-                cos,
-                sin,
-                interleaved=interleaved,
-                num_heads=kv_heads,
-                _domain="com.microsoft",
-            )
+            q = _rotate(op, query, position_ids, cos, sin, interleaved, num_heads)
+            k = _rotate(op, key, position_ids, cos, sin, interleaved, kv_heads)
             attributes = {"num_heads": num_heads, "kv_num_heads": kv_heads}
             scale = attention.producer().attributes.get_float("scale", None)
             if scale is not None:

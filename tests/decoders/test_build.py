@@ -25,14 +25,13 @@ LAYERS = 2
 WEIGHT_MATMULS = 7 * LAYERS + 1
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_llama(folder: Path, max_positions: int = 128) -> Path:
+    """A random-weight Llama checkpoint (grouped-query attention) with a tokenizer, in ``folder``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.tiny import save_tokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = LlamaConfig(
         num_hidden_layers=LAYERS,
@@ -41,7 +40,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_key_value_heads=2,
         intermediate_size=64,
         vocab_size=600,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=3,
@@ -49,6 +48,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     save_tokenizer(folder, ["input_ids", "attention_mask"])
     return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def recipe_data(checkpoint: Path, **extra: Any) -> dict[str, Any]:
@@ -396,25 +400,7 @@ def test_a_fusion_that_cannot_be_built_is_dropped_and_the_report_says_why(
     """A model declaring more positions than tforge precomputes a rotary table for keeps its
     rotary embedding (and so its attention) unfused: the build passes, says so, and checks
     the fusion it kept."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.tiny import save_tokenizer
-
-    folder = tmp_path / "long"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=LAYERS,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=600,
-        max_position_embeddings=100_000,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    save_tokenizer(folder, ["input_ids", "attention_mask"])
+    folder = tiny_llama(tmp_path / "long", max_positions=100_000)
     data = {
         **recipe_data(folder),
         "variants": [{"name": "fp32"}],
