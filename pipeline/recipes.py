@@ -322,6 +322,9 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 # In their run order: the same fusions listed another way share a result.
                 fusions=tuple(f for f in DECODER_FUSIONS if f in variant.fusions),
                 session_optimization=variant.session_optimization,
+                separate=tuple(sorted(variant.quantize.exclude))
+                if "pack" in variant.fusions and variant.quantize is not None
+                else (),
             )
             steps.append(
                 Step(

@@ -54,16 +54,19 @@ class NodeSensitivity:
 
 
 def module_name(node: Any) -> str | None:
-    """The PyTorch module an ONNX node came from (without the export wrapper's ``model.``).
+    """The PyTorch module an ONNX node (onnx or onnx_ir) came from (without the export
+    wrapper's ``model.``).
 
     The exporter's scopes run from the root module to the call: ``['', 'model', ...,
     'model.encoder.layer.0.intermediate.dense', 'linear_4']``; the module is the one before
     the call.
     """
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
+    props = node.metadata_props  # onnx: a list of entries; onnx_ir: a dict
+    entries = props.items() if isinstance(props, dict) else ((p.key, p.value) for p in props)
+    for key, text in entries:
+        if key == "pkg.torch.onnx.name_scopes":
             try:
-                scopes = ast.literal_eval(prop.value)
+                scopes = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 return None
             if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str):

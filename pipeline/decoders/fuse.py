@@ -8,6 +8,9 @@
 * ``attention``: the whole attention of a rotary layer (head reshapes, rotary, cache concat,
   the key/value heads repeated for grouped queries, softmax(QK^T)V) into one
   ``GroupQueryAttention`` that also writes the new cache. Needs ``rotary``.
+* ``pack``: the MatMuls reading one value (q/k/v, gate/up) into one MatMul and a Split, so
+  each layer reads its input twice, not five times; groups with a projection quantize.exclude
+  names stay apart (:func:`pack_projections`).
 
 Why our own rules, beside onnxscript's:
 
@@ -23,8 +26,8 @@ Why our own rules, beside onnxscript's:
   full mask width, and the graph's own additive mask (padding and causal) goes in as
   ``attention_bias``; the queries and keys are rotated as 3-D tensors before the op, with the
   positions the runner gives. transformers' own ``OnnxConfig(ort_fusions="cpu")`` (5.24) keeps
-  the mask too, and packs the q/k/v and gate/up projections (about 5% faster at batch 1 on
-  SmolLM2 FP32), but rotates inside GroupQueryAttention, whose CPU kernel counts a prompt's
+  the mask too, and packs the projections as ``pack`` does, but rotates inside
+  GroupQueryAttention, whose CPU kernel counts a prompt's
   positions from its first column: a left-padded row's keys are cached at shifted positions.
   Measured on SmolLM2 at batch 8 with one row padded by 5 tokens: its logits 19.3 off the
   unfused graph's and 95.7% of its decisions; ours 1.3e-4 and 100%.
@@ -32,7 +35,7 @@ Why our own rules, beside onnxscript's:
 At batch 1 a 135M decoder's decode step is dominated by small ops, not by its MatMuls: with
 INT4 weights ONNX Runtime runs 2,094 nodes of the exported SmolLM2 decode graph per token (2,245
 before its own fusions), and the 211 MatMulNBits take about a third of the kernel time; the
-fused graph has 493 nodes (BENCHMARKS.md, "Decoder fusions").
+fused graph has 463 (BENCHMARKS.md, "Decoder fusions").
 
 Every fused graph is run against the unfused one on a left-padded sample (prefill and one
 decode step) before it is kept; a fusion that fails to load or run, or changes the logits, is
@@ -45,7 +48,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +70,11 @@ FUSED_BY = {
     ),
     "rotary": ("RotaryEmbedding",),
     "attention": ("GroupQueryAttention",),
+    "pack": (),
 }
+
+#: How the fused-op counts name the MatMuls the ``pack`` fusion made.
+PACKED = "MatMul (packed)"
 
 #: The ops counted against the architecture's expectation, per fusion: the residual
 #: normalisations (the plain first one is listed in the graph's ops, not counted).
@@ -75,6 +82,7 @@ COUNTED = {
     "skip-layernorm": ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization"),
     "rotary": ("RotaryEmbedding",),
     "attention": ("GroupQueryAttention",),
+    "pack": (PACKED,),
 }
 
 #: Model types whose layout the tests cover, with rotary attention in every layer. Others are
@@ -96,8 +104,9 @@ def expected_ops(model_type: str, layers: int) -> dict[str, int]:
 
     Two residual normalisations per layer (of the 2 x layers + 1 normalisations, the first of an
     RMSNorm model has no residual before it; GPT-2's has the position embedding's); one
-    RotaryEmbedding for the queries and one for the keys per layer, and one GroupQueryAttention
-    (GPT-2's attention, without rotary, is not fused).
+    RotaryEmbedding for the queries and one for the keys per layer, one GroupQueryAttention
+    (GPT-2's attention, without rotary, is not fused), and two packed MatMuls (q/k/v, gate/up;
+    GPT-2 exports its projections packed already).
     """
     if model_type not in KNOWN_MODEL_TYPES:
         return {}
@@ -105,6 +114,7 @@ def expected_ops(model_type: str, layers: int) -> dict[str, int]:
     if model_type in ROTARY_MODEL_TYPES:
         expected["rotary"] = 2 * layers
         expected["attention"] = layers
+        expected["pack"] = 2 * layers
     return expected
 
 
@@ -345,8 +355,101 @@ def _attention_rules() -> list[Any]:
     ]
 
 
-def fuse_graph(model: Any, fusions: Sequence[str], max_positions: int | None) -> dict[str, int]:
-    """Apply ``fusions`` to an ``onnx_ir`` model in place; returns each rule's match count."""
+def pack_projections(
+    model: Any, separate: Callable[[Any], bool] = lambda node: False
+) -> tuple[int, int]:
+    """Turn the MatMuls that read one value with constant ``[in, out]`` weights (an attention's
+    query, key and value projections; an MLP's gate and up ones) into one MatMul with the
+    weights concatenated and a Split of its output: one kernel, one pass over the input, for
+    several. A group any of whose MatMuls ``separate`` names is left alone (quantize.exclude
+    keeps those in float, and a packed weight is quantized whole). Returns (groups packed,
+    groups kept apart).
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    packed = apart = 0
+    for value in [*graph.inputs, *(o for node in list(graph) for o in node.outputs)]:
+        siblings = [
+            use.node
+            for use in value.uses()
+            if use.node.op_type == "MatMul"
+            and use.node.domain == ""
+            and use.idx == 0
+            and use.node.inputs[1] is not None
+            and use.node.inputs[1].const_value is not None
+        ]
+        if len(siblings) < 2:
+            continue
+        if any(separate(node) for node in siblings):
+            apart += 1
+            continue
+        if any(node.outputs[0].is_graph_output() for node in siblings):
+            continue
+        weights = [node.inputs[1].const_value.numpy() for node in siblings]
+        if len({(w.ndim, w.shape[0], w.dtype) for w in weights}) != 1 or weights[0].ndim != 2:
+            continue
+        first = siblings[0]
+        name = first.name or f"packed_{packed}"
+        constants = []
+        for suffix, array in (
+            ("packed_weight", np.concatenate(weights, 1)),
+            ("packed_sizes", np.array([w.shape[1] for w in weights], dtype=np.int64)),
+        ):
+            tensor = ir.tensor(array)
+            constant = ir.Value(
+                name=f"{name}.{suffix}",
+                shape=ir.Shape(array.shape),
+                type=ir.TensorType(tensor.dtype),
+                const_value=tensor,
+            )
+            graph.register_initializer(constant)
+            constants.append(constant)
+        weight, sizes = constants
+        matmul = ir.node("MatMul", [value, weight], name=f"{name}.packed")
+        # The packed node keeps the first projection's scope metadata (its module name).
+        matmul.metadata_props.update(first.metadata_props)
+        split = ir.node(
+            "Split",
+            [matmul.outputs[0], sizes],
+            attributes={"axis": -1},
+            num_outputs=len(siblings),
+            name=f"{name}.packed_split",
+        )
+        matmul.outputs[0].dtype = first.outputs[0].dtype
+        graph.insert_before(first, [matmul, split])
+        for node, output in zip(siblings, split.outputs, strict=True):
+            old = node.outputs[0]
+            output.dtype, output.shape = old.dtype, old.shape
+            old.replace_all_uses_with(output)
+            name, old.name = old.name, f"{old.name}.unpacked"
+            output.name = name
+        graph.remove(siblings, safe=True)
+        packed += 1
+    return packed, apart
+
+
+def separated(patterns: Sequence[str]) -> Callable[[Any], bool]:
+    """Whether a node is one ``patterns`` (quantize.exclude: modules, shell patterns of them,
+    or node names) keeps apart."""
+    from pipeline.decoders.quantize import matches
+    from pipeline.sensitivity import module_name
+
+    def named(node: Any) -> bool:
+        module = module_name(node) or ""
+        return any(matches(p, node, module) for p in patterns)
+
+    return named
+
+
+def fuse_graph(
+    model: Any,
+    fusions: Sequence[str],
+    max_positions: int | None,
+    separate: Sequence[str] = (),
+) -> dict[str, int]:
+    """Apply ``fusions`` to an ``onnx_ir`` model in place; returns each rule's match count.
+    ``separate``: patterns of projections the ``pack`` fusion leaves unpacked."""
     import onnx_ir.passes.common as common_passes
     from onnxscript.optimizer import optimize
     from onnxscript.rewriter import _fusion_utils, pattern
@@ -390,6 +493,9 @@ def fuse_graph(model: Any, fusions: Sequence[str], max_positions: int | None) ->
                 f"the attention rule took {matched['group_query_attention']} layers and left "
                 f"{left}: a layer's attention has another form"
             )
+    if "pack" in fusions:
+        packed, apart = pack_projections(model, separated(separate))
+        matched["packed_projections"], matched["projections_kept_apart"] = packed, apart
     # Inlines any intermediate fusion that nothing consumed, and drops the dead nodes; the
     # attention rule's shared length nodes were placed at its first match, so sort.
     optimize(model)
@@ -406,11 +512,22 @@ def fused_ops(folder: Path) -> dict[str, dict[str, int]]:
     for name in (PREFILL, DECODE):
         graph = onnx.load(str(folder / name), load_external_data=False).graph
         by_type = Counter(node.op_type for node in graph.node)
-        counts[name.removesuffix(".onnx")] = {op: by_type[op] for op in ops if by_type[op]}
+        found = {op: by_type[op] for op in ops if by_type[op]}
+        packed = sum(1 for n in graph.node if n.op_type == "MatMul" and n.name.endswith(".packed"))
+        if packed:
+            found[PACKED] = packed
+        counts[name.removesuffix(".onnx")] = found
     return counts
 
 
-def _write(source: Path, out: Path, fusions: Sequence[str], max_positions: int | None) -> None:
+def _write(
+    source: Path,
+    out: Path,
+    fusions: Sequence[str],
+    max_positions: int | None,
+    separate: Sequence[str] = (),
+) -> dict[str, dict[str, int]]:
+    """Write the fused graphs into ``out``; returns each graph's rule matches."""
     import onnx_ir as ir
 
     out.mkdir(parents=True)
@@ -418,13 +535,15 @@ def _write(source: Path, out: Path, fusions: Sequence[str], max_positions: int |
         for item in source.iterdir():
             if item.name.startswith((PREFILL, DECODE, WEIGHTS)):
                 shutil.copyfile(item, out / item.name)
-        return
+        return {}
+    matched = {}
     for name in (PREFILL, DECODE):
         model = ir.load(source / name)
-        fuse_graph(model, fusions, max_positions)
+        matched[name.removesuffix(".onnx")] = fuse_graph(model, fusions, max_positions, separate)
         ir.save(model, out / name, external_data=f"{name}.data")
         del model
     share_weights(out)
+    return matched
 
 
 def _sample(vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -469,11 +588,13 @@ def fuse_decoder(
     max_positions: int | None,
     vocab_size: int,
     session_optimization: str = "all",
+    separate: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Fuse both graphs of the decoder in ``source`` into ``out`` (other files copied).
+    ``separate``: projections (quantize.exclude patterns) the ``pack`` fusion leaves apart.
 
-    Returns the fusions kept, those dropped with the reason (``fallback``) and the fused ops
-    per graph. Each candidate set is written to a temporary folder beside ``out`` and run;
+    Returns the fusions kept, those dropped with the reason (``fallback``), the fused ops and
+    the rules' matches per graph. Each candidate set is written to a temporary folder beside ``out`` and run;
     the kept one becomes ``out``, and nothing else is left beside it.
     """
     sample = _sample(vocab_size)
@@ -493,10 +614,12 @@ def fuse_decoder(
 
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
+    matches: dict[Path, dict[str, dict[str, int]]] = {}
+
     def attempt(chosen: Sequence[str]) -> tuple[Path, str | None]:
         work = Path(tempfile.mkdtemp(dir=scratch)) / "model"
         try:
-            _write(source, work, chosen, max_positions)
+            matches[work] = _write(source, work, chosen, max_positions, separate)
         # The rewriter raises whatever a rule or onnx_ir raises on a graph it did not expect.
         except Exception as error:
             return work, f"the rewriter failed: {first_line(error)}"
@@ -536,4 +659,9 @@ def fuse_decoder(
         work.replace(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"kept": wanted, "fallback": fallback, "fused_ops": fused_ops(out)}
+    return {
+        "kept": wanted,
+        "fallback": fallback,
+        "fused_ops": fused_ops(out),
+        "matched": matches.get(work, {}),
+    }

@@ -125,7 +125,8 @@ def untie(model: Any, nodes: list[Any]) -> int:
     return sum(1 for n in nodes if n.input[1] in made.values())
 
 
-def _matches(pattern: str, node: Any, module: str) -> bool:
+def matches(pattern: str, node: Any, module: str) -> bool:
+    """Whether ``pattern`` names ``node`` (its ONNX name) or its PyTorch ``module``."""
     # PyTorch names the decoder body ``model.layers.N...``; either spelling is taken.
     names = (module, f"model.{module}") if module else ()
     return node.name == pattern or any(fnmatch.fnmatchcase(n, pattern) for n in names)
@@ -145,7 +146,7 @@ def excluded(nodes: list[Any], patterns: tuple[str, ...]) -> tuple[dict[str, str
     unused = set(patterns)
     for node in nodes:
         module = module_name(node) or ""
-        hits = {p for p in patterns if _matches(p, node, module)}
+        hits = {p for p in patterns if matches(p, node, module)}
         if hits:
             kept[node.name] = module or node.name
             unused -= hits

@@ -341,6 +341,8 @@ class GenerationReferenceStage(Stage[GenerationReferenceConfig]):
 
 class OptimizeDecoderConfig(StageConfig):
     fusions: tuple[str, ...]
+    #: Projections ``pack`` leaves apart: the variant's quantize.exclude patterns.
+    separate: tuple[str, ...] = ()
     #: The session level the fused graphs are checked at (the variant's).
     session_optimization: str
 
@@ -366,6 +368,7 @@ class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
                 info.max_positions,
                 info.vocab_size,
                 self.config.session_optimization,
+                self.config.separate,
             )
             advance(1)
         decode = result["fused_ops"]["decode"]
@@ -374,8 +377,10 @@ class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
             for fusion, ops in COUNTED.items()
             if fusion in self.config.fusions
         }
+        apart = result["matched"].get("decode", {}).get("projections_kept_apart", 0)
         expected = {
-            fusion: count
+            # Projection groups kept apart (quantize.exclude) are not packed.
+            fusion: count - apart if fusion == "pack" else count
             for fusion, count in expected_ops(info.model_type, info.layers).items()
             if fusion in self.config.fusions
         }
@@ -390,6 +395,7 @@ class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
                 "expected": expected,
                 "kept": result["kept"],
                 "fallback": result["fallback"],
+                "matched": result["matched"],
                 "prefill_fusions": result["fused_ops"]["prefill"],
                 "nodes": nodes["decode"],
                 "prefill_nodes": nodes["prefill"],

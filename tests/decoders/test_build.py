@@ -21,8 +21,9 @@ from pipeline.cli import cli
 from pipeline.recipe import load_recipe, parse_recipe
 
 LAYERS = 2
-#: Weight MatMuls of the tiny Llama: q, k, v, o, gate, up, down per layer, and the LM head.
-WEIGHT_MATMULS = 7 * LAYERS + 1
+#: Weight MatMuls of the tiny Llama, fused: q/k/v packed, o, gate/up packed, down per layer,
+#: and the LM head.
+WEIGHT_MATMULS = 4 * LAYERS + 1
 
 
 def tiny_llama(folder: Path, max_positions: int = 128) -> Path:
@@ -104,9 +105,13 @@ def test_every_variant_is_fused_as_its_architecture_expects(built: Any) -> None:
         assert fusion[(name, "skip-layernorm")] == 2 * LAYERS
         assert fusion[(name, "rotary")] == 2 * LAYERS
         assert fusion[(name, "attention")] == LAYERS
-    # One fusion step serves all three variants (same graphs, same settings).
-    steps = [s for s in outcome.manifest.stages if s.step.startswith("optimize[")]
-    assert len(steps) == 3 and len({s.key for s in steps}) == 1
+        assert fusion[(name, "pack")] == 2 * LAYERS
+    # One fusion step serves fp32 and int4 (same graphs, same settings); int8 keeps lm_head
+    # apart from packing (it packs nothing with the head, so its graphs are the same).
+    steps = {s.step: s for s in outcome.manifest.stages if s.step.startswith("optimize[")}
+    assert steps["optimize[fp32]"].key == steps["optimize[int4]"].key
+    assert steps["optimize[int8]"].key != steps["optimize[fp32]"].key
+    assert steps["optimize[int8]"].outputs == steps["optimize[fp32]"].outputs
     markdown = (outcome.run_dir / "report.md").read_text()
     assert "SkipSimplifiedLayerNormalization" in markdown and "GroupQueryAttention" in markdown
 
@@ -310,7 +315,7 @@ def test_encoder_recipes_refuse_decoder_settings() -> None:
         parse_recipe({"gates": {"min_token_match": 0.9}})
     with pytest.raises(RecipeError, match="generation: applies to task text-generation only"):
         parse_recipe({"generation": {"prompts": 8}})
-    with pytest.raises(RecipeError, match="rotary fusion is for text-generation"):
+    with pytest.raises(RecipeError, match=r"fusions \['rotary'\] are for text-generation"):
         parse_recipe({"variants": [{"name": "x", "fusions": ["attention", "rotary"]}]})
 
 
@@ -332,7 +337,7 @@ def test_a_task_override_takes_the_new_tasks_defaults(checkpoint: Path, tmp_path
     )
     switched = load_recipe(recipe).with_model(str(checkpoint), "text-generation")
     assert [(v.optimize, v.fusions) for v in switched.variants] == [
-        ("ort", ["skip-layernorm", "rotary", "attention"]),
+        ("ort", ["skip-layernorm", "rotary", "attention", "pack"]),
         ("none", []),
     ]
 
@@ -412,5 +417,5 @@ def test_a_fusion_that_cannot_be_built_is_dropped_and_the_report_says_why(
     assert "fp32: the rotary fusion was dropped" in notes and "100000 positions" in notes
     assert "fp32: the attention fusion was dropped" in notes
     fusion = {c.metric: c.value for c in outcome.report.checks if c.source == "fusion"}
-    assert fusion == {"skip-layernorm": 2 * LAYERS}
+    assert fusion == {"skip-layernorm": 2 * LAYERS, "pack": 2 * LAYERS}
     assert contender(outcome, "fp32").accuracy["token_match"] == 1.0

@@ -16,10 +16,11 @@ import onnx
 import pytest
 
 from pipeline.decoders import OrtGenerator, export_decoder, greedy_reference
-from pipeline.decoders.fuse import expected_ops, fuse_decoder
+from pipeline.decoders.fuse import PACKED, expected_ops, fuse_decoder
+from pipeline.sensitivity import module_name
 from tests.decoders.test_generation import VOCAB, prompts, tiny
 
-FUSIONS = ("skip-layernorm", "rotary", "attention")
+FUSIONS = ("skip-layernorm", "rotary", "attention", "pack")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
@@ -43,7 +44,7 @@ def test_each_family_gets_the_fused_ops_its_architecture_should(
     rotary = model.config.model_type != "gpt2"
     assert expected == {
         "skip-layernorm": 2 * layers,
-        **({"rotary": 2 * layers, "attention": layers} if rotary else {}),
+        **({"rotary": 2 * layers, "attention": layers, "pack": 2 * layers} if rotary else {}),
     }
     for graph in ("prefill", "decode"):
         ops = result["fused_ops"][graph]
@@ -54,6 +55,8 @@ def test_each_family_gets_the_fused_ops_its_architecture_should(
             assert ops["RotaryEmbedding"] == 2 * layers
             # One op per layer takes the cache in and gives the new one out.
             assert ops["GroupQueryAttention"] == layers
+            # q/k/v and gate/up: one MatMul each per layer (o, down and the head stay alone).
+            assert ops[PACKED] == 2 * layers
         else:
             assert ops == {"SkipLayerNormalization": 2 * layers + 1}
         nodes = onnx.load(str(root / "fused" / f"{graph}.onnx"), load_external_data=False).graph
@@ -97,7 +100,7 @@ def test_a_rotary_table_too_short_for_the_positions_is_dropped_with_its_reason(
     # 4 positions cannot hold the check's sample (7 prompt tokens + 2 steps): ONNX Runtime's
     # RotaryEmbedding refuses a position past its table, so the fusion must fall back.
     result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, 4, VOCAB)
-    assert result["kept"] == ["skip-layernorm"]
+    assert result["kept"] == ["skip-layernorm", "pack"]
     assert "ONNX Runtime could not run it" in result["fallback"]["rotary"]
     assert "needs the rotary fusion" in result["fallback"]["attention"]
     assert "RotaryEmbedding" not in result["fused_ops"]["decode"]
@@ -115,12 +118,47 @@ def test_without_a_maximum_position_rotary_is_not_attempted(tmp_path: Path) -> N
     graphs = export_decoder(tiny("qwen2"), tmp_path / "export")
     result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, None, VOCAB)
     assert "no maximum position" in result["fallback"]["rotary"]
-    assert result["kept"] == ["skip-layernorm"]
+    assert result["kept"] == ["skip-layernorm", "pack"]
 
 
 def test_unknown_architectures_expect_nothing() -> None:
     assert expected_ops("mamba", 4) == {}
-    assert expected_ops("llama", 3) == {"skip-layernorm": 6, "rotary": 6, "attention": 3}
+    assert expected_ops("llama", 3) == {
+        "skip-layernorm": 6,
+        "rotary": 6,
+        "attention": 3,
+        "pack": 6,
+    }
     assert expected_ops("gpt2", 3) == {"skip-layernorm": 6}
     # Untested layouts are fused and run-checked, but not held to counts.
     assert expected_ops("qwen3", 3) == {}
+
+
+def test_excluded_projections_are_not_packed(tmp_path: Path) -> None:
+    """A projection quantize.exclude keeps in float stays its own MatMul, with its siblings
+    (a packed weight is quantized whole); the other layers are packed."""
+    model = tiny("llama")
+    graphs = export_decoder(model, tmp_path / "export")
+    result = fuse_decoder(
+        graphs.folder,
+        tmp_path / "fused",
+        FUSIONS,
+        128,
+        VOCAB,
+        separate=("layers.0.self_attn.k_proj",),
+    )
+    assert result["fused_ops"]["decode"][PACKED] == 2 * model.config.num_hidden_layers - 1
+    assert result["matched"]["decode"]["projections_kept_apart"] == 1
+    decode = onnx.load(str(tmp_path / "fused" / "decode.onnx"), load_external_data=False)
+    alone = {
+        module_name(n)
+        for n in decode.graph.node
+        if n.op_type == "MatMul" and not n.name.endswith(".packed")
+    }
+    assert {f"layers.0.self_attn.{p}_proj" for p in "qkv"} <= alone
+    assert "layers.1.self_attn.q_proj" not in alone
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, 6)
+    assert (
+        OrtGenerator(tmp_path / "fused").generate(ids, mask, 6).tokens == reference.tokens
+    ).all()
