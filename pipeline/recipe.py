@@ -664,8 +664,12 @@ class Recipe(_Strict):
 def _without_defaults(variant: dict[str, Any], generates: bool) -> dict[str, Any]:
     """A variant without the graph settings its old task gave it by default (a variant's
     validator writes them in, so they read as set)."""
-    bare: dict[str, Any] = {k: variant[k] for k in ("name", "target", "precision") if k in variant}
-    defaults = VariantSpec.model_validate(_decoder_variant(bare) if generates else bare)
+    keys = ("name", "target", "precision", "quantize", "compile")
+    bare: dict[str, Any] = {k: variant[k] for k in keys if k in variant}
+    try:
+        defaults = VariantSpec.model_validate(_decoder_variant(bare) if generates else bare)
+    except ValidationError:
+        return variant  # the new task's checks say what is wrong with it
     given = defaults.model_dump(mode="json")
     graph = ("optimize", "fusions", "session_optimization")
     return {k: v for k, v in variant.items() if not (k in graph and given.get(k) == v)}

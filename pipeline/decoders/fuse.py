@@ -368,29 +368,37 @@ def pack_projections(
     import onnx_ir as ir
 
     graph = model.graph
+    # Graph order, so the packed columns (and so the bytes) are the same in every graph.
+    order = {node: index for index, node in enumerate(graph)}
     packed = apart = 0
     for value in [*graph.inputs, *(o for node in list(graph) for o in node.outputs)]:
-        siblings = [
-            use.node
-            for use in value.uses()
-            if use.node.op_type == "MatMul"
-            and use.node.domain == ""
-            and use.idx == 0
-            and use.node.inputs[1] is not None
-            and use.node.inputs[1].const_value is not None
-        ]
-        if len(siblings) < 2:
-            continue
-        if any(separate(node) for node in siblings):
-            apart += 1
-            continue
-        if any(node.outputs[0].is_graph_output() for node in siblings):
+        siblings = sorted(
+            (
+                use.node
+                for use in value.uses()
+                if use.node.op_type == "MatMul"
+                and use.node.domain == ""
+                and use.node.graph is graph
+                and use.idx == 0
+                and use.node.inputs[1] is not None
+                and use.node.inputs[1].const_value is not None
+                # A weight that is also a graph input can be replaced at run time.
+                and not use.node.inputs[1].is_graph_input()
+            ),
+            key=lambda node: order.get(node, len(order)),
+        )
+        if len(siblings) < 2 or any(node.outputs[0].is_graph_output() for node in siblings):
             continue
         weights = [node.inputs[1].const_value.numpy() for node in siblings]
         if len({(w.ndim, w.shape[0], w.dtype) for w in weights}) != 1 or weights[0].ndim != 2:
             continue
+        if any(separate(node) for node in siblings):
+            apart += 1
+            continue
         first = siblings[0]
-        name = first.name or f"packed_{packed}"
+        name = first.name or "projection"
+        while f"{name}.packed_weight" in graph.initializers:
+            name += "_"
         constants = []
         for suffix, array in (
             ("packed_weight", np.concatenate(weights, 1)),
@@ -422,8 +430,8 @@ def pack_projections(
             old = node.outputs[0]
             output.dtype, output.shape = old.dtype, old.shape
             old.replace_all_uses_with(output)
-            name, old.name = old.name, f"{old.name}.unpacked"
-            output.name = name
+            taken, old.name = old.name, f"{old.name}.unpacked"
+            output.name = taken
         graph.remove(siblings, safe=True)
         packed += 1
     return packed, apart

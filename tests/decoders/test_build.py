@@ -340,6 +340,17 @@ def test_a_task_override_takes_the_new_tasks_defaults(checkpoint: Path, tmp_path
         ("ort", ["skip-layernorm", "rotary", "attention", "pack"]),
         ("none", []),
     ]
+    # A variant the decoder pipeline cannot build is refused by name, not by its defaults.
+    from pipeline.errors import RecipeError
+
+    tensorrt = {"name": "t", "target": "tensorrt", "precision": "int8"}
+    recipe.write_text(
+        yaml.safe_dump(
+            {"name": "plain", "variants": [{**tensorrt, "quantize": {"method": "static"}}]}
+        )
+    )
+    with pytest.raises(RecipeError, match="target tensorrt is not built for decoders"):
+        load_recipe(recipe).with_model(str(checkpoint), "text-generation")
 
 
 def test_an_exclude_that_matches_nothing_is_an_error(built: Any, checkpoint: Path) -> None:
