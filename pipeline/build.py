@@ -253,7 +253,8 @@ def check_against_decoder(recipe: Recipe, info: DecoderInfo) -> None:
         return
     gen = recipe.generation
     longest = max([gen.prompt_tokens, *(recipe.shapes.sequence if recipe.latency.enabled else [])])
-    if longest + gen.new_tokens > limit:
+    # The last new token is chosen, never fed back: the highest position is longest + new - 2.
+    if longest + gen.new_tokens - 1 > limit:
         raise InputError(
             f"prompts of up to {longest} tokens plus {gen.new_tokens} new tokens exceed the "
             f"model's {limit} positions",

@@ -373,7 +373,8 @@ def test_an_exclude_that_matches_nothing_is_an_error(built: Any, checkpoint: Pat
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"generation": {"new_tokens": 120}}, "exceed the model's 128 positions"),
+        # 32-token prompts + 98 new tokens reach position 128 of 128 (0-based): one too many.
+        ({"generation": {"new_tokens": 98}}, "exceed the model's 128 positions"),
         ({"data": {"max_length": 256}}, "data.max_length 256 exceeds"),
     ],
 )
@@ -391,6 +392,21 @@ def test_what_does_not_fit_the_positions_fails_before_the_export(
     # Only the load step ran: nothing was exported.
     steps = [json.loads(p.read_text())["step"] for p in artifacts.glob("cache/*/*/record.json")]
     assert steps == ["load"]
+
+
+def test_generation_may_use_every_position_the_model_has(checkpoint: Path, tmp_path: Path) -> None:
+    """32-token prompts + 97 new tokens feed positions up to 127, the model's last: the fused
+    graphs' rotary table ends there, and the continuations still match PyTorch's."""
+    data = {
+        **recipe_data(checkpoint),
+        "generation": {"prompts": 4, "new_tokens": 97, "batch_size": 4, "perplexity_texts": 4},
+        "latency": {"enabled": False},
+        "variants": [{"name": "fp32"}],
+    }
+    outcome = build(parse_recipe(data), BuildOptions(artifacts=tmp_path / "artifacts"))
+    assert outcome.passed, [str(c) for c in outcome.report.checks if not c.passed]
+    fp32 = contender(outcome, "fp32").accuracy
+    assert fp32["new_tokens"] == 97 and fp32["token_match"] == 1.0
 
 
 def test_the_shipped_smollm2_recipe_parses() -> None:
