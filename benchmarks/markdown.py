@@ -411,20 +411,18 @@ def render(results: dict[str, Any]) -> str:
     if results.get("fusion"):
         lines += fusion_section(results["fusion"])
     lines += int8_section(results)
-    if results.get("calibration"):
-        lines += calibration_section(results["calibration"])
-    if results.get("compare_noise"):
-        lines += compare_noise_section(results["compare_noise"])
-    if results.get("decoders"):
-        lines += decoders_section(results["decoders"])
-    if results.get("decoders_real"):
-        lines += decoders_section(results["decoders_real"])
-    if results.get("decoder_build"):
-        lines += decoder_build_section(results["decoder_build"])
-    if results.get("decoder_fusions"):
-        lines += decoder_build_section(results["decoder_fusions"])
-    if results.get("decoder_fusion_peer"):
-        lines += decoder_fusion_peer_section(results["decoder_fusion_peer"])
+    # The optional sections, in the order they appear: results key -> its renderer.
+    for key, section in (
+        ("calibration", calibration_section),
+        ("compare_noise", compare_noise_section),
+        ("decoders", decoders_section),
+        ("decoders_real", decoders_section),
+        ("decoder_build", decoder_build_section),
+        ("decoder_fusions", decoder_build_section),
+        ("decoder_fusion_peer", decoder_fusion_peer_section),
+    ):
+        if results.get(key):
+            lines += section(results[key])
 
     lines += [
         "## The floor",

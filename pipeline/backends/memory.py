@@ -38,10 +38,10 @@ def _probe(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
     from pipeline.environment import peak_rss_bytes
 
     if probe.kind.endswith("-decoder"):
-        from pipeline.decoders.generate import OrtGenerator, TorchGenerator
+        from pipeline.decoders.generate import OrtGenerator, StepGenerator, TorchGenerator
         from pipeline.decoders.load import load_decoder
 
-        generator: OrtGenerator | TorchGenerator
+        generator: StepGenerator
         if probe.kind == "pytorch-decoder":
             import torch
 

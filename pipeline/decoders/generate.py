@@ -120,18 +120,12 @@ def decode_loop(
     return Generation(tokens=np.stack(tokens, axis=1), logits=steps)
 
 
-class OrtGenerator:
-    """ONNX Runtime sessions over a decoder's prefill and decode graphs."""
+class StepGenerator:
+    """What every runtime's generator shares: :func:`decode_loop` over its own prefill call,
+    decode-step call and logits reader (:meth:`calls`)."""
 
-    def __init__(self, folder: Path, threads: int = 1, optimization: str = "all") -> None:
-        from pipeline.backends.onnxruntime_backend import OrtRunner
-
-        self.prefill = OrtRunner(folder / PREFILL, threads, optimization, name="prefill")
-        self.decode = OrtRunner(folder / DECODE, threads, optimization, name="decode")
-        self.layers = sum(1 for n in self.decode.input_names if n.endswith(".key"))
-
-    def _feed(self, runner: Any, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: values[name] for name in runner.input_names}
+    def calls(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[[Any], np.ndarray]]:
+        raise NotImplementedError
 
     def step_logits(
         self,
@@ -145,30 +139,43 @@ class OrtGenerator:
         """Generate ``new_tokens`` greedily; with ``forced`` (``[batch, new_tokens]``), feed
         those tokens instead of the argmax (teacher forcing: the logits of each step are then
         comparable with another runtime's even after their tokens diverge). ``times``, when
-        given, receives the seconds of each graph call (the prefill first)."""
-
-        def step(feed: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            for layer in range(self.layers):
-                for kind in ("key", "value"):
-                    feed[f"past.{layer}.{kind}"] = out[f"present.{layer}.{kind}"]
-            return self.decode.run(self._feed(self.decode, feed))
-
+        given, receives the seconds of each model call (the prefill first)."""
+        prefill, step, last_logits = self.calls()
         return decode_loop(
-            lambda feed: self.prefill.run(self._feed(self.prefill, feed)),
-            step,
-            lambda out: out["logits"][:, -1, :],
-            ids,
-            mask,
-            forced,
-            new_tokens,
-            sampling,
-            times,
+            prefill, step, last_logits, ids, mask, forced, new_tokens, sampling, times
         )
 
     def generate(
         self, ids: np.ndarray, mask: np.ndarray, new_tokens: int, sampling: Sampling | None = None
     ) -> Generation:
         return self.step_logits(ids, mask, None, new_tokens, sampling)
+
+
+class OrtGenerator(StepGenerator):
+    """ONNX Runtime sessions over a decoder's prefill and decode graphs."""
+
+    def __init__(self, folder: Path, threads: int = 1, optimization: str = "all") -> None:
+        from pipeline.backends.onnxruntime_backend import OrtRunner
+
+        self.prefill = OrtRunner(folder / PREFILL, threads, optimization, name="prefill")
+        self.decode = OrtRunner(folder / DECODE, threads, optimization, name="decode")
+        self.layers = sum(1 for n in self.decode.input_names if n.endswith(".key"))
+
+    def _feed(self, runner: Any, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: values[name] for name in runner.input_names}
+
+    def calls(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[[Any], np.ndarray]]:
+        def step(feed: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            for layer in range(self.layers):
+                for kind in ("key", "value"):
+                    feed[f"past.{layer}.{kind}"] = out[f"present.{layer}.{kind}"]
+            return self.decode.run(self._feed(self.decode, feed))
+
+        return (
+            lambda feed: self.prefill.run(self._feed(self.prefill, feed)),
+            step,
+            lambda out: out["logits"][:, -1, :],
+        )
 
     def token_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Logits at every position of the prompt (the prefill graph alone)."""
@@ -208,7 +215,7 @@ def torch_token_logits(model: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndar
     return out.logits.float().numpy()
 
 
-class TorchGenerator:
+class TorchGenerator(StepGenerator):
     """PyTorch eager with transformers' cache, in the same prefill / decode-step split and with
     the same sampler as :class:`OrtGenerator`: the reference for sampled decoding (transformers'
     own sampler draws from torch's generator, which no other runtime reproduces) and the
@@ -217,35 +224,20 @@ class TorchGenerator:
     def __init__(self, model: Any) -> None:
         self.model = model
 
-    def step_logits(
-        self,
-        ids: np.ndarray,
-        mask: np.ndarray,
-        forced: np.ndarray | None,
-        new_tokens: int,
-        sampling: Sampling | None = None,
-        times: list[float] | None = None,
-    ) -> Generation:
-        """As :meth:`OrtGenerator.step_logits`."""
+    def calls(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[[Any], np.ndarray]]:
         import torch
 
         def call(feed: dict[str, np.ndarray], **extra: Any) -> Any:
             tensors = {name: torch.from_numpy(value) for name, value in feed.items()}
-            return self.model(**tensors, **extra, use_cache=True)
+            with torch.inference_mode():
+                return self.model(**tensors, **extra, use_cache=True)
 
-        with torch.inference_mode():
-            return decode_loop(
-                call,
-                # transformers 5: `past_key_values` is a deprecated alias of `cache`
-                lambda feed, out: call(feed, cache=out.cache),
-                lambda out: out.logits[:, -1, :].float().numpy(),
-                ids,
-                mask,
-                forced,
-                new_tokens,
-                sampling,
-                times,
-            )
+        return (
+            call,
+            # transformers 5: `past_key_values` is a deprecated alias of `cache`
+            lambda feed, out: call(feed, cache=out.cache),
+            lambda out: out.logits[:, -1, :].float().numpy(),
+        )
 
 
 def sampled_reference(
