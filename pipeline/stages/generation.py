@@ -1,8 +1,8 @@
 """Stages of a text-generation build (decoder-only language models).
 
 The steps keep the encoder pipeline's ids (``load``, ``export``, ``reference``,
-``optimize[<variant>]``, ``quantize[<variant>]``, ``verify[<variant>]``, ``latency``), so reports, checks and comparisons
-read both kinds of build alike; the stages behind them differ:
+``optimize[<variant>]``, ``quantize[<variant>]``, ``verify[<variant>]``, ``latency``), so
+reports, checks and comparisons read both kinds of build alike; the stages behind them differ:
 
 * ``load-decoder``: the float32 PyTorch model (a checkpoint folder, or GGUF weights dequantized
   by transformers) and ``decoder.json`` describing it;
@@ -10,8 +10,8 @@ read both kinds of build alike; the stages behind them differ:
   outputs (see pipeline.decoders.export), plus the tokenizer and config;
 * ``generation-reference``: PyTorch's greedy continuations of the evaluation prompts with the
   top-k logits of every step, and PyTorch's perplexity on the evaluation texts;
-* ``optimize-decoder``: normalisation, rotary and attention fusions on both graphs, each run
-  against the unfused graphs before it is kept (see pipeline.decoders.fuse);
+* ``optimize-decoder``: normalisation, rotary, attention and projection-packing fusions on both
+  graphs, each run against the unfused graphs before it is kept (see pipeline.decoders.fuse);
 * ``quantize-decoder``: INT8 dynamic, or 8-/4-bit weight-only MatMulNBits, on both graphs;
 * ``verify-generation``: a variant's greedy tokens, teacher-forced decisions and logits, and
   perplexity against the reference (see pipeline.decoders.verify);
