@@ -267,6 +267,10 @@ class QuantizeSpec(_Strict):
     #: (ORT's accuracy level 4: SmolLM2 8-bit 1.7x and 4-bit 1.9x ORT FP32 per decode step);
     #: float: the weights are dequantized and the product stays float (slower on CPUs).
     compute: Literal["int8", "float"] = "int8"
+    #: weight-only: weights that already lie on a 4- or 8-bit grid per block (a model read from
+    #: a GGUF file: Q4_0, Q4_1, Q8_0, the K-quants' sub-blocks) are stored on that grid, exactly,
+    #: instead of being rounded onto a new one; the variant's bits apply to the others.
+    keep_grid: bool = False
     #: One scale per output channel of each weight matrix.
     per_channel: bool = True
     #: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate.
@@ -297,7 +301,7 @@ class QuantizeSpec(_Strict):
         # Refused when changed from the default (a dumped recipe lists every default).
         given = sorted(
             name
-            for name in ("block_size", "compute")
+            for name in ("block_size", "compute", "keep_grid")
             if getattr(self, name) != type(self).model_fields[name].default
         )
         if given and self.method != "weight-only":

@@ -345,6 +345,7 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             block_size=q.block_size if method != "int8" else 32,
             exclude=tuple(sorted(q.exclude)),
             compute=q.compute if method != "int8" else "int8",
+            keep_grid=q.keep_grid,
         )
         steps.append(
             Step(f"quantize[{variant.name}]", QuantizeDecoderStage(config), {"model": graphs})

@@ -169,6 +169,7 @@ def _quantize_graph(
     block_size: int,
     exclude: tuple[str, ...],
     compute: str,
+    keep_grid: bool,
 ) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -184,6 +185,18 @@ def _quantize_graph(
     kept, unused = excluded(matmuls, exclude)
     untied = untie(model, [n for n in matmuls if n.name not in kept])
     data = target.name + ".data"
+    grids: dict[str, Any] = {"bits": {}, "corrected": 0, "nodes": [], "float": {}}
+    if keep_grid:
+        from pipeline.decoders.grid import store_grids
+
+        grids = store_grids(
+            model, [n for n in matmuls if n.name not in kept], block_size, ACCURACY_LEVEL[compute]
+        )
+    # The grids' float remainder products are MatMuls with constant weights too, and a weight on a
+    # grid kept float is exact as it is: neither is rounded onto a new grid.
+    skip = sorted(
+        set(kept) | set(grids["float"]) | {n.name for n in model.graph.node if ".grid." in n.name}
+    )
     with quiet_quantizer():
         if method == "int8":
             # ORT's dynamic quantizer reads a file: the rewritten float graph, staged beside the
@@ -199,7 +212,7 @@ def _quantize_graph(
                     per_channel=True,
                     weight_type=QuantType.QInt8,
                     op_types_to_quantize=["MatMul"],
-                    nodes_to_exclude=sorted(kept),
+                    nodes_to_exclude=skip,
                     use_external_data_format=True,
                 )
             finally:
@@ -218,7 +231,7 @@ def _quantize_graph(
                 # against +36%, blockwise INT8 no better).
                 is_symmetric=True,
                 accuracy_level=ACCURACY_LEVEL[compute],
-                nodes_to_exclude=sorted(kept),
+                nodes_to_exclude=skip,
             )
             quantizer.process()
             onnx.save(quantizer.model.model, str(target), save_as_external_data=True, location=data)
@@ -237,6 +250,7 @@ def _quantize_graph(
         "kept_float": sorted(set(kept.values())),
         "kept_nodes": dict(sorted(kept.items())),
         "unmatched": sorted(unused),
+        "grid": grids,
     }
 
 
@@ -247,23 +261,29 @@ def quantize_decoder(
     block_size: int = 32,
     exclude: tuple[str, ...] = (),
     compute: str = "int8",
+    keep_grid: bool = False,
 ) -> dict[str, Any]:
     """Quantize both graphs of the decoder in ``source`` into ``out`` (other files copied).
 
     ``exclude``: module names, shell patterns of them, or node names kept in float.
     ``compute`` (weight-only methods): ``int8`` or ``float`` products (see ACCURACY_LEVEL).
+    ``keep_grid`` (weight-only methods): weights that already lie on a 4- or 8-bit block grid
+    (dequantized GGUF weights) are stored on it exactly (``pipeline.decoders.grid``); the
+    method's bits and rounding apply to the others.
     """
     out.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {}
     for name in (PREFILL, DECODE):
         stats[name.removesuffix(".onnx")] = _quantize_graph(
-            source / name, out / name, method, block_size, exclude, compute
+            source / name, out / name, method, block_size, exclude, compute, keep_grid
         )
     for item in source.iterdir():
         if item.is_file() and not item.name.startswith(("prefill.onnx", "decode.onnx", WEIGHTS)):
             shutil.copyfile(item, out / item.name)
     short = [
-        g for g, s in stats.items() if s["quantized"] + len(s["kept_nodes"]) < s["weight_matmuls"]
+        g
+        for g, s in stats.items()
+        if s["quantized"] + len(s["kept_nodes"]) + len(s["grid"]["float"]) < s["weight_matmuls"]
     ]
     if short:
         log.warning("decoder %s: not every weight MatMul was quantized in %s", method, short)

@@ -88,6 +88,14 @@ def _int8_section(report: Report) -> list[str]:
             how += (
                 f", weight-only, symmetric blocks of {q['block_size']}, {q.get('compute')} products"
             )
+        grid = q.get("grid")
+        if grid:
+            stored = ", ".join(f"{n} at {b} bits" for b, n in grid["bits"].items()) or "none"
+            how += f"; weights kept on their own grid: {stored}"
+            if grid["corrected"]:
+                how += f" ({grid['corrected']} with a float remainder product)"
+            if grid["float"]:
+                how += f", {len(grid['float'])} on an 8-bit grid kept float (no fast float kernel)"
         lines += [
             "",
             f"**{c.name}** ({how}): {q.get('quantized_matmuls')} of {q.get('weight_matmuls')} "

@@ -314,6 +314,7 @@ def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
         "symmetric",
         "block_size",
         "compute",
+        "grid",
     )
     out = {k: quantize.stats[k] for k in keys if k in quantize.stats}
     calibrate = manifest.stage(f"calibrate[{name}]")

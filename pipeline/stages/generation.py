@@ -412,6 +412,8 @@ class QuantizeDecoderConfig(StageConfig):
     exclude: tuple[str, ...]
     #: Weight-only: int8 or float products.
     compute: str = "int8"
+    #: Weight-only: weights on a block grid are stored on it exactly.
+    keep_grid: bool = False
 
 
 class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
@@ -432,6 +434,7 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 cfg.block_size,
                 cfg.exclude,
                 cfg.compute,
+                cfg.keep_grid,
             )
             advance(1)
         decode = graphs["decode"]
@@ -455,7 +458,12 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 ],
                 "graphs": graphs,
                 "size_bytes": decoder_size(out / MODEL_DIR),
-            },
+            }
+            | (
+                {"grid": {k: decode["grid"][k] for k in ("bits", "corrected", "float")}}
+                if cfg.keep_grid
+                else {}
+            ),
         )
 
 

@@ -295,6 +295,10 @@ def test_the_reference_is_reproducible(built: Any, checkpoint: Path, tmp_path: P
             {"variants": [{"name": "x", "precision": "int8", "quantize": {"block_size": 16}}]},
             "applies to method weight-only",
         ),
+        (
+            {"variants": [{"name": "x", "precision": "int8", "quantize": {"keep_grid": True}}]},
+            "keep_grid: applies to method weight-only",
+        ),
         ({"verify": {"padding": ["right"]}}, "do not apply to text-generation"),
     ],
 )

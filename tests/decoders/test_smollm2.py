@@ -69,10 +69,24 @@ def test_smollm2_quantized_variants_keep_what_was_measured(built: Any) -> None:
     for name in ("int8", "int8-block", "int4"):
         assert accuracy(built, name)["nonfinite_outputs"] == 0
     # Every projection is quantized (q/k/v and gate/up packed: 4 weight MatMuls per layer), and
-    # the tied LM head too (given its own copy).
+    # the tied LM head too (given its own copy), except where int4-grid keeps it float.
     for c in built.report.contenders:
         if c.quantization:
-            assert c.quantization["quantized_matmuls"] == 30 * 4 + 1, c.name
+            head = 0 if c.name == "int4-grid" else 1
+            assert c.quantization["quantized_matmuls"] == 30 * 4 + head, c.name
+
+
+def test_smollm2_on_its_own_gguf_grid_generates_pytorchs_tokens(built: Any) -> None:
+    # The file's Q4_1 projections are stored on their own grid (float remainder products where
+    # the minimum is not a whole number of steps), so 4-bit weights give the reference's tokens.
+    contender = next(c for c in built.report.contenders if c.name == "int4-grid")
+    stored = contender.quantization["grid"]
+    assert stored["bits"] == {"4": 30 * 4} and stored["corrected"] == 30 * 4
+    assert list(stored["float"].values()) == [8]  # the Q8_0 LM head
+    figures = accuracy(built, "int4-grid")
+    assert figures["token_match"] == 1.0 and figures["agreement"] == 1.0, figures
+    assert figures["max_abs_error"] < 1e-3
+    assert figures["perplexity_increase"] == pytest.approx(0, abs=1e-4)
 
 
 def test_smollm2_perplexity_is_transformers_loss(built: Any) -> None:
