@@ -81,14 +81,17 @@ def quiet_quantizer() -> Iterator[None]:
     """Keep ONNX Runtime's quantization tools from writing to the build's log and stdout.
 
     They log through the root logger (per-tensor INFO lines, and advice to run their
-    pre-processing, which infer-shapes already does) and print histogram settings; what the
-    stage needs from them it counts and records itself.
+    pre-processing, which infer-shapes already does) or their module's (the weight-only
+    quantizer: a line per node) and print histogram settings; what the stage needs from them
+    it counts and records itself.
     """
 
     def keep(record: logging.LogRecord) -> bool:
-        if record.name != "root":
-            return True
-        return record.levelno >= logging.ERROR
+        if record.name == "root":
+            return record.levelno >= logging.ERROR
+        if record.name.startswith("onnxruntime.quantization"):
+            return record.levelno >= logging.WARNING
+        return True
 
     root = logging.getLogger()
     handlers = list(root.handlers)
