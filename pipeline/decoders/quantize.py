@@ -186,11 +186,21 @@ def _quantize_graph(
     untied = untie(model, [n for n in matmuls if n.name not in kept])
     data = target.name + ".data"
     grids: dict[str, Any] = {"bits": {}, "corrected": 0, "nodes": [], "float": {}}
+    rounded = [n for n in matmuls if n.name not in kept]
     if keep_grid:
         from pipeline.decoders.grid import store_grids
 
-        grids = store_grids(
-            model, [n for n in matmuls if n.name not in kept], block_size, ACCURACY_LEVEL[compute]
+        grids = store_grids(model, rounded, block_size, ACCURACY_LEVEL[compute])
+    elif method != "int8" and rounded:
+        from onnx import numpy_helper
+
+        from pipeline.decoders.grid import GRID_BITS, find_grid
+
+        # Say so when the weights rounded here already lie on a grid (the first one is probed).
+        weights = {i.name: i for i in model.graph.initializer}
+        probe = numpy_helper.to_array(weights[rounded[0].input[1]])
+        grids["found"] = next(
+            (b for b in GRID_BITS if find_grid(probe, b, block_size) is not None), None
         )
     # The grids' float remainder products are MatMuls with constant weights too, and a weight on a
     # grid kept float is exact as it is: neither is rounded onto a new grid.

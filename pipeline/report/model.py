@@ -222,6 +222,13 @@ def build_report(manifest: Manifest) -> Report:
             variant = stage.step[len("optimize[") : -1]
             for fusion, why in stage.stats["fallback"].items():
                 notes.append(f"{variant}: the {fusion} fusion was dropped: {why}")
+        if stage.step.startswith("quantize[") and stage.stats.get("grid_found"):
+            variant = stage.step[len("quantize[") : -1]
+            notes.append(
+                f"{variant}: the weights already lie on {stage.stats['grid_found']}-bit block "
+                "grids (a GGUF model's) and were rounded onto new ones; quantize.keep_grid: true "
+                "stores them exactly"
+            )
     if reference is not None and reference.stats.get("truncated"):
         notes.append(
             f"{reference.stats['truncated']} evaluation texts were longer than {reference.stats['max_length']} tokens and were truncated."

@@ -419,8 +419,8 @@ class QuantizeDecoderConfig(StageConfig):
 class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
     name = "quantize-decoder"
     #: 2: a tied LM head is untied and quantized; 3: weights stored once for both graphs;
-    #: 4: kept-float nodes named by node.
-    version = 4
+    #: 4: kept-float nodes named by node; 5: weights already on a grid are found (keep_grid).
+    version = 5
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.decoders.quantize import quantize_decoder
@@ -463,7 +463,8 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 {"grid": {k: decode["grid"][k] for k in ("bits", "corrected", "float")}}
                 if cfg.keep_grid
                 else {}
-            ),
+            )
+            | ({"grid_found": decode["grid"]["found"]} if decode["grid"].get("found") else {}),
         )
 
 

@@ -237,3 +237,6 @@ def test_a_build_keeps_the_grid_and_generates_pytorchs_tokens(
     assert grid.accuracy["max_abs_error"] < fast.accuracy["max_abs_error"]
     markdown = (outcome.run_dir / "report.md").read_text()
     assert "weights kept on their own grid: 8 at 4 bits" in markdown
+    # The variant that rounded them is told that the weights had a grid of their own.
+    hints = [n for n in outcome.report.notes if "already lie on 4-bit block grids" in n]
+    assert [h.split(":")[0] for h in hints] == ["int4"]
