@@ -212,6 +212,38 @@ def decoders_section(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def decoder_static_section(d: dict[str, Any]) -> list[str]:
+    """tforge's decoder graphs beside PyTorch with a static cache, eager and torch.compile'd."""
+    labels = {
+        "pytorch": "PyTorch eager, dynamic cache (the build's baseline)",
+        "pytorch-static": "PyTorch eager, StaticCache",
+        "pytorch-compiled": "PyTorch StaticCache + torch.compile",
+    }
+    lines = [
+        f"## Decoders beside PyTorch's static cache and torch.compile (SmolLM2-135M, {d['threads']} threads)",
+        "",
+        f"Produced by `{d['command']}` (run {d['run_id']}; torch {d['torch']}, transformers "
+        f"{d['transformers']}). Prompts of 32 real tokens (no padding), 32 greedy tokens, "
+        f"{d['runs']} interleaved runs; p50 per call; speed-up of the decode step over PyTorch "
+        "eager; token match against eager PyTorch's greedy tokens. `first generation s` is the "
+        "untimed warm-up generation, torch.compile's compilation included.",
+        "",
+        "| contender | prefill-b1 ms | decode-b1 ms (x eager) | prefill-b8 ms | decode-b8 ms (x eager) "
+        "| token match b1 / b8 | first generation s b1 / b8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in d["results"].items():
+        b1, b8 = r["b1"], r["b8"]
+        lines.append(
+            f"| {labels.get(name, 'tforge ' + name)} | {b1['prefill_ms']:.1f} "
+            f"| {b1['decode_ms']:.2f} ({b1['speedup']:.2f}x) | {b8['prefill_ms']:.1f} "
+            f"| {b8['decode_ms']:.2f} ({b8['speedup']:.2f}x) "
+            f"| {b1['token_match']:.3f} / {b8['token_match']:.3f} "
+            f"| {b1['first_call_s']:.1f} / {b8['first_call_s']:.1f} |"
+        )
+    return [*lines, ""]
+
+
 def decoder_fusion_peer_section(d: dict[str, Any]) -> list[str]:
     """tforge's decoder fusions beside transformers' ort_fusions="cpu", on the same graphs."""
     labels = {
@@ -420,6 +452,7 @@ def render(results: dict[str, Any]) -> str:
         ("decoder_build", decoder_build_section),
         ("decoder_fusions", decoder_build_section),
         ("decoder_fusion_peer", decoder_fusion_peer_section),
+        ("decoder_static", decoder_static_section),
     ):
         if results.get(key):
             lines += section(results[key])
