@@ -84,11 +84,11 @@ def _int8_section(report: Report) -> list[str]:
             data = q.get("calibration_data") or {}
             sign = "symmetric" if q.get("symmetric") else "asymmetric"
             how += f", {q['calibration']} calibration on {data.get('samples', '?')} samples, {sign} activations"
-        if q.get("block_size"):
-            how += (
-                f", weight-only, symmetric blocks of {q['block_size']}, {q.get('compute')} products"
-            )
         grid = q.get("grid")
+        if q.get("block_size"):
+            # Rounded weights are symmetric; weights kept on their own grid have zero points.
+            blocks = "blocks" if grid else "symmetric blocks"
+            how += f", weight-only, {blocks} of {q['block_size']}, {q.get('compute')} products"
         if grid:
             stored = ", ".join(f"{n} at {b} bits" for b, n in grid["bits"].items()) or "none"
             how += f"; weights kept on their own grid: {stored}"
