@@ -573,10 +573,6 @@ class Recipe(_Strict):
                 problem = (
                     "the standard profile is not built for decoders; use optimize: ort or none"
                 )
-            elif "attention" in variant.fusions and "rotary" not in variant.fusions:
-                problem = (
-                    "the attention fusion needs rotary (its pattern starts at RotaryEmbedding)"
-                )
             elif set(variant.fusions) - set(DECODER_FUSIONS):
                 problem = (
                     f"fusions {sorted(set(variant.fusions) - set(DECODER_FUSIONS))} are not built "

@@ -5,9 +5,10 @@
   add into ``SkipLayerNormalization`` (GPT-2). onnxscript's rules.
 * ``rotary``: the rotary position embedding of queries and keys into ONNX Runtime's
   ``RotaryEmbedding``, which reads cos/sin from a table indexed by ``position_ids``.
-* ``attention``: the whole attention of a rotary layer (head reshapes, rotary, cache concat,
-  the key/value heads repeated for grouped queries, softmax(QK^T)V) into one
-  ``GroupQueryAttention`` that also writes the new cache. Needs ``rotary``.
+* ``attention``: the whole attention of a layer (head reshapes, rotary, cache concat, the
+  key/value heads repeated for grouped queries, softmax(QK^T)V) into one ``GroupQueryAttention``
+  that also writes the new cache. A rotary model needs ``rotary`` fused first; GPT-2's
+  attention, without rotary, becomes GroupQueryAttention with as many key/value heads as heads.
 * ``pack``: the MatMuls reading one value (q/k/v, gate/up) into one MatMul and a Split, so
   each layer reads its input twice, not five times; groups with a projection quantize.exclude
   names stay apart (:func:`pack_projections`).
@@ -104,16 +105,15 @@ def expected_ops(model_type: str, layers: int) -> dict[str, int]:
 
     Two residual normalisations per layer (of the 2 x layers + 1 normalisations, the first of an
     RMSNorm model has no residual before it; GPT-2's has the position embedding's); one
-    RotaryEmbedding for the queries and one for the keys per layer, one GroupQueryAttention
-    (GPT-2's attention, without rotary, is not fused), and two packed MatMuls (q/k/v, gate/up;
-    GPT-2 exports its projections packed already).
+    RotaryEmbedding for the queries and one for the keys per layer (none in GPT-2), one
+    GroupQueryAttention, and two packed MatMuls (q/k/v, gate/up; GPT-2 exports its projections
+    packed already).
     """
     if model_type not in KNOWN_MODEL_TYPES:
         return {}
-    expected = {"skip-layernorm": 2 * layers}
+    expected = {"skip-layernorm": 2 * layers, "attention": layers}
     if model_type in ROTARY_MODEL_TYPES:
         expected["rotary"] = 2 * layers
-        expected["attention"] = layers
         expected["pack"] = 2 * layers
     return expected
 
@@ -195,49 +195,66 @@ def _attention_rules() -> list[Any]:
     from onnxscript.rewriter import _ir_utils, pattern
 
     class LeftPaddedAttention(pattern.RewriteRuleClassBase):
-        """A rotary layer's attention, after onnxscript's SDPA fusion, -> GroupQueryAttention.
+        """A layer's attention, after onnxscript's SDPA fusion, -> GroupQueryAttention.
 
         ``zeroed``: the exporter zeroes the output of fully masked rows (a Where) -- padding
         queries, whose output nothing reads; ``reshaped``: a no-op Reshape before the heads are
-        merged (the decode graph has it). One rule per form: onnxscript cannot return values
-        behind a choice.
+        merged (the decode graph has it); ``rotary``: queries and keys pass a RotaryEmbedding
+        (not in GPT-2); ``repeated``: the key/value heads are repeated for grouped queries
+        (transformers repeats nothing when there are as many as query heads). One rule per
+        form: onnxscript cannot return values behind a choice.
         """
 
-        def __init__(self, zeroed: bool, reshaped: bool, lengths: dict[Any, Any]) -> None:
-            super().__init__(f"LeftPaddedAttention{int(zeroed)}{int(reshaped)}", remove_nodes=False)
+        def __init__(
+            self,
+            zeroed: bool,
+            reshaped: bool,
+            rotary: bool,
+            repeated: bool,
+            lengths: dict[Any, Any],
+        ) -> None:
+            form = "".join(str(int(f)) for f in (zeroed, reshaped, rotary, repeated))
+            super().__init__(f"LeftPaddedAttention{form}", remove_nodes=False)
             self.zeroed, self.reshaped = zeroed, reshaped
+            self.rotary, self.repeated = rotary, repeated
             # The mask -> (seqlens_k, total_sequence_length), built once per graph.
             self.lengths = lengths
 
         def pattern(
-            self, op, query, key, value, past_key, past_value, position_ids, cos, sin, mask, rows
+            self,
+            op,
+            query,
+            key,
+            value,
+            past_key,
+            past_value,
+            position_ids,
+            cos,
+            sin,
+            mask,
+            rows,
+            merged_shape,
         ):
             def heads(x, name):
                 split = op.Reshape(x, pattern.ANY_VALUE, _outputs=[name])
                 return op.Transpose(split, perm=[0, 2, 1, 3])
 
-            q = op.RotaryEmbedding(
-                heads(query, "query_heads"),
-                position_ids,
-                cos,
-                sin,
-                _domain="com.microsoft",
-                _outputs=["query_rotary"],
-            )
-            k = op.RotaryEmbedding(
-                heads(key, "key_heads"),
-                position_ids,
-                cos,
-                sin,
-                _domain="com.microsoft",
-                _outputs=["key_rotary"],
-            )
+            q, k = heads(query, "query_heads"), heads(key, "key_heads")
+            if self.rotary:
+                q = op.RotaryEmbedding(
+                    q, position_ids, cos, sin, _domain="com.microsoft", _outputs=["query_rotary"]
+                )
+                k = op.RotaryEmbedding(
+                    k, position_ids, cos, sin, _domain="com.microsoft", _outputs=["key_rotary"]
+                )
             v = heads(value, "value_heads")
             # The cache: the past concatenated with the new keys (the prefill has no past).
             keys = pattern.OrValue([op.Concat(past_key, k, axis=-2), k])
             values = pattern.OrValue([op.Concat(past_value, v, axis=-2), v])
 
             def repeated(x):
+                if not self.repeated:
+                    return x
                 expanded = op.Expand(op.Unsqueeze(x, [2]), pattern.ANY_VALUE)
                 return op.Reshape(expanded, pattern.ANY_VALUE)
 
@@ -254,11 +271,19 @@ def _attention_rules() -> list[Any]:
                 out = op.Where(rows, 0.0, out)
             if self.reshaped:
                 out = op.Reshape(out, pattern.ANY_VALUE)
-            merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
+            merged = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), merged_shape)
             return merged, keys, values
 
         def check(
-            self, context, query_heads, key_heads, query_rotary, key_rotary, mask, attention, **_
+            self,
+            context,
+            query_heads,
+            key_heads,
+            mask,
+            attention,
+            query_rotary=None,
+            key_rotary=None,
+            **_,
         ):
             result = pattern.MatchResult()
             num_heads = _ir_utils.get_dim(query_heads, 2)
@@ -283,10 +308,13 @@ def _attention_rules() -> list[Any]:
             form = attention.producer().attributes.get_string("key_format", "BHSd")
             if form != "BHSd":
                 return result.fail(f"the keys come as {form}, not [batch, heads, key, size]")
-            q_attrs = query_rotary.producer().attributes
-            k_attrs = key_rotary.producer().attributes
-            if q_attrs.get_int("interleaved", 0) != k_attrs.get_int("interleaved", 0):
-                return result.fail("queries and keys rotate differently", query_rotary)
+            if not self.repeated and num_heads != kv_heads:
+                return result.fail("fewer key/value heads than heads, but none repeated")
+            if self.rotary:
+                q_attrs = query_rotary.producer().attributes
+                k_attrs = key_rotary.producer().attributes
+                if q_attrs.get_int("interleaved", 0) != k_attrs.get_int("interleaved", 0):
+                    return result.fail("queries and keys rotate differently", query_rotary)
             return result
 
         def rewrite(
@@ -303,13 +331,13 @@ def _attention_rules() -> list[Any]:
             mask,
             query_heads,
             key_heads,
-            query_rotary,
             attention,
+            merged_shape,
+            query_rotary=None,
             **_,
         ):
             num_heads = _ir_utils.get_dim(query_heads, 2)
             kv_heads = _ir_utils.get_dim(key_heads, 2)
-            interleaved = query_rotary.producer().attributes.get_int("interleaved", 0)
             if mask not in self.lengths:
                 # Every row spans the whole mask: padding is masked by the bias, not by length.
                 total = op.Shape(mask, start=3, end=4)
@@ -323,14 +351,17 @@ def _attention_rules() -> list[Any]:
                 )
                 self.lengths[mask] = (seqlens, width)
             seqlens, width = self.lengths[mask]
-            # RotaryEmbedding takes [batch, sequence, hidden] with num_heads as well.
-            q = _rotate(op, query, position_ids, cos, sin, interleaved, num_heads)
-            k = _rotate(op, key, position_ids, cos, sin, interleaved, kv_heads)
+            q, k = query, key
+            if self.rotary:
+                # RotaryEmbedding takes [batch, sequence, hidden] with num_heads as well.
+                interleaved = query_rotary.producer().attributes.get_int("interleaved", 0)
+                q = _rotate(op, query, position_ids, cos, sin, interleaved, num_heads)
+                k = _rotate(op, key, position_ids, cos, sin, interleaved, kv_heads)
             attributes = {"num_heads": num_heads, "kv_num_heads": kv_heads}
             scale = attention.producer().attributes.get_float("scale", None)
             if scale is not None:
                 attributes["scale"] = scale
-            return op.GroupQueryAttention(
+            out, present_key, present_value = op.GroupQueryAttention(
                 q,
                 k,
                 value,
@@ -346,10 +377,18 @@ def _attention_rules() -> list[Any]:
                 _outputs=3,
                 **attributes,
             )
+            # The op gives [batch, sequence, hidden]; GPT-2's merge reshapes straight to the
+            # [batch * sequence, hidden] its Gemm projection takes, so that shape is kept.
+            shape = merged_shape.const_value
+            if shape is None or len(shape.numpy()) != 3:
+                out = op.Reshape(out, merged_shape)
+            return out, present_key, present_value
 
     lengths: dict[Any, Any] = {}
     return [
-        LeftPaddedAttention.rule(zeroed, reshaped, lengths)
+        LeftPaddedAttention.rule(zeroed, reshaped, rotary, repeated, lengths)
+        for rotary in (True, False)
+        for repeated in (True, False)
         for zeroed in (True, False)
         for reshaped in (True, False)
     ]
@@ -484,12 +523,8 @@ def fuse_graph(
         matched["rotary_embedding"] = fuse_rotary_embedding(model)
         table = pattern.RewriteRuleSet([_rotary_rule(max_positions)])
         matched["rotary_table"] = _fusion_utils.apply_fusion_rules(table)(model)
-    rotary = any(
-        n.op_type == "RotaryEmbedding" and n.domain == "com.microsoft" for n in model.graph
-    )
-    if "attention" in fusions and rotary:
-        # SDPA (onnxscript's intermediate op) first, then the rule that consumes it. Without
-        # rotary ops (GPT-2) there is nothing for the rule to match.
+    if "attention" in fusions:
+        # SDPA (onnxscript's intermediate op) first, then the rule that consumes it.
         matched["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
         rules = pattern.RewriteRuleSet(_attention_rules())
         matched["group_query_attention"] = _fusion_utils.apply_fusion_rules(rules)(model)
@@ -499,7 +534,8 @@ def fuse_graph(
             # would leave an op no runtime knows.
             raise ValueError(
                 f"the attention rule took {matched['group_query_attention']} layers and left "
-                f"{left}: a layer's attention has another form"
+                f"{left}: a layer's attention has another form (a rotary model's needs the "
+                "rotary fusion)"
             )
     if "pack" in fusions:
         packed, apart = pack_projections(model, separated(separate))
@@ -615,7 +651,7 @@ def fuse_decoder(
             f"a cos/sin table for {max_positions} positions is over the {MAX_TABLE_POSITIONS} "
             "tforge precomputes"
         )
-    if "attention" in fusions and ("rotary" not in fusions or "rotary" in fallback):
+    if "attention" in fusions and "rotary" in fallback:
         fallback["attention"] = "it needs the rotary fusion (its pattern starts at RotaryEmbedding)"
     wanted = [f for f in DECODER_FUSIONS if f in fusions and f not in fallback]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -641,7 +677,7 @@ def fuse_decoder(
             shutil.rmtree(work.parent)
             kept: list[str] = []
             for fusion in wanted:
-                if fusion == "attention" and "rotary" not in kept:
+                if fusion == "attention" and "rotary" in fallback:
                     fallback[fusion] = "it needs the rotary fusion, which was dropped"
                     continue
                 trial, why = attempt([*kept, fusion])

@@ -352,6 +352,8 @@ class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
     made for the architecture (``expected``), and any fusion dropped with its reason."""
 
     name = "optimize-decoder"
+    #: 2: GPT-2's attention (no rotary) fused too.
+    version = 2
 
     def describe(self) -> str:
         return f"optimize decoder ({', '.join(self.config.fusions) or 'no fusions'})"

@@ -275,7 +275,6 @@ def test_the_reference_is_reproducible(built: Any, checkpoint: Path, tmp_path: P
             r"fusions \['ffn'\] are not built for decoders",
         ),
         ({"variants": [{"name": "x", "optimize": "standard"}]}, "standard profile"),
-        ({"variants": [{"name": "x", "fusions": ["attention"]}]}, "attention fusion needs rotary"),
         (
             {"variants": [{"name": "x", "precision": "int8", "quantize": {"method": "static"}}]},
             "not static",

@@ -44,7 +44,8 @@ def test_each_family_gets_the_fused_ops_its_architecture_should(
     rotary = model.config.model_type != "gpt2"
     assert expected == {
         "skip-layernorm": 2 * layers,
-        **({"rotary": 2 * layers, "attention": layers, "pack": 2 * layers} if rotary else {}),
+        "attention": layers,
+        **({"rotary": 2 * layers, "pack": 2 * layers} if rotary else {}),
     }
     for graph in ("prefill", "decode"):
         ops = result["fused_ops"][graph]
@@ -58,19 +59,19 @@ def test_each_family_gets_the_fused_ops_its_architecture_should(
             # q/k/v and gate/up: one MatMul each per layer (o, down and the head stay alone).
             assert ops[PACKED] == 2 * layers
         else:
-            assert ops == {"SkipLayerNormalization": 2 * layers + 1}
+            # GPT-2: LayerNorms, and attention without rotary (as many key/value heads as heads).
+            assert ops == {"SkipLayerNormalization": 2 * layers + 1, "GroupQueryAttention": layers}
         nodes = onnx.load(str(root / "fused" / f"{graph}.onnx"), load_external_data=False).graph
         unfused = onnx.load(str(root / "export" / f"{graph}.onnx"), load_external_data=False)
         # The rotate-half plumbing and the RMSNorm arithmetic are gone.
         assert len(nodes.node) < len(unfused.graph.node)
-        if rotary:
-            gone = ("Neg", "Sqrt", "Reciprocal", "Softmax", "Transpose")
-            assert not any(n.op_type in gone for n in nodes.node)
-            attention = [n for n in nodes.node if n.op_type == "GroupQueryAttention"]
-            # The cache tensors are the op's own outputs, under their stable names.
-            assert {o for n in attention for o in n.output[1:]} == {
-                f"present.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")
-            }
+        gone = ("Neg", "Sqrt", "Reciprocal", "Softmax", "Transpose") if rotary else ("Softmax",)
+        assert not any(n.op_type in gone for n in nodes.node)
+        attention = [n for n in nodes.node if n.op_type == "GroupQueryAttention"]
+        # The cache tensors are the op's own outputs, under their stable names.
+        assert {o for n in attention for o in n.output[1:]} == {
+            f"present.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")
+        }
     # Both graphs still read one weights file, and the tokenizer and config came along.
     names = {p.name for p in (root / "fused").iterdir()}
     assert {"prefill.onnx", "decode.onnx", "weights.onnx.data", "config.json"} <= names
@@ -121,6 +122,22 @@ def test_without_a_maximum_position_rotary_is_not_attempted(tmp_path: Path) -> N
     assert result["kept"] == ["skip-layernorm", "pack"]
 
 
+@pytest.mark.parametrize(("family", "fused"), [("gpt2", True), ("llama", False)])
+def test_attention_without_the_rotary_fusion(family: str, fused: bool, tmp_path: Path) -> None:
+    """GPT-2 has no rotary embedding: its attention fuses alone. A rotary model's attention
+    cannot be taken without its rotary ops fused first: dropped, and the reason says so (the
+    layers are left unfused, not half rewritten)."""
+    graphs = export_decoder(tiny(family), tmp_path / "export")
+    result = fuse_decoder(graphs.folder, tmp_path / "fused", ("attention",), 128, VOCAB)
+    if fused:
+        assert result["fallback"] == {} and result["kept"] == ["attention"]
+        assert result["fused_ops"]["decode"] == {"GroupQueryAttention": 2}
+    else:
+        assert result["kept"] == []
+        assert "needs the rotary fusion" in result["fallback"]["attention"]
+        assert result["fused_ops"]["decode"] == {}
+
+
 def test_unknown_architectures_expect_nothing() -> None:
     assert expected_ops("mamba", 4) == {}
     assert expected_ops("llama", 3) == {
@@ -129,7 +146,7 @@ def test_unknown_architectures_expect_nothing() -> None:
         "attention": 3,
         "pack": 6,
     }
-    assert expected_ops("gpt2", 3) == {"skip-layernorm": 6}
+    assert expected_ops("gpt2", 3) == {"skip-layernorm": 6, "attention": 3}
     # Untested layouts are fused and run-checked, but not held to counts.
     assert expected_ops("qwen3", 3) == {}
 
