@@ -244,6 +244,37 @@ def decoder_static_section(d: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def gpt2_fusions_section(d: dict[str, Any]) -> list[str]:
+    """GPT-2-small decode steps, fused against as exported."""
+    made = ", ".join(f"{op} {n}" for op, n in d["fused_ops"].items())
+    lines = [
+        f"## Decoder fusions: GPT-2 small architecture, random weights ({d['threads']} threads)",
+        "",
+        f"Produced by `{d['command']}`. The decoder variants' default fusions on GPT-2-small "
+        f"(decode graph: {made}; dropped: {d['fallback'] or 'none'}); decode step p50, "
+        "interleaved; logits compared with the unfused graphs' teacher-forced, on 32 steps of a "
+        "batch whose last row is left-padded by 5 tokens.",
+        "",
+        "| graphs | decode-b1 ms | decode-b8 ms | max logit difference b1 / b8 | agreement b1 / b8 |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {"unfused": "as exported (optimize: none)", "tforge": "tforge fusions"}
+    return [*lines, *_fused_rows(d["results"], labels), ""]
+
+
+def _fused_rows(results: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Rows of fused graphs against the unfused ones: decode p50 and logit agreement."""
+    rows = []
+    for name, r in results.items():
+        b1, b8 = r["b1"], r["b8"]
+        rows.append(
+            f"| {labels.get(name, name)} | {b1['decode_ms']:.2f} | {b8['decode_ms']:.2f} "
+            f"| {b1['max_logit_difference']:.2g} / {b8['max_logit_difference']:.2g} "
+            f"| {b1['agreement']:.3f} / {b8['agreement']:.3f} |"
+        )
+    return rows
+
+
 def decoder_fusion_peer_section(d: dict[str, Any]) -> list[str]:
     """tforge's decoder fusions beside transformers' ort_fusions="cpu", on the same graphs."""
     labels = {
@@ -261,14 +292,7 @@ def decoder_fusion_peer_section(d: dict[str, Any]) -> list[str]:
         "| graphs | decode-b1 ms | decode-b8 ms | max logit difference b1 / b8 | agreement b1 / b8 |",
         "|---|---|---|---|---|",
     ]
-    for name, r in d["results"].items():
-        b1, b8 = r["b1"], r["b8"]
-        lines.append(
-            f"| {labels.get(name, name)} | {b1['decode_ms']:.2f} | {b8['decode_ms']:.2f} "
-            f"| {b1['max_logit_difference']:.2g} / {b8['max_logit_difference']:.2g} "
-            f"| {b1['agreement']:.3f} / {b8['agreement']:.3f} |"
-        )
-    return [*lines, ""]
+    return [*lines, *_fused_rows(d["results"], labels), ""]
 
 
 def decoder_build_section(d: dict[str, Any]) -> list[str]:
@@ -453,6 +477,7 @@ def render(results: dict[str, Any]) -> str:
         ("decoder_fusions", decoder_build_section),
         ("decoder_fusion_peer", decoder_fusion_peer_section),
         ("decoder_static", decoder_static_section),
+        ("gpt2_fusions", gpt2_fusions_section),
     ):
         if results.get(key):
             lines += section(results[key])
