@@ -138,6 +138,42 @@ def test_attention_without_the_rotary_fusion(family: str, fused: bool, tmp_path:
         assert result["fused_ops"]["decode"] == {}
 
 
+def test_a_non_default_attention_scale_is_kept(tmp_path: Path) -> None:
+    """GPT-2 with scale_attn_by_inverse_layer_idx scales layer i's scores by 1/(i+1) beyond
+    1/sqrt(head size): each fused layer must carry its own scale."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=128,
+        scale_attn_by_inverse_layer_idx=True,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    graphs = export_decoder(model, tmp_path / "export")
+    result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, 128, VOCAB)
+    assert result["fallback"] == {}
+    decode = onnx.load(str(tmp_path / "fused" / "decode.onnx"), load_external_data=False)
+    head = 32 // 4
+    # Without a scale attribute GroupQueryAttention scales by 1/sqrt(head size).
+    scales = [
+        next((a.f for a in n.attribute if a.name == "scale"), head**-0.5)
+        for n in decode.graph.node
+        if n.op_type == "GroupQueryAttention"
+    ]
+    assert scales == pytest.approx([head**-0.5, head**-0.5 / 2])
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, 6)
+    run = OrtGenerator(tmp_path / "fused").step_logits(ids, mask, reference.tokens, 6)
+    assert (
+        max(np.abs(a - b).max() for a, b in zip(run.logits, reference.logits, strict=True)) < 1e-4
+    )
+
+
 def test_unknown_architectures_expect_nothing() -> None:
     assert expected_ops("mamba", 4) == {}
     assert expected_ops("llama", 3) == {
