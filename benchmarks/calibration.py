@@ -110,18 +110,17 @@ def main() -> None:
     for method in METHODS:
         pair = [r for r in runs if r["method"] == method]
         summary.append({**pair[0], "identical": pair[0]["sha256"] == pair[1]["sha256"]})
-    path = HERE / "results.json"
-    results = json.loads(path.read_text())
-    results["calibration"] = {
-        "command": "python -m benchmarks.calibration",
-        "samples": SAMPLES,
-        "max_length": LENGTH,
-        "runs": summary,
-    }
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    from benchmarks.markdown import render
+    from benchmarks.markdown import record
 
-    (ROOT / "BENCHMARKS.md").write_text(render(results))
+    record(
+        "calibration",
+        {
+            "command": "python -m benchmarks.calibration",
+            "samples": SAMPLES,
+            "max_length": LENGTH,
+            "runs": summary,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -80,19 +80,18 @@ def main() -> None:
     rows = false_alarms(reports)
     for row in rows:
         print(json.dumps(row))
-    path = HERE / "results.json"
-    results = json.loads(path.read_text())
-    results["compare_noise"] = {
-        "command": f"python -m benchmarks.compare_noise --runs {args.runs}",
-        "runs": args.runs,
-        "shapes": reports[0].shapes,
-        "variants": [c.name for c in reports[0].contenders if c.kind == "variant"],
-        "rows": rows,
-    }
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    from benchmarks.markdown import render
+    from benchmarks.markdown import record
 
-    (ROOT / "BENCHMARKS.md").write_text(render(results))
+    record(
+        "compare_noise",
+        {
+            "command": f"python -m benchmarks.compare_noise --runs {args.runs}",
+            "runs": args.runs,
+            "shapes": reports[0].shapes,
+            "variants": [c.name for c in reports[0].contenders if c.kind == "variant"],
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

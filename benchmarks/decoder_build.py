@@ -111,24 +111,23 @@ def main() -> None:
     )
     args = parser.parse_args()
     report = json.loads((args.run / "report.json").read_text())
-    path = HERE / "results.json"
-    stored = json.loads(path.read_text())
+    from benchmarks.markdown import record
+
     if args.fusions:
         recipe = args.recipe or "benchmarks/smollm2_fusions.yaml"
-        stored["decoder_fusions"] = {
-            **summary(report, recipe, " --fusions"),
-            "title": "Decoder fusions",
-            "note": FUSIONS_NOTE,
-        }
+        record(
+            "decoder_fusions",
+            {
+                **summary(report, recipe, " --fusions"),
+                "title": "Decoder fusions",
+                "note": FUSIONS_NOTE,
+            },
+        )
     else:
-        stored["decoder_build"] = {
-            **summary(report, args.recipe or "models/smollm2.yaml"),
-            "note": BUILD_NOTE,
-        }
-    path.write_text(json.dumps(stored, indent=1) + "\n")
-    from benchmarks.markdown import render
-
-    (ROOT / "BENCHMARKS.md").write_text(render(stored))
+        record(
+            "decoder_build",
+            {**summary(report, args.recipe or "models/smollm2.yaml"), "note": BUILD_NOTE},
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ and the share of steps whose most likely token is the unfused graph's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -98,20 +97,19 @@ def main() -> None:
             "transformers": transformers_fused(models / "fp32-unfused", Path(work) / "tf"),
         }
         figures = measure(folders, args.threads)
-    path = ROOT / "benchmarks" / "results.json"
-    stored = json.loads(path.read_text())
-    stored["decoder_fusion_peer"] = {
-        "command": "tforge build benchmarks/smollm2_fusions.yaml && "
-        "python -m benchmarks.decoder_fusion_peer --run <run folder>",
-        "run_id": args.run.name,
-        "transformers": transformers.__version__,
-        "threads": args.threads,
-        "results": figures,
-    }
-    path.write_text(json.dumps(stored, indent=1) + "\n")
-    from benchmarks.markdown import render
+    from benchmarks.markdown import record
 
-    (ROOT / "BENCHMARKS.md").write_text(render(stored))
+    record(
+        "decoder_fusion_peer",
+        {
+            "command": "tforge build benchmarks/smollm2_fusions.yaml && "
+            "python -m benchmarks.decoder_fusion_peer --run <run folder>",
+            "run_id": args.run.name,
+            "transformers": transformers.__version__,
+            "threads": args.threads,
+            "results": figures,
+        },
+    )
 
 
 if __name__ == "__main__":

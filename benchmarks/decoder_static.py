@@ -15,7 +15,6 @@ greedy tokens are compared with eager PyTorch's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -154,22 +153,21 @@ def main() -> None:
     for variant in args.variants:
         contenders[variant] = OrtGenerator(args.run / "models" / variant, args.threads)
     figures = measure(contenders, tokenizer, args.runs)
-    path = ROOT / "benchmarks" / "results.json"
-    stored = json.loads(path.read_text())
-    stored["decoder_static"] = {
-        "command": "tforge build models/smollm2.yaml && "
-        "python -m benchmarks.decoder_static --run <run folder>",
-        "run_id": args.run.name,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": args.threads,
-        "runs": args.runs,
-        "results": figures,
-    }
-    path.write_text(json.dumps(stored, indent=1) + "\n")
-    from benchmarks.markdown import render
+    from benchmarks.markdown import record
 
-    (ROOT / "BENCHMARKS.md").write_text(render(stored))
+    record(
+        "decoder_static",
+        {
+            "command": "tforge build models/smollm2.yaml && "
+            "python -m benchmarks.decoder_static --run <run folder>",
+            "run_id": args.run.name,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": args.threads,
+            "runs": args.runs,
+            "results": figures,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -225,13 +225,9 @@ def main() -> None:
             "agreement": agreement(contenders, batches, args.new),
         }
     print(json.dumps(results, indent=1))
-    path = HERE / "results.json"
-    stored = json.loads(path.read_text())
-    stored["decoders" if args.model == "gpt2" else "decoders_real"] = results
-    path.write_text(json.dumps(stored, indent=1) + "\n")
-    from benchmarks.markdown import render
+    from benchmarks.markdown import record
 
-    (ROOT / "BENCHMARKS.md").write_text(render(stored))
+    record("decoders" if args.model == "gpt2" else "decoders_real", results)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ graphs' (teacher-forced, a batch whose last row is left-padded; as
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -43,19 +42,18 @@ def main() -> None:
             model.config.vocab_size,
         )
         figures = measure({"unfused": exported, "tforge": Path(work) / "fused"}, args.threads)
-    path = ROOT / "benchmarks" / "results.json"
-    stored = json.loads(path.read_text())
-    stored["gpt2_fusions"] = {
-        "command": "python -m benchmarks.gpt2_fusions",
-        "threads": args.threads,
-        "fused_ops": fused["fused_ops"]["decode"],
-        "fallback": fused["fallback"],
-        "results": figures,
-    }
-    path.write_text(json.dumps(stored, indent=1) + "\n")
-    from benchmarks.markdown import render
+    from benchmarks.markdown import record
 
-    (ROOT / "BENCHMARKS.md").write_text(render(stored))
+    record(
+        "gpt2_fusions",
+        {
+            "command": "python -m benchmarks.gpt2_fusions",
+            "threads": args.threads,
+            "fused_ops": fused["fused_ops"]["decode"],
+            "fallback": fused["fallback"],
+            "results": figures,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from pipeline.report.markdown import figure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def record(key: str, entry: dict[str, Any]) -> None:
+    """Store ``entry`` as ``key`` of benchmarks/results.json and re-render BENCHMARKS.md."""
+    path = ROOT / "benchmarks" / "results.json"
+    stored = json.loads(path.read_text())
+    stored[key] = entry
+    path.write_text(json.dumps(stored, indent=1) + "\n")
+    (ROOT / "BENCHMARKS.md").write_text(render(stored))
+
 
 EAGER = "PyTorch eager fp32"
 PEERS = ("Optimum", "Olive", "ONNX Runtime")

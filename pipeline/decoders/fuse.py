@@ -317,27 +317,11 @@ def _attention_rules() -> list[Any]:
                     return result.fail("queries and keys rotate differently", query_rotary)
             return result
 
-        def rewrite(
-            self,
-            op,
-            query,
-            key,
-            value,
-            past_key,
-            past_value,
-            position_ids,
-            cos,
-            sin,
-            mask,
-            query_heads,
-            key_heads,
-            attention,
-            merged_shape,
-            query_rotary=None,
-            **_,
-        ):
-            num_heads = _ir_utils.get_dim(query_heads, 2)
-            kv_heads = _ir_utils.get_dim(key_heads, 2)
+        def rewrite(self, op, **v):
+            # ``v``: the pattern's values, by the names pattern() gives them.
+            query, key, mask = v["query"], v["key"], v["mask"]
+            num_heads = _ir_utils.get_dim(v["query_heads"], 2)
+            kv_heads = _ir_utils.get_dim(v["key_heads"], 2)
             if mask not in self.lengths:
                 # Every row spans the whole mask: padding is masked by the bias, not by length.
                 total = op.Shape(mask, start=3, end=4)
@@ -354,19 +338,20 @@ def _attention_rules() -> list[Any]:
             q, k = query, key
             if self.rotary:
                 # RotaryEmbedding takes [batch, sequence, hidden] with num_heads as well.
-                interleaved = query_rotary.producer().attributes.get_int("interleaved", 0)
-                q = _rotate(op, query, position_ids, cos, sin, interleaved, num_heads)
-                k = _rotate(op, key, position_ids, cos, sin, interleaved, kv_heads)
+                interleaved = v["query_rotary"].producer().attributes.get_int("interleaved", 0)
+                table = (v["position_ids"], v["cos"], v["sin"], interleaved)
+                q = _rotate(op, query, *table, num_heads)
+                k = _rotate(op, key, *table, kv_heads)
             attributes = {"num_heads": num_heads, "kv_num_heads": kv_heads}
-            scale = attention.producer().attributes.get_float("scale", None)
+            scale = v["attention"].producer().attributes.get_float("scale", None)
             if scale is not None:
                 attributes["scale"] = scale
             out, present_key, present_value = op.GroupQueryAttention(
                 q,
                 k,
-                value,
-                past_key,
-                past_value,
+                v["value"],
+                v["past_key"],
+                v["past_value"],
                 seqlens,
                 width,
                 None,  # cos_cache, sin_cache, position_ids: rotated above
@@ -379,9 +364,9 @@ def _attention_rules() -> list[Any]:
             )
             # The op gives [batch, sequence, hidden]; GPT-2's merge reshapes straight to the
             # [batch * sequence, hidden] its Gemm projection takes, so that shape is kept.
-            shape = merged_shape.const_value
+            shape = v["merged_shape"].const_value
             if shape is None or len(shape.numpy()) != 3:
-                out = op.Reshape(out, merged_shape)
+                out = op.Reshape(out, v["merged_shape"])
             return out, present_key, present_value
 
     lengths: dict[Any, Any] = {}
