@@ -15,7 +15,7 @@ MatMulNBits is an integer (the CPU kernel takes float zero points only for 4 bit
 dequantizes the whole matrix on every call: 40x slower at batch 1, measured), so a grid whose
 minimum is not a whole number of steps from zero leaves a remainder per block and output
 channel, ``E``. Its share of the product is added back in float: ``(X @ P) @ E``, where ``P``
-sums each block of X's channels (K/32 columns: about 3% of the MatMul's multiply-adds). The
+sums each block of X's channels (a few percent of the MatMul's multiply-adds). The
 quantized weights then equal the float ones to float32 rounding.
 """
 
@@ -234,8 +234,34 @@ def stored_bits(accuracy_level: int) -> tuple[int, ...]:
     return (4,) if accuracy_level == 0 else GRID_BITS
 
 
+def narrowest_grid(
+    weight: np.ndarray, block_size: int, fitted: dict[str, Grid | None] | None = None
+) -> Grid | None:
+    """The narrowest grid of :data:`GRID_BITS` the ``[K, N]`` ``weight`` lies on, or None.
+
+    ``fitted`` remembers the answer per weight's bytes: a decoder's prefill and decode graphs
+    hold the same weights, and fitting a large LM head takes seconds.
+    """
+    import hashlib
+
+    key = (
+        f"{weight.shape}:{block_size}:"
+        + hashlib.blake2b(weight.tobytes(), digest_size=16).hexdigest()
+    )
+    if fitted is not None and key in fitted:
+        return fitted[key]
+    grid = next((g for b in GRID_BITS if (g := find_grid(weight, b, block_size)) is not None), None)
+    if fitted is not None:
+        fitted[key] = grid
+    return grid
+
+
 def store_grids(
-    model: Any, nodes: list[Any], block_size: int, accuracy_level: int
+    model: Any,
+    nodes: list[Any],
+    block_size: int,
+    accuracy_level: int,
+    fitted: dict[str, Grid | None] | None = None,
 ) -> dict[str, Any]:
     """Replace each of ``nodes`` (MatMuls with a constant ``[K, N]`` weight) whose weight lies
     on a grid of 4 or 8 bits by MatMulNBits holding that grid, in place.
@@ -243,7 +269,7 @@ def store_grids(
     A weight on a grid that :func:`stored_bits` rules out stays a float MatMul (it is exact
     either way). Returns ``bits`` (MatMuls stored per bit width), ``corrected`` (those with a
     float remainder product), ``nodes`` (the replaced MatMuls) and ``float`` (MatMuls kept
-    float, each with its grid's width).
+    float, each with its grid's width). ``fitted``: see :func:`narrowest_grid`.
     """
     from onnx import numpy_helper
 
@@ -256,10 +282,7 @@ def store_grids(
     kept: dict[str, int] = {}
     corrected = 0
     for node in nodes:
-        array = numpy_helper.to_array(weights[node.input[1]])
-        grid = next(
-            (g for b in GRID_BITS if (g := find_grid(array, b, block_size)) is not None), None
-        )
+        grid = narrowest_grid(numpy_helper.to_array(weights[node.input[1]]), block_size, fitted)
         if grid is None:
             continue
         if grid.bits not in allowed:

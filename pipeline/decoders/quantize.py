@@ -170,7 +170,9 @@ def _quantize_graph(
     exclude: tuple[str, ...],
     compute: str,
     keep_grid: bool,
+    fitted: dict[str, Any],
 ) -> dict[str, Any]:
+    """Quantize one graph; ``fitted`` remembers weight grids across the two graphs."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -186,22 +188,21 @@ def _quantize_graph(
     untied = untie(model, [n for n in matmuls if n.name not in kept])
     data = target.name + ".data"
     grids: dict[str, Any] = {"bits": {}, "corrected": 0, "nodes": [], "float": {}}
-    rounded = [n for n in matmuls if n.name not in kept]
+    candidates = [n for n in matmuls if n.name not in kept]
     if keep_grid:
         from pipeline.decoders.grid import store_grids
 
-        grids = store_grids(model, rounded, block_size, ACCURACY_LEVEL[compute])
-    elif method != "int8" and rounded:
+        grids = store_grids(model, candidates, block_size, ACCURACY_LEVEL[compute], fitted)
+    elif method != "int8" and candidates:
         from onnx import numpy_helper
 
-        from pipeline.decoders.grid import GRID_BITS, find_grid
+        from pipeline.decoders.grid import narrowest_grid
 
         # Say so when the weights rounded here already lie on a grid (the first one is probed).
         weights = {i.name: i for i in model.graph.initializer}
-        probe = numpy_helper.to_array(weights[rounded[0].input[1]])
-        grids["found"] = next(
-            (b for b in GRID_BITS if find_grid(probe, b, block_size) is not None), None
-        )
+        probe = numpy_helper.to_array(weights[candidates[0].input[1]])
+        grid = narrowest_grid(probe, block_size, fitted)
+        grids["found"] = grid.bits if grid is not None else None
     # The grids' float remainder products are MatMuls with constant weights too, and a weight on a
     # grid kept float is exact as it is: neither is rounded onto a new grid.
     skip = sorted(
@@ -283,9 +284,10 @@ def quantize_decoder(
     """
     out.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {}
+    fitted: dict[str, Any] = {}
     for name in (PREFILL, DECODE):
         stats[name.removesuffix(".onnx")] = _quantize_graph(
-            source / name, out / name, method, block_size, exclude, compute, keep_grid
+            source / name, out / name, method, block_size, exclude, compute, keep_grid, fitted
         )
     for item in source.iterdir():
         if item.is_file() and not item.name.startswith(("prefill.onnx", "decode.onnx", WEIGHTS)):

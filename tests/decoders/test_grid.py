@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.decoders.grid import find_grid, store_grids
+from pipeline.decoders.grid import find_grid, narrowest_grid, store_grids
 
 BLOCK = 32
 
@@ -70,6 +70,12 @@ def test_a_gguf_grid_is_found_and_holds_the_weights_exactly(
     scale = np.abs(weight).max()
     assert np.abs(grid.dequantized() - weight).max() <= 1e-6 * scale
     assert grid.levels.max() <= 2**bits - 1
+    # The narrowest grid is the one found, fitted once per weight's bytes.
+    fitted: dict[str, Any] = {}
+    first = narrowest_grid(weight, BLOCK, fitted)
+    assert first is not None and first.bits == bits and len(fitted) == 1
+    assert narrowest_grid(weight.copy(), BLOCK, fitted) is first
+    assert narrowest_grid(random_weight(), BLOCK, fitted) is None and len(fitted) == 2
 
 
 def test_all_positive_and_constant_blocks_keep_valid_zero_points() -> None:
