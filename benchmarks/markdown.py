@@ -125,7 +125,10 @@ def int8_section(results: dict[str, Any]) -> list[str]:
         "tensor for all inputs loses on BERT-style activations whatever the calibration method. "
         "The budget variant keeps the most output-sensitive MatMuls in float (mostly the FFN "
         "projections, two thirds of the FLOPs) until its limits hold on the build's evaluation "
-        "batches (8 texts, both padding sides). Dynamic INT8's error depends on the batch: the "
+        "batches (8 texts, both padding sides). The outlier variant keeps every MatMul in INT8 but "
+        "multiplies each input's few channels that run many times larger than the rest in float "
+        "beside the INT8 product (LLM.int8()-style, chosen on calibration text), so the per-batch "
+        "activation scale no longer spans them. Dynamic INT8's error depends on the batch: the "
         "activation range is taken over every token of the batch, so the same model measured here "
         "in batches of 32 keeps less agreement than in the build's batches of 8. FP16 on this CPU: "
         "exact to 1e-3 and half the size, barely faster than FP32 (the target is the GPU).",

@@ -244,9 +244,12 @@ def build_tforge(model: Model) -> None:
     if model.accuracy:  # the ablations on MiniLM only: BERT-base is there for scaling
         recipe["variants"] = recipe["variants"] + ABLATIONS + PRECISIONS
     else:
-        # Random weights have no accuracy to keep: the budget search would only cost time.
+        # Random weights have no accuracy to keep, nor outlier channels: the budget search and
+        # the channel split would only cost time.
         recipe["variants"] = [
-            v for v in recipe["variants"] if "budget" not in (v.get("quantize") or {})
+            v
+            for v in recipe["variants"]
+            if not {"budget", "outliers"} & set(v.get("quantize") or {})
         ]
     recipe["model"]["source"] = str(model.folder)
     recipe["data"] = {

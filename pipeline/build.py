@@ -95,7 +95,7 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
     data = recipe.data
     evaluation = data.evaluation or shipped_data("evaluation")
     # Read the data now: a bad file fails the build before minutes of export. The calibration
-    # set is checked when the recipe names one (static INT8 variants read it).
+    # set is checked when the recipe names one (static INT8 and outlier-splitting variants read it).
     read_samples(
         evaluation,
         kind="evaluation",
@@ -108,9 +108,11 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         "evaluation": Artifact.of("evaluation", evaluation),
     }
     counts = [
-        v.quantize.calibration.samples
+        spec.samples
         for v in recipe.variants
-        if v.quantize is not None and v.quantize.calibration is not None
+        if v.quantize is not None
+        for spec in (v.quantize.calibration, v.quantize.outliers)
+        if spec is not None
     ]
     if counts:
         calibration = data.calibration or shipped_data("calibration")

@@ -20,6 +20,7 @@ from pipeline.recipe import (
 )
 from pipeline.stages.base import Step
 from pipeline.stages.calibrate import CalibrateConfig, CalibrateStage
+from pipeline.stages.channels import ChannelsConfig, ChannelsStage
 from pipeline.stages.compile import CompileConfig, CompileStage
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.fp16 import Fp16Config, Fp16Stage
@@ -192,10 +193,31 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 exclude=tuple(q.exclude),
                 budget=q.budget.limits() if q.budget is not None else None,
                 remedies=q.budget.remedy_names() if q.budget is not None else (),
+                outliers=((q.outliers.threshold, q.outliers.max_channels) if q.outliers else None),
                 session_optimization=variant.session_optimization,
                 threads=threads,
             )
             inputs_q = {"model": float_model(variant), "reference": "reference.reference"}
+            if q.outliers is not None:
+                config_r = ChannelsConfig(
+                    samples=q.outliers.samples,
+                    seed=q.outliers.seed,
+                    max_length=data.max_length,
+                    text_field=data.text_field,
+                    threads=threads,
+                )
+                steps.append(
+                    Step(
+                        f"channels[{variant.name}]",
+                        ChannelsStage(config_r),
+                        {
+                            "model": float_model(variant),
+                            "calibration": "input:calibration",
+                            "info": "load.info",
+                        },
+                    )
+                )
+                inputs_q["channels"] = f"channels[{variant.name}].channels"
             if q.method == "static":
                 config_c = calibrate_config(recipe, variant, q.calibration or CalibrationSpec())
                 steps.append(

@@ -226,3 +226,15 @@ def test_variant_defaults_come_from_the_target() -> None:
     assert fused.quantize is None
     (int8,) = parse_recipe({"variants": [{"name": "q", "precision": "int8"}]}).variants
     assert int8.quantize is not None and int8.quantize.per_channel and not int8.quantize.exclude
+
+
+def test_outliers_need_dynamic_int8_and_an_encoder(tmp_path: Path) -> None:
+    from pipeline.recipe import QuantizeSpec
+
+    spec = QuantizeSpec.model_validate({"outliers": {}})
+    assert spec.outliers is not None and spec.outliers.threshold == 3.0
+    assert spec.outliers.max_channels == 8 and spec.outliers.samples == 128
+    with pytest.raises(ValueError, match="outliers: needs method: dynamic"):
+        QuantizeSpec.model_validate({"method": "static", "outliers": {}})
+    with pytest.raises(ValueError, match="threshold"):
+        QuantizeSpec.model_validate({"outliers": {"threshold": 1.0}})

@@ -101,6 +101,18 @@ def _int8_section(report: Report) -> list[str]:
             f"**{c.name}** ({how}): {q.get('quantized_matmuls')} of {q.get('weight_matmuls')} "
             f"weight MatMuls in {c.precision.upper()}.",
         ]
+        outliers = q.get("outliers")
+        if outliers:
+            largest = ", ".join(
+                f"{o['module'] or '?'} {o['ratio']}x" for o in outliers["largest"][:3]
+            )
+            lines.append(
+                f"Outlier input channels multiplied in float beside the INT8 product: "
+                f"{outliers['channels']} channels of {outliers['matmuls']} MatMuls (largest "
+                f"magnitude over {outliers['threshold']}x the median channel's, at most "
+                f"{outliers['max_channels']} per input, measured on {outliers.get('samples', '?')} "
+                f"calibration samples)" + (f"; standing out most: {largest}." if largest else ".")
+            )
         budget = q.get("budget")
         if budget:
             limits = ", ".join(f"{k} {v}" for k, v in budget["limits"].items())

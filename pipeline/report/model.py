@@ -322,8 +322,12 @@ def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
         "block_size",
         "compute",
         "grid",
+        "outliers",
     )
     out = {k: quantize.stats[k] for k in keys if k in quantize.stats}
+    channels = manifest.stage(f"channels[{name}]")
+    if channels is not None and "outliers" in out:
+        out["outliers"] = {**out["outliers"], "samples": channels.stats.get("samples")}
     calibrate = manifest.stage(f"calibrate[{name}]")
     if calibrate is not None:
         out["calibration_data"] = {

@@ -23,14 +23,14 @@ import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from pipeline.artifacts import Artifact
 from pipeline.calibration import draw_samples
 from pipeline.calibration.table import CalibrationTable
-from pipeline.calibration.tokens import token_batches
+from pipeline.calibration.tokens import TokenBatches, token_batches
 from pipeline.errors import PreconditionError
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 from pipeline.stages.export import MODEL_FILE, require_model_file, uses_external_data
@@ -132,6 +132,50 @@ def _collect(
     return ranges
 
 
+class _DrawSettings(Protocol):
+    @property
+    def samples(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def max_length(self) -> int: ...
+    @property
+    def text_field(self) -> str: ...
+
+
+def calibration_feeds(
+    inputs: Mapping[str, Artifact], cfg: _DrawSettings
+) -> tuple[list[Any], TokenBatches, int]:
+    """Samples drawn from the ``calibration`` input with the stage's seed, tokenised by the
+    ``model`` folder's tokenizer in batches, cut to the model's and the stage's max length
+    (said so when any text was cut). Returns (samples, batches, max_length)."""
+    from transformers import AutoTokenizer
+
+    info = CheckpointInfo.read(inputs["info"])
+    samples = draw_samples(
+        inputs["calibration"].path,
+        kind="calibration",
+        count=cfg.samples,
+        seed=cfg.seed,
+        text_field=cfg.text_field,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model"].path)
+    max_length = min(cfg.max_length, info.max_length or cfg.max_length)
+    batches = token_batches(
+        tokenizer, [s.text for s in samples], info.inputs, cfg.batch_size, max_length
+    )
+    if batches.truncated:
+        log.warning(
+            "%d of %d calibration samples are longer than %d tokens and were cut to it",
+            batches.truncated,
+            len(samples),
+            max_length,
+        )
+    return samples, batches, max_length
+
+
 class CalibrateStage(Stage[CalibrateConfig]):
     name = "calibrate"
     # Activations come from ONNX Runtime's kernels, which differ by instruction set.
@@ -144,30 +188,9 @@ class CalibrateStage(Stage[CalibrateConfig]):
         return f"calibrate {self.config.method} ({self.config.samples} samples)"
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
-        from transformers import AutoTokenizer
-
         cfg = self.config
-        info = CheckpointInfo.read(inputs["info"])
         source = inputs["model"].path
-        samples = draw_samples(
-            inputs["calibration"].path,
-            kind="calibration",
-            count=cfg.samples,
-            seed=cfg.seed,
-            text_field=cfg.text_field,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        max_length = min(cfg.max_length, info.max_length or cfg.max_length)
-        batches = token_batches(
-            tokenizer, [s.text for s in samples], info.inputs, cfg.batch_size, max_length
-        )
-        if batches.truncated:
-            log.warning(
-                "%d of %d calibration samples are longer than %d tokens and were cut to it",
-                batches.truncated,
-                len(samples),
-                max_length,
-            )
+        samples, batches, max_length = calibration_feeds(inputs, cfg)
         with (
             tempfile.TemporaryDirectory(prefix="calibrate-", dir=out) as work,
             ctx.progress.task(f"calibrate ({cfg.method})", len(batches.feeds)) as advance,

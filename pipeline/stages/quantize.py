@@ -29,6 +29,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from pipeline.artifacts import Artifact
 from pipeline.budget import FIGURES, BudgetResult, search, shortfall
 from pipeline.calibration.table import CalibrationTable
@@ -74,6 +76,9 @@ class QuantizeConfig(StageConfig):
     sensitivity_batches: int = 8
     #: Remedies the budget search tries beside these settings (pipeline.recipe.REMEDIES).
     remedies: tuple[str, ...] = ()
+    #: Dynamic: (threshold, max_channels) of the input channels multiplied in float beside the
+    #: INT8 product (pipeline.outliers), from the ``channels`` stage's ranges; None: none.
+    outliers: tuple[float, int] | None = None
 
 
 @contextlib.contextmanager
@@ -236,16 +241,23 @@ class QuantizeStage(Stage[QuantizeConfig]):
             raise PreconditionError(
                 "static quantization has no calibration table", "this is a bug in the pipeline"
             )
+        if self.config.outliers and "channels" not in inputs:
+            raise PreconditionError(
+                "quantize.outliers has no channel ranges", "this is a bug in the pipeline"
+            )
 
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()
-        if not config["remedies"]:
-            del config["remedies"]  # builds without remedies keep their keys
+        # Builds without remedies or outliers keep their keys.
+        for name in ("remedies", "outliers"):
+            if not config[name]:
+                del config[name]
         return config
 
     def describe(self) -> str:
         budget = " within an accuracy budget" if self.config.budget else ""
-        return f"quantize int8 {self.config.method}{budget}"
+        outliers = ", outlier channels in float" if self.config.outliers else ""
+        return f"quantize int8 {self.config.method}{outliers}{budget}"
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         import onnx
@@ -265,6 +277,81 @@ class QuantizeStage(Stage[QuantizeConfig]):
         table = None
         if cfg.method == "static":
             table = CalibrationTable.read(inputs["calibration"].path / TABLE)
+        with tempfile.TemporaryDirectory(prefix="split-", dir=out) as work:
+            outliers: dict[str, Any] | None = None
+            floats: list[str] = []
+            if cfg.outliers:
+                # Every quantization below starts from the split float graph.
+                source, floats, outliers = self._split(inputs, source, Path(work), modules)
+            return self._quantize(ctx, inputs, source, out, modules, table, floats, outliers)
+
+    def _split(
+        self,
+        inputs: Mapping[str, Artifact],
+        source: Path,
+        work: Path,
+        modules: Mapping[str, str | None],
+    ) -> tuple[Path, list[str], dict[str, Any]]:
+        """The float graph with its outlier input channels split out (pipeline.outliers), in
+        ``work``; returns its folder, the float MatMuls added and what was split."""
+        import onnx
+
+        from pipeline.outliers import (
+            OutlierSettings,
+            choose_channels,
+            ranges_from_json,
+            split_outliers,
+        )
+        from pipeline.stages.channels import RANGES
+
+        assert self.config.outliers is not None
+        threshold, most = self.config.outliers
+        ranges = ranges_from_json((inputs["channels"].path / RANGES).read_text(encoding="utf-8"))
+        chosen = choose_channels(ranges, OutlierSettings(threshold, most))
+        model = onnx.load(str(source / MODEL_FILE))
+        consumers = {
+            n.input[1]: n.name
+            for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1
+        }
+        added = split_outliers(model, chosen)
+        onnx.save(
+            model,
+            str(work / MODEL_FILE),
+            save_as_external_data=model.ByteSize() > _TWO_GB,
+            location=MODEL_FILE + ".data",
+        )
+        stats = {
+            "threshold": threshold,
+            "max_channels": most,
+            "matmuls": len(added),
+            "channels": sum(len(c) for c in chosen.values()),
+            # The inputs that stand out most: (module, channels, largest x the median).
+            "largest": [
+                {
+                    "module": modules.get(consumers.get(weight, "")),
+                    "channels": len(chosen[weight]),
+                    "ratio": round(float(ranges[weight].max() / np.median(ranges[weight])), 1),
+                }
+                for weight in sorted(
+                    chosen, key=lambda w: -float(ranges[w].max() / np.median(ranges[w]))
+                )[:SHOWN]
+            ],
+        }
+        return work, added, stats
+
+    def _quantize(
+        self,
+        ctx: BuildContext,
+        inputs: Mapping[str, Artifact],
+        source: Path,
+        out: Path,
+        modules: Mapping[str, str | None],
+        table: CalibrationTable | None,
+        floats: list[str],
+        outliers: dict[str, Any] | None,
+    ) -> StageResult:
+        cfg = self.config
         ref = ReferenceData.of(inputs["reference"])
         feeds = [
             b.feed for b in itertools.islice(ref.batches(ref.sides[0]), cfg.sensitivity_batches)
@@ -279,7 +366,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 threads=cfg.threads,
             )
             advance(1)
-        candidates = [s.node for s in ranking if s.node not in cfg.exclude]
+        candidates = [s.node for s in ranking if s.node not in cfg.exclude and s.node not in floats]
         kept: list[str] = []
         budget: dict[str, Any] | None = None
         target = out / "model"
@@ -290,7 +377,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if cfg.budget:
             with tempfile.TemporaryDirectory(prefix="budget-", dir=out) as work:
                 trials, ranked = self._search(
-                    ctx, source, Path(work), candidates, ref, table, modules
+                    ctx, source, Path(work), candidates, ref, table, modules, floats
                 )
             output_errors = dict(ranked)
             name, settings, order, result = choose_remedy(cfg.budget, trials)
@@ -315,11 +402,15 @@ class QuantizeStage(Stage[QuantizeConfig]):
                     for trial_name, _, _, trial in trials
                 ]
         with ctx.progress.task(f"quantize (int8, {cfg.method})", 1) as advance:
-            counts = quantize_file(source / MODEL_FILE, path, chosen, [*cfg.exclude, *kept], table)
+            counts = quantize_file(
+                source / MODEL_FILE, path, chosen, [*cfg.exclude, *floats, *kept], table
+            )
+            # The outlier products are the model's MatMuls' parts, not MatMuls of their own.
+            counts["weight_matmuls"] -= len(floats)
             advance(1)
         for name in ("config.json", *TOKENIZER_FILES):
-            if (source / name).is_file():
-                shutil.copy2(source / name, target / name)
+            if (inputs["model"].path / name).is_file():
+                shutil.copy2(inputs["model"].path / name, target / name)
         sqnr = {s.node: s.sqnr_db for s in ranking}
 
         def described(node: str) -> dict[str, Any]:
@@ -332,7 +423,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         worst = (
             sorted(output_errors, key=lambda n: -output_errors[n])
             if output_errors
-            else [s.node for s in ranking]
+            else [s.node for s in ranking if s.node not in floats]
         )
         stats = {
             "method": cfg.method,
@@ -340,6 +431,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             "kept_float": [described(n) for n in [*cfg.exclude, *kept]],
             "sensitivity": [described(n) for n in worst[:SHOWN]],
             **({"budget": budget} if budget is not None else {}),
+            **({"outliers": outliers} if outliers is not None else {}),
             **({"calibration": table.method, "symmetric": table.symmetric} if table else {}),
             **graph_stats(path),
         }
@@ -354,6 +446,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         ref: ReferenceData,
         table: CalibrationTable | None,
         modules: Mapping[str, str | None],
+        floats: list[str],
     ) -> tuple[list[Trial], list[tuple[str, float]]]:
         """Rank nodes by output error alone, then keep 0, 1, 2, 4... of the worst in float:
         with the variant's own settings, then with each remedy the recipe asks for.
@@ -376,7 +469,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
         def quantized(exclude: list[str], label: str, settings: QuantizeConfig = cfg) -> OrtRunner:
             folder = work / label
             folder.mkdir()
-            quantize_file(source / MODEL_FILE, folder / MODEL_FILE, settings, exclude, table)
+            # The outlier products (``floats``) stay float in every candidate.
+            quantize_file(
+                source / MODEL_FILE, folder / MODEL_FILE, settings, [*floats, *exclude], table
+            )
             return OrtRunner(folder / MODEL_FILE, cfg.threads, cfg.session_optimization)
 
         batches = [

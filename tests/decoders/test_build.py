@@ -291,6 +291,10 @@ def test_the_reference_is_reproducible(built: Any, checkpoint: Path, tmp_path: P
             "per-channel with 8-bit weights",
         ),
         (
+            {"variants": [{"name": "x", "precision": "int8", "quantize": {"outliers": {}}}]},
+            "outliers is not built for decoders",
+        ),
+        (
             {"variants": [{"name": "x", "precision": "int8", "quantize": {"block_size": 16}}]},
             "applies to method weight-only",
         ),

@@ -1,0 +1,214 @@
+"""Outlier input channels multiplied in float beside the INT8 product (dynamic INT8).
+
+Dynamic INT8 quantizes a MatMul's input with one scale per call, set by its largest magnitude.
+A few input channels of trained Transformers run many times larger than the rest: BERT's
+LayerNorm and GELU outputs (up to 20x the median channel on all-MiniLM-L6-v2), and Llama's
+down-projection inputs (nearly 800x on SmolLM2-135M). They set the scale, and every other
+channel is left with a handful of levels. LLM.int8() (Dettmers et al., 2022) splits those
+channels out: ``X @ W = X_rest @ W_rest + X_out @ W_out``, the first product in INT8 and the
+second, a few channels wide, in float.
+
+ONNX Runtime has no such kernel, so the split is written in standard ops around each MatMul
+before the dynamic quantizer runs: ``Mul(X, mask)`` zeroes the outlier channels (the quantizer
+then measures the range of the others only), ``Gather`` picks them, a narrow float MatMul
+multiplies them by their weight rows and an ``Add`` joins both products. In float the split
+graph computes what the original does. The channels are chosen once, from per-channel ranges
+measured on calibration data (:func:`channel_ranges`): those whose largest magnitude exceeds
+``threshold`` times the median channel's, at most ``max_channels`` per input, largest first.
+
+Ranges are keyed by the MatMul's weight (initializer) name, so ranges measured on one graph
+apply to another holding the same weights (a decoder's prefill and decode graphs).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Name marker of the nodes the split adds (the float MatMuls must not be quantized).
+MARKER = ".outliers"
+_TWO_GB = 2**31
+
+
+@dataclass(frozen=True)
+class OutlierSettings:
+    #: A channel is an outlier when its largest magnitude exceeds this multiple of the median
+    #: channel's largest magnitude.
+    threshold: float = 3.0
+    #: At most this many channels per input (the largest), so the float product stays narrow.
+    max_channels: int = 8
+
+
+def weight_matmul_inputs(model: Any) -> dict[str, str]:
+    """Weight (initializer) name -> the activation it multiplies, for every MatMul whose
+    second input is a constant 2-D weight."""
+    constants = {init.name: init for init in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else ""
+        if weight in constants and len(constants[weight].dims) == 2:
+            found[weight] = node.input[0]
+    return found
+
+
+def channel_ranges(
+    model_path: Path, feeds: Iterable[Mapping[str, np.ndarray]], threads: int = 1
+) -> dict[str, np.ndarray]:
+    """Weight name -> the largest magnitude of each input channel of its MatMul over ``feeds``.
+
+    The graph runs once per feed with its MatMul inputs as extra outputs; only the running
+    per-channel maxima are kept, so memory stays one batch of activations.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.errors import PreconditionError
+
+    # Loaded whole (external weights included) and given to the session as bytes, so nothing
+    # is written beside the source graph.
+    model = onnx.load(str(model_path))
+    inputs = weight_matmul_inputs(model)
+    tensors = sorted(set(inputs.values()))
+    present = {o.name for o in model.graph.output}
+    # The element type an output must declare: the value's own where it is known.
+    known = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    for name in tensors:
+        if name not in present:
+            kind = known.get(name) or onnx.TensorProto.FLOAT
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, kind, None))
+    if model.ByteSize() >= _TWO_GB:
+        raise PreconditionError(
+            f"{model_path.name} is over 2 GB; its channel ranges cannot be measured in memory",
+            "leave quantize.outliers unset for this model",
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    del model
+    names = {i.name for i in session.get_inputs()}
+    maxima: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        values = session.run(tensors, {k: v for k, v in feed.items() if k in names})
+        for name, value in zip(tensors, values, strict=True):
+            magnitude = np.abs(np.asarray(value, dtype=np.float32))
+            top = magnitude.reshape(-1, magnitude.shape[-1]).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], top) if name in maxima else top
+    return {weight: maxima[tensor] for weight, tensor in inputs.items() if tensor in maxima}
+
+
+def choose_channels(
+    ranges: Mapping[str, np.ndarray], settings: OutlierSettings
+) -> dict[str, list[int]]:
+    """Weight name -> its outlier input channels (sorted); weights without any are left out."""
+    chosen = {}
+    for weight, top in ranges.items():
+        median = float(np.median(top))
+        if median <= 0:
+            continue
+        order = np.argsort(-top, kind="stable")[: settings.max_channels]
+        picked = sorted(int(i) for i in order if top[i] > settings.threshold * median)
+        if picked:
+            chosen[weight] = picked
+    return dict(sorted(chosen.items()))
+
+
+def split_outliers(model: Any, channels: Mapping[str, list[int]]) -> list[str]:
+    """Rewrite each MatMul whose weight is in ``channels`` (in place); returns the names of the
+    float MatMuls added, which the quantizer must leave alone.
+
+    Inputs shared by several MatMuls (Q, K and V) get one mask and one Gather.
+    """
+    from onnx import helper, numpy_helper
+
+    constants = {init.name: init for init in model.graph.initializer}
+    masked: dict[str, tuple[str, str]] = {}
+    added: list[str] = []
+    nodes = []
+    for node in model.graph.node:
+        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else ""
+        if weight not in channels or weight not in constants:
+            nodes.append(node)
+            continue
+        picked = channels[weight]
+        source = node.input[0]
+        stem = node.name or node.output[0]
+        key = f"{source}{MARKER}"
+        if source not in masked:
+            matrix = numpy_helper.to_array(constants[weight])
+            mask = np.ones(matrix.shape[0], dtype=matrix.dtype)
+            mask[picked] = 0
+            model.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(mask, f"{key}.mask"),
+                    numpy_helper.from_array(np.asarray(picked, dtype=np.int64), f"{key}.index"),
+                ]
+            )
+            nodes.append(
+                helper.make_node(
+                    "Mul", [source, f"{key}.mask"], [f"{key}.rest"], name=f"{key}.mask"
+                )
+            )
+            nodes.append(
+                helper.make_node(
+                    "Gather",
+                    [source, f"{key}.index"],
+                    [f"{key}.picked"],
+                    name=f"{key}.gather",
+                    axis=-1,
+                )
+            )
+            masked[source] = (f"{key}.rest", f"{key}.picked")
+        elif _picked(model, f"{key}.index") != picked:
+            raise ValueError(f"MatMuls sharing input {source} were given different channels")
+        rest, outliers = masked[source]
+        matrix = numpy_helper.to_array(constants[weight]).copy()
+        rows = matrix[picked].copy()
+        # The rows of the outlier channels multiply zeros in the INT8 product: zeroed, so
+        # they do not widen the weights' per-channel scales either.
+        matrix[picked] = 0
+        constants[weight].CopyFrom(numpy_helper.from_array(matrix, weight))
+        model.graph.initializer.append(numpy_helper.from_array(rows, f"{stem}{MARKER}.weight"))
+        output = node.output[0]
+        nodes.append(helper.make_node("MatMul", [rest, weight], [f"{output}.int8"], name=node.name))
+        nodes.append(
+            helper.make_node(
+                "MatMul",
+                [outliers, f"{stem}{MARKER}.weight"],
+                [f"{output}{MARKER}"],
+                name=f"{stem}{MARKER}",
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "Add", [f"{output}.int8", f"{output}{MARKER}"], [output], name=f"{stem}{MARKER}.add"
+            )
+        )
+        added.append(f"{stem}{MARKER}")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return added
+
+
+def _picked(model: Any, name: str) -> list[int]:
+    from onnx import numpy_helper
+
+    init = next(i for i in model.graph.initializer if i.name == name)
+    return [int(i) for i in numpy_helper.to_array(init)]
+
+
+def ranges_to_json(ranges: Mapping[str, np.ndarray]) -> str:
+    """Per-channel ranges as sorted JSON (float32 values, so the same data gives the same bytes)."""
+    data = {k: [float(np.float32(v)) for v in ranges[k]] for k in sorted(ranges)}
+    return json.dumps(data, indent=1) + "\n"
+
+
+def ranges_from_json(text: str) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=np.float32) for k, v in json.loads(text).items()}

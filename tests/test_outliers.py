@@ -1,0 +1,165 @@
+"""Outlier input channels multiplied in float beside dynamic INT8 (pipeline.outliers)."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from pipeline.outliers import (
+    MARKER,
+    OutlierSettings,
+    channel_ranges,
+    choose_channels,
+    ranges_from_json,
+    ranges_to_json,
+    split_outliers,
+    weight_matmul_inputs,
+)
+
+K, N = 64, 48
+#: Input channels made large on purpose, and by how much.
+LOUD = {5: 40.0, 17: 12.0}
+
+
+def _graph(seed: int = 0) -> onnx.ModelProto:
+    """x -> LayerNormalization -> two MatMuls sharing their input (like Q and K), and a third
+    MatMul on the first one's output."""
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(K, dtype=np.float32)
+    for channel, factor in LOUD.items():
+        gamma[channel] = factor
+    weights = {
+        "w_a": rng.normal(0, 0.1, (K, N)).astype(np.float32),
+        "w_b": rng.normal(0, 0.1, (K, N)).astype(np.float32),
+        "w_c": rng.normal(0, 0.1, (N, K)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h", "w_a"], ["a"], name="mm_a"),
+        helper.make_node("MatMul", ["h", "w_b"], ["b"], name="mm_b"),
+        helper.make_node("Add", ["a", "b"], ["ab"], name="add"),
+        helper.make_node("MatMul", ["ab", "w_c"], ["y"], name="mm_c"),
+    ]
+    inits = [
+        numpy_helper.from_array(gamma, "gamma"),
+        numpy_helper.from_array(np.zeros(K, dtype=np.float32), "beta"),
+        *(numpy_helper.from_array(v, k) for k, v in weights.items()),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", K])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _feeds(count: int = 3, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (2, 7, K)).astype(np.float32)} for _ in range(count)]
+
+
+def _run(model: onnx.ModelProto | Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(["y"], feed)[0]
+
+
+def test_ranges_are_the_per_channel_maxima_of_each_weights_input(tmp_path: Path) -> None:
+    model = _graph()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    feeds = _feeds()
+    ranges = channel_ranges(tmp_path / "model.onnx", feeds)
+    assert set(ranges) == {"w_a", "w_b", "w_c"}
+    assert weight_matmul_inputs(model) == {"w_a": "h", "w_b": "h", "w_c": "ab"}
+    # The same maxima computed by hand from the LayerNorm output.
+    expected = np.zeros(K, dtype=np.float32)
+    for feed in feeds:
+        x = feed["x"]
+        h = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        gamma = numpy_helper.to_array(model.graph.initializer[0])
+        expected = np.maximum(expected, np.abs(h * gamma).reshape(-1, K).max(0))
+    np.testing.assert_allclose(ranges["w_a"], expected, rtol=1e-4)
+    np.testing.assert_array_equal(ranges["w_a"], ranges["w_b"])
+    assert ranges["w_c"].shape == (N,)
+    # Stored as JSON and read back, the same values (float32) and the same bytes twice.
+    text = ranges_to_json(ranges)
+    assert text == ranges_to_json(ranges_from_json(text))
+    np.testing.assert_array_equal(ranges_from_json(text)["w_a"], ranges["w_a"])
+
+
+def test_the_loud_channels_are_chosen_largest_first_up_to_the_limit() -> None:
+    top = np.ones(K, dtype=np.float32)
+    top[5], top[17], top[30] = 40.0, 12.0, 2.0
+    assert choose_channels({"w": top}, OutlierSettings(threshold=3.0, max_channels=8)) == {
+        "w": [5, 17]
+    }
+    # At most one: the largest.
+    assert choose_channels({"w": top}, OutlierSettings(threshold=3.0, max_channels=1)) == {"w": [5]}
+    # A higher threshold leaves the 12x channel; nothing stands out 50x: the weight is left out.
+    assert choose_channels({"w": top}, OutlierSettings(threshold=20.0)) == {"w": [5]}
+    assert choose_channels({"w": top}, OutlierSettings(threshold=50.0)) == {}
+
+
+def test_the_split_graph_computes_what_the_original_does_in_float(tmp_path: Path) -> None:
+    model = _graph()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    ranges = channel_ranges(tmp_path / "model.onnx", _feeds())
+    chosen = choose_channels(ranges, OutlierSettings())
+    assert chosen["w_a"] == chosen["w_b"] == sorted(LOUD)
+    split = _graph()
+    added = split_outliers(split, chosen)
+    onnx.checker.check_model(split)
+    assert sorted(added) == sorted(f"mm_{n}{MARKER}" for n in "abc" if f"w_{n}" in chosen)
+    ops = [n.op_type for n in split.graph.node]
+    # One mask and one Gather for the input Q and K share.
+    shared = [n for n in split.graph.node if n.op_type == "Gather" and n.input[0] == "h"]
+    assert len(shared) == 1 and ops.count("MatMul") == 3 + len(added)
+    for feed in _feeds(2, seed=7):
+        np.testing.assert_allclose(_run(split, feed), _run(model, feed), rtol=1e-5, atol=1e-5)
+    # The main product's weight rows for the split channels are zero.
+    weights = {i.name: numpy_helper.to_array(i) for i in split.graph.initializer}
+    assert not weights["w_a"][sorted(LOUD)].any()
+    np.testing.assert_array_equal(
+        weights[f"mm_a{MARKER}.weight"], numpy_helper.to_array(model.graph.initializer[2])[[5, 17]]
+    )
+
+
+def test_dynamic_int8_of_the_split_graph_is_closer_to_float(tmp_path: Path) -> None:
+    model = _graph()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    chosen = choose_channels(channel_ranges(tmp_path / "model.onnx", _feeds()), OutlierSettings())
+    split = _graph()
+    added = split_outliers(split, chosen)
+    onnx.save(split, str(tmp_path / "split.onnx"))
+    options = {
+        "per_channel": True,
+        "weight_type": QuantType.QInt8,
+        "op_types_to_quantize": ["MatMul"],
+    }
+    quantize_dynamic(tmp_path / "model.onnx", tmp_path / "plain.onnx", **options)
+    quantize_dynamic(
+        tmp_path / "split.onnx", tmp_path / "int8.onnx", nodes_to_exclude=added, **options
+    )
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    # The three main products are INT8; the narrow outlier products stayed float.
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 3
+    assert ops.count("MatMul") == len(added)
+    feed = _feeds(1, seed=11)[0]
+    reference = _run(model, feed)
+    plain = np.abs(_run(tmp_path / "plain.onnx", feed) - reference).mean()
+    split_error = np.abs(_run(tmp_path / "int8.onnx", feed) - reference).mean()
+    # A 40x channel leaves the others a tenth of the levels: the split gets them back (the
+    # error left is mostly the last MatMul's own, whose input has no outlier).
+    assert split_error < plain / 2
+
+
+def test_matmuls_sharing_an_input_cannot_be_given_different_channels() -> None:
+    with pytest.raises(ValueError, match="different channels"):
+        split_outliers(_graph(), {"w_a": [5], "w_b": [5, 17]})
