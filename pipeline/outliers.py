@@ -44,15 +44,17 @@ class OutlierSettings:
     max_channels: int = 8
 
 
-def weight_matmul_inputs(model: Any) -> dict[str, str]:
-    """Weight (initializer) name -> the activation it multiplies, for every MatMul whose
-    second input is a constant 2-D weight."""
+def weight_matmul_inputs(model: Any) -> dict[str, list[str]]:
+    """Weight (initializer) name -> the activations it multiplies (several where layers share
+    their weights, as ALBERT's do), for every MatMul whose second input is a constant 2-D weight."""
     constants = {init.name: init for init in model.graph.initializer}
-    found = {}
+    found: dict[str, list[str]] = {}
     for node in model.graph.node:
         weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else ""
         if weight in constants and len(constants[weight].dims) == 2:
-            found[weight] = node.input[0]
+            found.setdefault(weight, [])
+            if node.input[0] not in found[weight]:
+                found[weight].append(node.input[0])
     return found
 
 
@@ -73,14 +75,12 @@ def channel_ranges(
     # is written beside the source graph.
     model = onnx.load(str(model_path))
     inputs = weight_matmul_inputs(model)
-    tensors = sorted(set(inputs.values()))
+    tensors = sorted({t for names in inputs.values() for t in names})
     present = {o.name for o in model.graph.output}
-    # The element type an output must declare: the value's own where it is known.
-    known = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     for name in tensors:
         if name not in present:
-            kind = known.get(name) or onnx.TensorProto.FLOAT
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, kind, None))
+            # Untyped: ONNX Runtime takes the value's own type (float32, float16...).
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     if model.ByteSize() >= _TWO_GB:
         raise PreconditionError(
             f"{model_path.name} is over 2 GB; its channel ranges cannot be measured in memory",
@@ -101,7 +101,12 @@ def channel_ranges(
             magnitude = np.abs(np.asarray(value, dtype=np.float32))
             top = magnitude.reshape(-1, magnitude.shape[-1]).max(axis=0)
             maxima[name] = np.maximum(maxima[name], top) if name in maxima else top
-    return {weight: maxima[tensor] for weight, tensor in inputs.items() if tensor in maxima}
+    # A weight shared by several MatMuls: the largest over every input it multiplies.
+    return {
+        weight: np.max([maxima[t] for t in names], axis=0)
+        for weight, names in inputs.items()
+        if all(t in maxima for t in names)
+    }
 
 
 def choose_channels(
@@ -124,26 +129,28 @@ def split_outliers(model: Any, channels: Mapping[str, list[int]]) -> list[str]:
     """Rewrite each MatMul whose weight is in ``channels`` (in place); returns the names of the
     float MatMuls added, which the quantizer must leave alone.
 
-    Inputs shared by several MatMuls (Q, K and V) get one mask and one Gather.
+    An input split alike for several MatMuls (Q, K and V) gets one mask and one Gather. A weight
+    shared by several MatMuls is zeroed once and each gets its own copy of the outlier rows.
     """
     from onnx import helper, numpy_helper
 
     constants = {init.name: init for init in model.graph.initializer}
-    masked: dict[str, tuple[str, str]] = {}
+    # The weights as they were: a shared weight's rows are read before any zeroing.
+    original = {w: numpy_helper.to_array(constants[w]) for w in channels if w in constants}
+    splits: dict[tuple[str, tuple[int, ...]], tuple[str, str]] = {}
     added: list[str] = []
     nodes = []
     for node in model.graph.node:
         weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else ""
-        if weight not in channels or weight not in constants:
+        if weight not in original:
             nodes.append(node)
             continue
-        picked = channels[weight]
+        picked = list(channels[weight])
         source = node.input[0]
         stem = node.name or node.output[0]
-        key = f"{source}{MARKER}"
-        if source not in masked:
-            matrix = numpy_helper.to_array(constants[weight])
-            mask = np.ones(matrix.shape[0], dtype=matrix.dtype)
+        if (source, tuple(picked)) not in splits:
+            key = f"{source}{MARKER}" + (f".{len(splits)}" if splits else "")
+            mask = np.ones(original[weight].shape[0], dtype=original[weight].dtype)
             mask[picked] = 0
             model.graph.initializer.extend(
                 [
@@ -165,17 +172,16 @@ def split_outliers(model: Any, channels: Mapping[str, list[int]]) -> list[str]:
                     axis=-1,
                 )
             )
-            masked[source] = (f"{key}.rest", f"{key}.picked")
-        elif _picked(model, f"{key}.index") != picked:
-            raise ValueError(f"MatMuls sharing input {source} were given different channels")
-        rest, outliers = masked[source]
-        matrix = numpy_helper.to_array(constants[weight]).copy()
-        rows = matrix[picked].copy()
+            splits[(source, tuple(picked))] = (f"{key}.rest", f"{key}.picked")
+        rest, outliers = splits[(source, tuple(picked))]
         # The rows of the outlier channels multiply zeros in the INT8 product: zeroed, so
         # they do not widen the weights' per-channel scales either.
+        matrix = original[weight].copy()
         matrix[picked] = 0
         constants[weight].CopyFrom(numpy_helper.from_array(matrix, weight))
-        model.graph.initializer.append(numpy_helper.from_array(rows, f"{stem}{MARKER}.weight"))
+        model.graph.initializer.append(
+            numpy_helper.from_array(original[weight][picked], f"{stem}{MARKER}.weight")
+        )
         output = node.output[0]
         nodes.append(helper.make_node("MatMul", [rest, weight], [f"{output}.int8"], name=node.name))
         nodes.append(
@@ -197,11 +203,17 @@ def split_outliers(model: Any, channels: Mapping[str, list[int]]) -> list[str]:
     return added
 
 
-def _picked(model: Any, name: str) -> list[int]:
-    from onnx import numpy_helper
-
-    init = next(i for i in model.graph.initializer if i.name == name)
-    return [int(i) for i in numpy_helper.to_array(init)]
+def split_channels(model: Any, channels: Mapping[str, list[int]]) -> tuple[int, int]:
+    """(inputs, channels): the distinct activations ``channels`` splits in ``model`` and the
+    distinct channels of theirs (Q, K and V sharing an input count once)."""
+    pairs = {
+        (source, c)
+        for weight, names in weight_matmul_inputs(model).items()
+        if weight in channels
+        for source in names
+        for c in channels[weight]
+    }
+    return len({source for source, _ in pairs}), len(pairs)
 
 
 def ranges_to_json(ranges: Mapping[str, np.ndarray]) -> str:

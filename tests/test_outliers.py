@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -16,6 +15,7 @@ from pipeline.outliers import (
     choose_channels,
     ranges_from_json,
     ranges_to_json,
+    split_channels,
     split_outliers,
     weight_matmul_inputs,
 )
@@ -77,7 +77,7 @@ def test_ranges_are_the_per_channel_maxima_of_each_weights_input(tmp_path: Path)
     feeds = _feeds()
     ranges = channel_ranges(tmp_path / "model.onnx", feeds)
     assert set(ranges) == {"w_a", "w_b", "w_c"}
-    assert weight_matmul_inputs(model) == {"w_a": "h", "w_b": "h", "w_c": "ab"}
+    assert weight_matmul_inputs(model) == {"w_a": ["h"], "w_b": ["h"], "w_c": ["ab"]}
     # The same maxima computed by hand from the LayerNorm output.
     expected = np.zeros(K, dtype=np.float32)
     for feed in feeds:
@@ -160,6 +160,65 @@ def test_dynamic_int8_of_the_split_graph_is_closer_to_float(tmp_path: Path) -> N
     assert split_error < plain / 2
 
 
-def test_matmuls_sharing_an_input_cannot_be_given_different_channels() -> None:
-    with pytest.raises(ValueError, match="different channels"):
-        split_outliers(_graph(), {"w_a": [5], "w_b": [5, 17]})
+def test_matmuls_sharing_an_input_may_split_different_channels() -> None:
+    model = _graph()
+    split = _graph()
+    split_outliers(split, {"w_a": [5], "w_b": [5, 17]})
+    assert sum(n.op_type == "Gather" for n in split.graph.node) == 2
+    assert split_channels(model, {"w_a": [5], "w_b": [5, 17]}) == (1, 2)
+    for feed in _feeds(2):
+        np.testing.assert_allclose(_run(split, feed), _run(model, feed), rtol=1e-5, atol=1e-5)
+
+
+def _shared_weight_graph() -> onnx.ModelProto:
+    """Two MatMuls with one weight (layers sharing their weights, as ALBERT's do), the first
+    on a graph input directly."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(0, 0.1, (K, K)).astype(np.float32)
+    scale = np.ones(K, dtype=np.float32)
+    scale[9] = 30.0
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h1"], name="layer0"),
+        helper.make_node("Mul", ["h1", "scale"], ["h1s"], name="loud"),
+        helper.make_node("MatMul", ["h1s", "w"], ["y"], name="layer1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", K])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "scale")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_weight_shared_by_two_matmuls_is_split_for_both(tmp_path: Path) -> None:
+    model = _shared_weight_graph()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    assert weight_matmul_inputs(model) == {"w": ["x", "h1s"]}
+    feeds = _feeds()
+    ranges = channel_ranges(tmp_path / "model.onnx", feeds)
+    # The range covers both inputs: the graph input's and the loud second layer's.
+    loud = np.max([np.abs(_run_h1s(model, f)).reshape(-1, K).max(0) for f in feeds], axis=0)
+    direct = np.max([np.abs(f["x"]).reshape(-1, K).max(0) for f in feeds], axis=0)
+    np.testing.assert_allclose(ranges["w"], np.maximum(loud, direct), rtol=1e-5)
+    chosen = choose_channels(ranges, OutlierSettings())
+    assert chosen == {"w": [9]}
+    split = _shared_weight_graph()
+    added = split_outliers(split, chosen)
+    assert sorted(added) == [f"layer0{MARKER}", f"layer1{MARKER}"]
+    weights = {i.name: numpy_helper.to_array(i) for i in split.graph.initializer}
+    original = numpy_helper.to_array(model.graph.initializer[0])
+    # Both get the real rows, not the zeroed ones.
+    for name in added:
+        np.testing.assert_array_equal(weights[f"{name}.weight"], original[[9]])
+    for feed in _feeds(2, seed=5):
+        np.testing.assert_allclose(_run(split, feed), _run(model, feed), rtol=1e-4, atol=1e-5)
+
+
+def _run_h1s(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_empty_tensor_value_info("h1s"))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["h1s"], feed)[0]

@@ -228,7 +228,7 @@ def test_variant_defaults_come_from_the_target() -> None:
     assert int8.quantize is not None and int8.quantize.per_channel and not int8.quantize.exclude
 
 
-def test_outliers_need_dynamic_int8_and_an_encoder(tmp_path: Path) -> None:
+def test_outliers_default_and_need_dynamic_int8(tmp_path: Path) -> None:
     from pipeline.recipe import QuantizeSpec
 
     spec = QuantizeSpec.model_validate({"outliers": {}})

@@ -108,7 +108,8 @@ def _int8_section(report: Report) -> list[str]:
             )
             lines.append(
                 f"Outlier input channels multiplied in float beside the INT8 product: "
-                f"{outliers['channels']} channels of {outliers['matmuls']} MatMuls (largest "
+                f"{outliers['channels']} channels of {outliers['inputs']} inputs to "
+                f"{outliers['matmuls']} MatMuls (largest "
                 f"magnitude over {outliers['threshold']}x the median channel's, at most "
                 f"{outliers['max_channels']} per input, measured on {outliers.get('samples', '?')} "
                 f"calibration samples)" + (f"; standing out most: {largest}." if largest else ".")

@@ -300,6 +300,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             OutlierSettings,
             choose_channels,
             ranges_from_json,
+            split_channels,
             split_outliers,
         )
         from pipeline.stages.channels import RANGES
@@ -307,13 +308,28 @@ class QuantizeStage(Stage[QuantizeConfig]):
         assert self.config.outliers is not None
         threshold, most = self.config.outliers
         ranges = ranges_from_json((inputs["channels"].path / RANGES).read_text(encoding="utf-8"))
-        chosen = choose_channels(ranges, OutlierSettings(threshold, most))
         model = onnx.load(str(source / MODEL_FILE))
         consumers = {
             n.input[1]: n.name
             for n in model.graph.node
             if n.op_type == "MatMul" and len(n.input) > 1
         }
+        # Nodes kept in float need no split (it would only add work).
+        excluded = {n.input[1] for n in model.graph.node if n.name in self.config.exclude}
+        chosen = {
+            weight: picked
+            for weight, picked in choose_channels(ranges, OutlierSettings(threshold, most)).items()
+            if weight not in excluded
+        }
+        if not chosen:
+            largest = max((float(r.max() / np.median(r)) for r in ranges.values()), default=0.0)
+            log.warning(
+                "quantize.outliers: no input channel is over %sx its input's median channel "
+                "(the largest is %.1fx); nothing is split, the variant is plain dynamic INT8",
+                threshold,
+                largest,
+            )
+        inputs_split, channels_split = split_channels(model, chosen)
         added = split_outliers(model, chosen)
         onnx.save(
             model,
@@ -325,7 +341,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
             "threshold": threshold,
             "max_channels": most,
             "matmuls": len(added),
-            "channels": sum(len(c) for c in chosen.values()),
+            # Distinct activations split and distinct channels of theirs (Q/K/V count once).
+            "inputs": inputs_split,
+            "channels": channels_split,
             # The inputs that stand out most: (module, channels, largest x the median).
             "largest": [
                 {
