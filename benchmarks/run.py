@@ -527,6 +527,15 @@ def quick_plan() -> Plan:
     )
 
 
+def with_recorded_sections(results: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``results`` plus the sections other benchmark scripts recorded in ``path`` (calibration,
+    decoders...: see benchmarks.markdown.record), which this run does not measure."""
+    if not path.is_file():
+        return results
+    stored = json.loads(path.read_text())
+    return results | {k: v for k, v in stored.items() if k not in results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -634,6 +643,7 @@ def main() -> None:
         "timings": timings,
         "fusion": fusion_result,
     }
+    results = with_recorded_sections(results, args.out)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     from benchmarks.markdown import render
 
