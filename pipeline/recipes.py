@@ -167,7 +167,13 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
         if variant.optimize != "none":
             # Sorted: the passes run in a fixed order, so the listed order must not change the key.
             config_o = OptimizeConfig(
-                profile=variant.optimize, fusions=tuple(sorted(variant.fusions))
+                profile=variant.optimize,
+                fusions=tuple(sorted(variant.fusions)),
+                # ONNX Runtime's CPU session would fuse the SkipLayerNormalization this variant
+                # left out (its kernel is the slower; see pipeline.passes.residual_sum).
+                residual_sum=variant.target == "ort-cpu"
+                and "skip-layernorm" not in variant.fusions
+                and variant.session_optimization in ("extended", "all"),
             )
             steps.append(
                 Step(

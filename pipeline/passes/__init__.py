@@ -23,6 +23,7 @@ from pipeline.passes.fuse_layernorm import FuseLayerNorm
 from pipeline.passes.fuse_mha import FuseMultiHeadAttention
 from pipeline.passes.infer_shapes import InferShapes
 from pipeline.passes.remove_unused import RemoveUnused
+from pipeline.passes.residual_sum import ResidualSum
 
 Profile = Literal["standard", "ort"]
 Fusion = Literal["attention", "mha", "skip-layernorm", "ffn"]
@@ -57,13 +58,17 @@ FUSED_OP_TYPES = (
 )
 
 
-def profile_passes(profile: Profile, fusions: Sequence[str] = ()) -> list[GraphPass]:
-    """The passes of a profile, in order."""
+def profile_passes(
+    profile: Profile, fusions: Sequence[str] = (), residual_sum: bool = False
+) -> list[GraphPass]:
+    """The passes of a profile, in order (``residual_sum``: see passes.residual_sum)."""
     passes: list[GraphPass] = [InferShapes(), FoldConstants()]
     if profile == "ort":
         passes += [FUSIONS[name]() for name in FUSIONS if name in fusions]
         # Packed QKV weights are a Concat of initializers until folded with large limits.
         passes += [FoldConstants(large=True)]
+        if residual_sum:
+            passes += [ResidualSum()]
     passes += [RemoveUnused(), InferShapes()]
     return passes
 

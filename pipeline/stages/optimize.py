@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 class OptimizeConfig(StageConfig):
     profile: Profile
     fusions: tuple[Fusion, ...] = ()
+    #: Residual Adds into LayerNormalization written as Sum (pipeline.passes.residual_sum), so
+    #: ONNX Runtime's session does not fuse the SkipLayerNormalization the variant left out.
+    residual_sum: bool = False
 
 
 class OptimizeStage(Stage[OptimizeConfig]):
@@ -57,6 +60,12 @@ class OptimizeStage(Stage[OptimizeConfig]):
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
         require_model_file("optimize", inputs["model"].path)
+
+    def key_config(self) -> dict[str, object]:
+        config = super().key_config()
+        if not config["residual_sum"]:
+            del config["residual_sum"]  # graphs without it keep their keys
+        return config
 
     def describe(self) -> str:
         fusions = f" ({', '.join(self.config.fusions)})" if self.config.fusions else ""
@@ -69,7 +78,7 @@ class OptimizeStage(Stage[OptimizeConfig]):
         source = inputs["model"].path
         info = CheckpointInfo.read(inputs["info"])
         model = ir.load(source / MODEL_FILE)
-        passes = profile_passes(self.config.profile, self.config.fusions)
+        passes = profile_passes(self.config.profile, self.config.fusions, self.config.residual_sum)
         with ctx.progress.task(f"optimize ({self.config.profile})", len(passes)) as advance:
             model, records = run_passes(model, passes, on_pass=lambda _: advance(1))
         counts = op_counts(model)
