@@ -133,8 +133,13 @@ def test_each_setting_reruns_exactly_the_stages_that_read_it(
         "verify.padding": ({"verify": {"padding": ["left"]}}, {"reference", "verify[fp32]"}),
         "latency.runs": ({"latency": {"runs": 4}}, {"latency"}),
         "shapes": ({"shapes": {"batch": [1], "sequence": [16]}}, {"latency"}),
+        # At `all` the residual Adds are written as Sum (passes.residual_sum): a new graph.
         "variant session level": (
             {"variants": [{"name": "fp32", "session_optimization": "all"}]},
+            {"optimize[fp32]", "verify[fp32]", "latency"},
+        ),
+        "variant session level, no new graph": (
+            {"variants": [{"name": "fp32", "session_optimization": "disabled"}]},
             {"verify[fp32]", "latency"},
         ),
         "variant fusions": (
