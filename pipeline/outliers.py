@@ -32,7 +32,6 @@ import numpy as np
 
 #: Name marker of the nodes the split adds (the float MatMuls must not be quantized).
 MARKER = ".outliers"
-_TWO_GB = 2**31
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,7 @@ def channel_ranges(
     import onnxruntime as ort
 
     from pipeline.errors import PreconditionError
+    from pipeline.stages.export import _TWO_GB
 
     # Loaded whole (external weights included) and given to the session as bytes, so nothing
     # is written beside the source graph.
@@ -107,6 +107,13 @@ def channel_ranges(
         for weight, names in inputs.items()
         if all(t in maxima for t in names)
     }
+
+
+def standout(top: np.ndarray) -> float:
+    """How far an input's largest channel stands out: its maximum over the median channel's
+    (0 for an input whose median channel is all zeros)."""
+    median = float(np.median(top))
+    return float(top.max()) / median if median > 0 else 0.0
 
 
 def choose_channels(

@@ -17,6 +17,7 @@ from pipeline.outliers import (
     ranges_to_json,
     split_channels,
     split_outliers,
+    standout,
     weight_matmul_inputs,
 )
 
@@ -105,6 +106,11 @@ def test_the_loud_channels_are_chosen_largest_first_up_to_the_limit() -> None:
     # A higher threshold leaves the 12x channel; nothing stands out 50x: the weight is left out.
     assert choose_channels({"w": top}, OutlierSettings(threshold=20.0)) == {"w": [5]}
     assert choose_channels({"w": top}, OutlierSettings(threshold=50.0)) == {}
+    assert standout(top) == 40.0
+    # An input whose median channel is all zeros stands out by nothing (no division by zero).
+    silent = np.zeros(K, dtype=np.float32)
+    silent[0] = 5.0
+    assert standout(silent) == 0.0 and choose_channels({"w": silent}, OutlierSettings()) == {}
 
 
 def test_the_split_graph_computes_what_the_original_does_in_float(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.artifacts import Artifact
 from pipeline.errors import PreconditionError
-from pipeline.outliers import channel_ranges, ranges_to_json
+from pipeline.outliers import channel_ranges, ranges_to_json, standout
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 from pipeline.stages.calibrate import calibration_feeds
 from pipeline.stages.export import MODEL_FILE, require_model_file
@@ -71,7 +71,7 @@ class ChannelsStage(Stage[ChannelsConfig]):
         folder = out / "channels"
         folder.mkdir()
         (folder / RANGES).write_text(ranges_to_json(ranges), encoding="utf-8")
-        ratios = [float(r.max() / np.median(r)) for r in ranges.values() if np.median(r) > 0]
+        ratios = [standout(r) for r in ranges.values()]
         return StageResult(
             outputs={"channels": "channels"},
             stats={
@@ -82,6 +82,6 @@ class ChannelsStage(Stage[ChannelsConfig]):
                 "max_length": max_length,
                 "weights": len(ranges),
                 # How far the largest channel stands out, at worst (x the median channel).
-                "largest_ratio": round(max(ratios), 1) if ratios else None,
+                "largest_ratio": round(max(ratios, default=0.0), 1),
             },
         )

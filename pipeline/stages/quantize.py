@@ -29,8 +29,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from pipeline.artifacts import Artifact
 from pipeline.budget import FIGURES, BudgetResult, search, shortfall
 from pipeline.calibration.table import CalibrationTable
@@ -302,6 +300,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             ranges_from_json,
             split_channels,
             split_outliers,
+            standout,
         )
         from pipeline.stages.channels import RANGES
 
@@ -322,7 +321,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             if weight not in excluded
         }
         if not chosen:
-            largest = max((float(r.max() / np.median(r)) for r in ranges.values()), default=0.0)
+            largest = max((standout(r) for r in ranges.values()), default=0.0)
             log.warning(
                 "quantize.outliers: no input channel is over %sx its input's median channel "
                 "(the largest is %.1fx); nothing is split, the variant is plain dynamic INT8",
@@ -349,11 +348,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 {
                     "module": modules.get(consumers.get(weight, "")),
                     "channels": len(chosen[weight]),
-                    "ratio": round(float(ranges[weight].max() / np.median(ranges[weight])), 1),
+                    "ratio": round(standout(ranges[weight]), 1),
                 }
-                for weight in sorted(
-                    chosen, key=lambda w: -float(ranges[w].max() / np.median(ranges[w]))
-                )[:SHOWN]
+                for weight in sorted(chosen, key=lambda w: -standout(ranges[w]))[:SHOWN]
             ],
         }
         return work, added, stats
