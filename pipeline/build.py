@@ -111,7 +111,7 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         spec.samples
         for v in recipe.variants
         if v.quantize is not None
-        for spec in (v.quantize.calibration, v.quantize.outliers)
+        for spec in (v.quantize.calibration, v.quantize.outliers, v.quantize.smooth)
         if spec is not None
     ]
     if counts:

@@ -32,6 +32,8 @@ import numpy as np
 
 #: Name marker of the nodes the split adds (the float MatMuls must not be quantized).
 MARKER = ".outliers"
+#: Name marker of the Muls smoothing adds.
+SMOOTH = ".smooth"
 
 
 @dataclass(frozen=True)
@@ -231,3 +233,132 @@ def ranges_to_json(ranges: Mapping[str, np.ndarray]) -> str:
 
 def ranges_from_json(text: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in json.loads(text).items()}
+
+
+# --- Smoothing (SmoothQuant-style): the outliers' scale moved into the weights -----------------
+#
+# ``X @ W = (X / s) @ (diag(s) W)``: dividing each input channel by s_k and multiplying its weight
+# row by s_k leaves the product as it was in float, but flattens the input's channel ranges
+# (Xiao et al., 2023), so dynamic INT8's one activation scale per call fits more of them. With
+# ``s = max|X|^alpha / max|W_row|^(1 - alpha)`` alpha sets how much of the spread moves into the
+# weights, which are quantized per output column and take it better. ``1/s`` is one elementwise
+# Mul on the input; the weight rows are scaled ahead of time. All-MiniLM-L6-v2 (dynamic INT8,
+# every input smoothed; mean cosine / nearest-neighbour agreement): alpha 0.5 0.982 / 0.79,
+# 0.65 0.9957 / 0.906, 0.75 0.9960 / 0.918, 0.85 0.9942 / 0.902, 1.0 0.9905 / 0.879; none 0.9897 /
+# 0.867. Low alphas load the weight rows with the spread and lose.
+
+
+def _input_groups(model: Any) -> list[tuple[list[str], list[str]]]:
+    """(inputs, weights) groups that must share one scale: an input's weights (Q, K and V read
+    one input) and, through a weight several MatMuls share, those MatMuls' inputs."""
+    inputs = weight_matmul_inputs(model)
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    for weight, sources in inputs.items():
+        for source in sources:
+            parent[root(f"x:{source}")] = root(f"w:{weight}")
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for weight, sources in inputs.items():
+        members = groups.setdefault(root(f"w:{weight}"), ([], []))
+        members[1].append(weight)
+        members[0].extend(s for s in sources if s not in members[0])
+    return list(groups.values())
+
+
+def smoothing_scales(
+    model: Any, ranges: Mapping[str, np.ndarray], alpha: float
+) -> dict[str, np.ndarray]:
+    """Weight name -> the per-input-channel scale ``s`` of its group (see above).
+
+    A channel that never moved on the calibration data, or whose weight row is all zeros, keeps
+    scale 1 (there is nothing to balance).
+    """
+    from onnx import numpy_helper
+
+    constants = {init.name: init for init in model.graph.initializer}
+    scales: dict[str, np.ndarray] = {}
+    for _, weights in _input_groups(model):
+        if not all(w in ranges for w in weights):
+            continue
+        activation = np.max([ranges[w] for w in weights], axis=0).astype(np.float64)
+        rows = np.max(
+            [np.abs(numpy_helper.to_array(constants[w])).max(axis=1) for w in weights], axis=0
+        ).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = activation**alpha / rows ** (1.0 - alpha)
+        scale = np.where((activation > 0) & (rows > 0) & np.isfinite(scale), scale, 1.0)
+        for weight in weights:
+            scales[weight] = scale.astype(np.float32)
+    return scales
+
+
+def smooth_inputs(model: Any, scales: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """Smooth (in place) every MatMul whose weight has a scale: its weight rows times ``s``, its
+    input through one ``Mul(X, 1/s)`` per input (shared by Q, K and V). Returns (inputs, MatMuls).
+    """
+    from onnx import helper, numpy_helper
+
+    constants = {init.name: init for init in model.graph.initializer}
+    for weight, scale in scales.items():
+        matrix = numpy_helper.to_array(constants[weight])
+        scaled = (matrix * scale[:, None].astype(matrix.dtype)).astype(matrix.dtype)
+        constants[weight].CopyFrom(numpy_helper.from_array(scaled, weight))
+    smoothed: dict[str, str] = {}
+    matmuls = 0
+    nodes = []
+    for node in model.graph.node:
+        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else ""
+        if weight in scales:
+            source = node.input[0]
+            if source not in smoothed:
+                name = f"{source}{SMOOTH}"
+                inverse = (1.0 / scales[weight]).astype(np.float32)
+                model.graph.initializer.append(numpy_helper.from_array(inverse, f"{name}.scale"))
+                # Before its first reader, so the graph stays in topological order.
+                nodes.append(helper.make_node("Mul", [source, f"{name}.scale"], [name], name=name))
+                smoothed[source] = name
+            node.input[0] = smoothed[source]
+            matmuls += 1
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return len(smoothed), matmuls
+
+
+def plan_channels(
+    model: Any,
+    ranges: Mapping[str, np.ndarray],
+    outliers: OutlierSettings | None,
+    alpha: float | None,
+    excluded: Iterable[str] = (),
+) -> tuple[dict[str, list[int]], dict[str, np.ndarray]]:
+    """Which weights' inputs are split (weight -> channels) and which smoothed (weight -> scale).
+
+    Both asked for: an input is smoothed unless, smoothed, it would still have channels over
+    the threshold (smoothing cannot flatten it: on all-MiniLM-L6-v2 the GELU outputs feeding
+    the FFN down-projections); those inputs are split instead, at their own channels. So the
+    split, which costs a narrow float product and an Add per MatMul, is paid only where
+    smoothing, which costs one Mul, does not do. Weights in ``excluded`` (kept in float) get
+    neither.
+    """
+    skip = set(excluded)
+    scales = smoothing_scales(model, ranges, alpha) if alpha is not None else {}
+    chosen: dict[str, list[int]] = {}
+    if outliers is not None:
+        chosen = choose_channels(ranges, outliers)
+        if scales:
+            flattened = {w: ranges[w] / scales[w] for w in scales}
+            still = choose_channels(flattened, outliers)
+            chosen = {w: c for w, c in chosen.items() if w in still or w not in scales}
+        chosen = {w: c for w, c in chosen.items() if w not in skip}
+    # A group with a split weight is not smoothed (its input goes to the split as it is).
+    split_groups = [
+        weights for _, weights in _input_groups(model) if any(w in chosen for w in weights)
+    ]
+    unsmoothed = skip | {w for weights in split_groups for w in weights}
+    return chosen, {w: s for w, s in scales.items() if w not in unsmoothed}

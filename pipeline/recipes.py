@@ -200,14 +200,16 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 budget=q.budget.limits() if q.budget is not None else None,
                 remedies=q.budget.remedy_names() if q.budget is not None else (),
                 outliers=((q.outliers.threshold, q.outliers.max_channels) if q.outliers else None),
+                smooth=q.smooth.alpha if q.smooth else None,
                 session_optimization=variant.session_optimization,
                 threads=threads,
             )
             inputs_q = {"model": float_model(variant), "reference": "reference.reference"}
-            if q.outliers is not None:
+            ranged = q.outliers or q.smooth
+            if ranged is not None:
                 config_r = ChannelsConfig(
-                    samples=q.outliers.samples,
-                    seed=q.outliers.seed,
+                    samples=ranged.samples,
+                    seed=ranged.seed,
                     max_length=data.max_length,
                     text_field=data.text_field,
                     threads=threads,

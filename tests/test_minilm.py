@@ -83,10 +83,22 @@ def test_minilm_builds_and_matches_pytorch(tmp_path: Path) -> None:
     assert split["largest"][0]["ratio"] > 10 and split["samples"] == 128
     assert outliers["accuracy"]["mean_cosine"] >= 0.998
     assert outliers["accuracy"]["agreement"] >= int8["accuracy"]["agreement"] + 0.05
-    # ... and the budget variant meets its limits with part of the graph still in INT8.
+    # Smoothed inputs, and the split only where smoothing leaves outliers (the FFN
+    # down-projections' GELU inputs): the same accuracy for fewer split MatMuls (measured: 20
+    # inputs smoothed, 4 MatMuls split; mean cosine 0.9987, agreement 0.941).
+    smooth = contenders["int8-smooth"]["quantization"]
+    assert smooth["quantized_matmuls"] == smooth["weight_matmuls"] == 36
+    assert smooth["smooth"]["inputs"] >= 12 and smooth["smooth"]["matmuls"] >= 24
+    assert 0 < smooth["outliers"]["matmuls"] <= 8 < split["matmuls"]
+    assert contenders["int8-smooth"]["accuracy"]["mean_cosine"] >= 0.998
+    assert (
+        contenders["int8-smooth"]["accuracy"]["agreement"] >= int8["accuracy"]["agreement"] + 0.04
+    )
+    # ... and the budget variant, on int8-smooth, meets its limits with most of the graph
+    # still in INT8 (measured: 8 of 36 nodes in float; 22 without smoothing).
     budget = contenders["int8-budget"]
     search = budget["quantization"]["budget"]
-    assert search["met"] and 0 < search["kept_float"] < 36
+    assert search["met"] and 0 < search["kept_float"] <= 16
     assert budget["accuracy"]["mean_cosine"] >= 0.999
     assert budget["accuracy"]["worst_cosine"] >= 0.99
     assert budget["accuracy"]["agreement"] >= 0.97

@@ -1,4 +1,5 @@
-"""Outlier input channels multiplied in float beside dynamic INT8 (pipeline.outliers)."""
+"""Outlier input channels multiplied in float beside dynamic INT8, and inputs smoothed
+(pipeline.outliers)."""
 
 from pathlib import Path
 
@@ -13,8 +14,11 @@ from pipeline.outliers import (
     OutlierSettings,
     channel_ranges,
     choose_channels,
+    plan_channels,
     ranges_from_json,
     ranges_to_json,
+    smooth_inputs,
+    smoothing_scales,
     split_channels,
     split_outliers,
     standout,
@@ -228,3 +232,91 @@ def _run_h1s(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
     probe.graph.output.append(helper.make_empty_tensor_value_info("h1s"))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(["h1s"], feed)[0]
+
+
+def test_smoothing_keeps_the_product_and_flattens_the_input(tmp_path: Path) -> None:
+    model = _graph()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    ranges = channel_ranges(tmp_path / "model.onnx", _feeds())
+    scales = smoothing_scales(model, ranges, alpha=0.75)
+    # Q and K (w_a, w_b) read one input: one scale for both, from both weights' rows.
+    np.testing.assert_array_equal(scales["w_a"], scales["w_b"])
+    assert set(scales) == {"w_a", "w_b", "w_c"}
+    smoothed = _graph()
+    assert smooth_inputs(smoothed, scales) == (2, 3)
+    onnx.checker.check_model(smoothed)
+    muls = [n for n in smoothed.graph.node if n.op_type == "Mul"]
+    assert [n.input[0] for n in muls] == ["h", "ab"]
+    for feed in _feeds(2, seed=7):
+        np.testing.assert_allclose(_run(smoothed, feed), _run(model, feed), rtol=1e-4, atol=1e-5)
+    # The weight rows carry the scales; the inputs the MatMuls now see stand out far less.
+    weights = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
+    original = numpy_helper.to_array(model.graph.initializer[2])
+    np.testing.assert_allclose(weights["w_a"], original * scales["w_a"][:, None], rtol=1e-6)
+    onnx.save(smoothed, str(tmp_path / "smoothed.onnx"))
+    flat = channel_ranges(tmp_path / "smoothed.onnx", _feeds())
+    assert standout(ranges["w_a"]) > 30 and standout(flat["w_a"]) < 4
+
+
+def test_dynamic_int8_of_the_smoothed_graph_is_closer_to_float(tmp_path: Path) -> None:
+    model = _graph()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    ranges = channel_ranges(tmp_path / "model.onnx", _feeds())
+    smoothed = _graph()
+    smooth_inputs(smoothed, smoothing_scales(model, ranges, alpha=0.75))
+    onnx.save(smoothed, str(tmp_path / "smoothed.onnx"))
+    options = {
+        "per_channel": True,
+        "weight_type": QuantType.QInt8,
+        "op_types_to_quantize": ["MatMul"],
+    }
+    quantize_dynamic(tmp_path / "model.onnx", tmp_path / "plain.onnx", **options)
+    quantize_dynamic(tmp_path / "smoothed.onnx", tmp_path / "int8.onnx", **options)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    # Every product INT8 (the smoothing Muls stay float, before the quantizer's).
+    assert ops.count("MatMul") == 0 and ops.count("MatMulInteger") == 3
+    feed = _feeds(1, seed=11)[0]
+    reference = _run(model, feed)
+    plain = np.abs(_run(tmp_path / "plain.onnx", feed) - reference).mean()
+    smoothed_error = np.abs(_run(tmp_path / "int8.onnx", feed) - reference).mean()
+    # Measured: 0.37 of the plain error.
+    assert smoothed_error < plain / 2
+
+
+def test_a_weight_shared_by_two_matmuls_gets_one_scale_for_both_inputs(tmp_path: Path) -> None:
+    model = _shared_weight_graph()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    ranges = channel_ranges(tmp_path / "model.onnx", _feeds())
+    scales = smoothing_scales(model, ranges, alpha=0.5)
+    smoothed = _shared_weight_graph()
+    # One weight, scaled once; each of its two inputs divided by the same scales.
+    assert smooth_inputs(smoothed, scales) == (2, 2)
+    inverse = [
+        numpy_helper.to_array(i) for i in smoothed.graph.initializer if i.name.endswith(".scale")
+    ]
+    assert len(inverse) == 2
+    np.testing.assert_array_equal(inverse[0], inverse[1])
+    for feed in _feeds(2, seed=5):
+        np.testing.assert_allclose(_run(smoothed, feed), _run(model, feed), rtol=1e-4, atol=1e-4)
+
+
+def test_inputs_smoothing_cannot_flatten_are_split_instead() -> None:
+    model = _graph()
+    top_h = np.ones(K, dtype=np.float32)
+    top_h[5] = 40.0  # smoothed at alpha 0.75: about 40 ** 0.25 = 2.5x, under 3x
+    top_ab = np.ones(N, dtype=np.float32)
+    top_ab[3] = 1e4  # about 10x after smoothing: still over
+    ranges = {"w_a": top_h, "w_b": top_h, "w_c": top_ab}
+    settings = OutlierSettings(threshold=3.0)
+    chosen, scales = plan_channels(model, ranges, settings, 0.75)
+    assert chosen == {"w_c": [3]} and set(scales) == {"w_a", "w_b"}
+    # Outliers alone: every loud input split; smoothing alone: every input smoothed.
+    assert plan_channels(model, ranges, settings, None) == (
+        {"w_a": [5], "w_b": [5], "w_c": [3]},
+        {},
+    )
+    alone, every = plan_channels(model, ranges, None, 0.75)
+    assert alone == {} and set(every) == {"w_a", "w_b", "w_c"}
+    # A weight kept in float gets neither; its group's other weights are still smoothed.
+    chosen, scales = plan_channels(model, ranges, settings, 0.75, excluded={"w_a", "w_c"})
+    assert chosen == {} and set(scales) == {"w_b"}

@@ -238,3 +238,16 @@ def test_outliers_default_and_need_dynamic_int8(tmp_path: Path) -> None:
         QuantizeSpec.model_validate({"method": "static", "outliers": {}})
     with pytest.raises(ValueError, match="threshold"):
         QuantizeSpec.model_validate({"outliers": {"threshold": 1.0}})
+
+
+def test_smooth_defaults_and_shares_the_outliers_ranges() -> None:
+    from pipeline.recipe import QuantizeSpec
+
+    spec = QuantizeSpec.model_validate({"smooth": {}, "outliers": {}})
+    assert spec.smooth is not None and spec.smooth.alpha == 0.75 and spec.smooth.samples == 128
+    with pytest.raises(ValueError, match="smooth: needs method: dynamic"):
+        QuantizeSpec.model_validate({"method": "static", "smooth": {}})
+    with pytest.raises(ValueError, match="alpha"):
+        QuantizeSpec.model_validate({"smooth": {"alpha": 0}})
+    with pytest.raises(ValueError, match="same samples and seed"):
+        QuantizeSpec.model_validate({"smooth": {"samples": 64}, "outliers": {}})

@@ -101,6 +101,13 @@ def _int8_section(report: Report) -> list[str]:
             f"**{c.name}** ({how}): {q.get('quantized_matmuls')} of {q.get('weight_matmuls')} "
             f"weight MatMuls in {c.precision.upper()}.",
         ]
+        smooth = q.get("smooth")
+        if smooth:
+            lines.append(
+                f"Smoothed (SmoothQuant-style, alpha {smooth['alpha']}): {smooth['inputs']} inputs "
+                f"of {smooth['matmuls']} MatMuls divided per channel by scales their weight rows "
+                f"take, from ranges on {smooth.get('samples', '?')} calibration samples."
+            )
         outliers = q.get("outliers")
         if outliers:
             largest = ", ".join(

@@ -323,11 +323,13 @@ def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
         "compute",
         "grid",
         "outliers",
+        "smooth",
     )
     out = {k: quantize.stats[k] for k in keys if k in quantize.stats}
     channels = manifest.stage(f"channels[{name}]")
-    if channels is not None and "outliers" in out:
-        out["outliers"] = {**out["outliers"], "samples": channels.stats.get("samples")}
+    for name in ("outliers", "smooth"):
+        if channels is not None and name in out:
+            out[name] = {**out[name], "samples": channels.stats.get("samples")}
     calibrate = manifest.stage(f"calibrate[{name}]")
     if calibrate is not None:
         out["calibration_data"] = {

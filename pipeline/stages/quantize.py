@@ -77,6 +77,9 @@ class QuantizeConfig(StageConfig):
     #: Dynamic: (threshold, max_channels) of the input channels multiplied in float beside the
     #: INT8 product (pipeline.outliers), from the ``channels`` stage's ranges; None: none.
     outliers: tuple[float, int] | None = None
+    #: Dynamic: SmoothQuant-style alpha; every weight MatMul input not split is divided by
+    #: per-channel scales its weight rows take (pipeline.outliers); None: no smoothing.
+    smooth: float | None = None
 
 
 @contextlib.contextmanager
@@ -239,15 +242,15 @@ class QuantizeStage(Stage[QuantizeConfig]):
             raise PreconditionError(
                 "static quantization has no calibration table", "this is a bug in the pipeline"
             )
-        if self.config.outliers and "channels" not in inputs:
+        if (self.config.outliers or self.config.smooth) and "channels" not in inputs:
             raise PreconditionError(
-                "quantize.outliers has no channel ranges", "this is a bug in the pipeline"
+                "quantize.outliers/smooth has no channel ranges", "this is a bug in the pipeline"
             )
 
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()
-        # Builds without remedies or outliers keep their keys.
-        for name in ("remedies", "outliers"):
+        # Builds without remedies, outliers or smoothing keep their keys.
+        for name in ("remedies", "outliers", "smooth"):
             if not config[name]:
                 del config[name]
         return config
@@ -255,7 +258,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
     def describe(self) -> str:
         budget = " within an accuracy budget" if self.config.budget else ""
         outliers = ", outlier channels in float" if self.config.outliers else ""
-        return f"quantize int8 {self.config.method}{outliers}{budget}"
+        smooth = ", smoothed inputs" if self.config.smooth else ""
+        return f"quantize int8 {self.config.method}{smooth}{outliers}{budget}"
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         import onnx
@@ -276,36 +280,37 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if cfg.method == "static":
             table = CalibrationTable.read(inputs["calibration"].path / TABLE)
         with tempfile.TemporaryDirectory(prefix="split-", dir=out) as work:
-            outliers: dict[str, Any] | None = None
+            rewritten: dict[str, Any] = {}
             floats: list[str] = []
-            if cfg.outliers:
-                # Every quantization below starts from the split float graph.
-                source, floats, outliers = self._split(inputs, source, Path(work), modules)
-            return self._quantize(ctx, inputs, source, out, modules, table, floats, outliers)
+            if cfg.outliers or cfg.smooth:
+                # Every quantization below starts from the rewritten float graph.
+                source, floats, rewritten = self._rewrite(inputs, source, Path(work), modules)
+            return self._quantize(ctx, inputs, source, out, modules, table, floats, rewritten)
 
-    def _split(
+    def _rewrite(
         self,
         inputs: Mapping[str, Artifact],
         source: Path,
         work: Path,
         modules: Mapping[str, str | None],
     ) -> tuple[Path, list[str], dict[str, Any]]:
-        """The float graph with its outlier input channels split out (pipeline.outliers), in
-        ``work``; returns its folder, the float MatMuls added and what was split."""
+        """The float graph with its inputs smoothed and/or its outlier input channels split out
+        (pipeline.outliers), in ``work``; returns its folder, the float MatMuls added and the
+        stats of what was done ({"smooth": ..., "outliers": ...})."""
         import onnx
 
         from pipeline.outliers import (
             OutlierSettings,
-            choose_channels,
+            plan_channels,
             ranges_from_json,
+            smooth_inputs,
             split_channels,
             split_outliers,
             standout,
         )
         from pipeline.stages.channels import RANGES
 
-        assert self.config.outliers is not None
-        threshold, most = self.config.outliers
+        cfg = self.config
         ranges = ranges_from_json((inputs["channels"].path / RANGES).read_text(encoding="utf-8"))
         model = onnx.load(str(source / MODEL_FILE))
         consumers = {
@@ -313,14 +318,30 @@ class QuantizeStage(Stage[QuantizeConfig]):
             for n in model.graph.node
             if n.op_type == "MatMul" and len(n.input) > 1
         }
-        # Nodes kept in float need no split (it would only add work).
-        excluded = {n.input[1] for n in model.graph.node if n.name in self.config.exclude}
-        chosen = {
-            weight: picked
-            for weight, picked in choose_channels(ranges, OutlierSettings(threshold, most)).items()
-            if weight not in excluded
-        }
-        if not chosen:
+        # Nodes kept in float need neither (it would only add work).
+        excluded = {n.input[1] for n in model.graph.node if n.name in cfg.exclude}
+        settings = OutlierSettings(*cfg.outliers) if cfg.outliers else None
+        chosen, scales = plan_channels(model, ranges, settings, cfg.smooth, excluded)
+        inputs_split, channels_split = split_channels(model, chosen)
+        stats: dict[str, Any] = {}
+        if cfg.smooth is not None:
+            smoothed_inputs, smoothed_matmuls = smooth_inputs(model, scales)
+            stats["smooth"] = {
+                "alpha": cfg.smooth,
+                "inputs": smoothed_inputs,
+                "matmuls": smoothed_matmuls,
+            }
+        added = split_outliers(model, chosen) if settings is not None else []
+        onnx.save(
+            model,
+            str(work / MODEL_FILE),
+            save_as_external_data=model.ByteSize() > _TWO_GB,
+            location=MODEL_FILE + ".data",
+        )
+        if settings is None:
+            return work, added, stats
+        threshold, most = settings.threshold, settings.max_channels
+        if not chosen and cfg.smooth is None:
             largest = max((standout(r) for r in ranges.values()), default=0.0)
             log.warning(
                 "quantize.outliers: no input channel is over %sx its input's median channel "
@@ -328,15 +349,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 threshold,
                 largest,
             )
-        inputs_split, channels_split = split_channels(model, chosen)
-        added = split_outliers(model, chosen)
-        onnx.save(
-            model,
-            str(work / MODEL_FILE),
-            save_as_external_data=model.ByteSize() > _TWO_GB,
-            location=MODEL_FILE + ".data",
-        )
-        stats = {
+        stats["outliers"] = {
             "threshold": threshold,
             "max_channels": most,
             "matmuls": len(added),
@@ -364,7 +377,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         modules: Mapping[str, str | None],
         table: CalibrationTable | None,
         floats: list[str],
-        outliers: dict[str, Any] | None,
+        rewritten: dict[str, Any],
     ) -> StageResult:
         cfg = self.config
         ref = ReferenceData.of(inputs["reference"])
@@ -446,7 +459,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             "kept_float": [described(n) for n in [*cfg.exclude, *kept]],
             "sensitivity": [described(n) for n in worst[:SHOWN]],
             **({"budget": budget} if budget is not None else {}),
-            **({"outliers": outliers} if outliers is not None else {}),
+            **rewritten,
             **({"calibration": table.method, "symmetric": table.symmetric} if table else {}),
             **graph_stats(path),
         }

@@ -292,7 +292,11 @@ def test_the_reference_is_reproducible(built: Any, checkpoint: Path, tmp_path: P
         ),
         (
             {"variants": [{"name": "x", "precision": "int8", "quantize": {"outliers": {}}}]},
-            "outliers is not built for decoders",
+            "quantize.outliers and quantize.smooth are not built for decoders",
+        ),
+        (
+            {"variants": [{"name": "x", "precision": "int8", "quantize": {"smooth": {}}}]},
+            "quantize.outliers and quantize.smooth are not built for decoders",
         ),
         (
             {"variants": [{"name": "x", "precision": "int8", "quantize": {"block_size": 16}}]},

@@ -88,6 +88,11 @@ def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp
                 "precision": "int8",
                 "quantize": {"outliers": {"samples": 16, "threshold": 2}},
             },
+            {
+                "name": "int8-smooth",
+                "precision": "int8",
+                "quantize": {"smooth": {"samples": 16}},
+            },
         ],
     )
     outcome = build(recipe, BuildOptions(artifacts=tmp_path))
@@ -105,6 +110,11 @@ def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp
     report = (outcome.run_dir / "report.md").read_text()
     o = split["outliers"]
     assert f"{o['channels']} channels of {o['inputs']} inputs to {o['matmuls']} MatMuls" in report
+    # Smoothing reads the same ranges (one channels stage, from the cache the second time).
+    smoothed = outcome.manifest.stage("quantize[int8-smooth]").stats
+    assert smoothed["smooth"] == {"alpha": 0.75, "inputs": 8, "matmuls": 12}
+    assert outcome.manifest.stage("channels[int8-smooth]").key == channels.key
+    assert "Smoothed (SmoothQuant-style, alpha 0.75): 8 inputs of 12 MatMuls" in report
     assert (
         steps.index("optimize[int8]") < steps.index("quantize[int8]") < steps.index("verify[int8]")
     )
@@ -413,3 +423,41 @@ def test_the_budget_search_keeps_the_outlier_products_float(
     products = {name for name in names if name.endswith(MARKER)}
     assert len(products) == result.stats["outliers"]["matmuls"]
     assert len(excludes) > 12 and all(products <= set(e) for e in excludes)
+
+
+def test_smoothing_moves_a_planted_outlier_into_its_weight_row(
+    fused_bert, bert_parts, checkpoint, tmp_path
+) -> None:
+    """The fragile node's 1e4 channel is a 1e4 weight row moved into the input: smoothing
+    moves it back, so nothing is left for the outlier split."""
+    fragile = _with_sensitive_node(fused_bert, tmp_path / "fragile")
+    channels = _channels(tmp_path / "fragile", bert_parts, tmp_path / "c")
+    _, plain = _quantize(tmp_path / "fragile", tmp_path / "plain", bert_parts["reference"])
+    folder, result = _quantize(
+        tmp_path / "fragile",
+        tmp_path / "smooth",
+        bert_parts["reference"],
+        smooth=0.75,
+        outliers=(3.0, 8),
+        channels=channels,
+    )
+    smooth = result.stats["smooth"]
+    # Per layer: the Q/K/V input, the attention output's, the FFN's two; all 12 MatMuls.
+    assert smooth == {"alpha": 0.75, "inputs": 8, "matmuls": 12}
+    assert result.stats["outliers"]["matmuls"] == 0
+    assert result.stats["quantized_matmuls"] == result.stats["weight_matmuls"] == 12
+    ops = [n.op_type for n in onnx.load(str(folder / MODEL_FILE)).graph.node]
+    assert ops.count("MatMul") == 0
+    assert all(s["sqnr_db"] > 10 for s in result.stats["sensitivity"] if s["node"] == fragile)
+    reference, mask = _hidden(tmp_path / "fragile" / MODEL_FILE, checkpoint)
+
+    def worst_loss(path: Path) -> float:
+        hidden, _ = _hidden(path, checkpoint)
+        pooled = metrics.pool(reference, mask, "mean"), metrics.pool(hidden, mask, "mean")
+        return 1 - float(metrics.cosine(*pooled).min())
+
+    assert (
+        worst_loss(folder / MODEL_FILE)
+        < worst_loss(tmp_path / "plain" / "model" / MODEL_FILE) / 100
+    )
+    assert plain.stats["sensitivity"][0]["node"] == fragile
