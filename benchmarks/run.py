@@ -244,12 +244,12 @@ def build_tforge(model: Model) -> None:
     if model.accuracy:  # the ablations on MiniLM only: BERT-base is there for scaling
         recipe["variants"] = recipe["variants"] + ABLATIONS + PRECISIONS
     else:
-        # Random weights have no accuracy to keep, nor outlier channels: the budget search and
+        # Random weights have no accuracy to keep, nor outlier channels: the budget search, smoothing and
         # the channel split would only cost time.
         recipe["variants"] = [
             v
             for v in recipe["variants"]
-            if not {"budget", "outliers"} & set(v.get("quantize") or {})
+            if not {"budget", "outliers", "smooth"} & set(v.get("quantize") or {})
         ]
     recipe["model"]["source"] = str(model.folder)
     recipe["data"] = {

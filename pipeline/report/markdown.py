@@ -109,7 +109,12 @@ def _int8_section(report: Report) -> list[str]:
                 f"take, from ranges on {smooth.get('samples', '?')} calibration samples."
             )
         outliers = q.get("outliers")
-        if outliers:
+        if outliers and not outliers["matmuls"]:
+            lines.append(
+                f"Outlier split: no input has channels over {outliers['threshold']}x its median "
+                "channel's" + (" after smoothing" if smooth else "") + "; nothing is split."
+            )
+        elif outliers:
             largest = ", ".join(
                 f"{o['module'] or '?'} {o['ratio']}x" for o in outliers["largest"][:3]
             )

@@ -91,7 +91,10 @@ def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp
             {
                 "name": "int8-smooth",
                 "precision": "int8",
-                "quantize": {"smooth": {"samples": 16}},
+                "quantize": {
+                    "smooth": {"samples": 16},
+                    "outliers": {"samples": 16, "threshold": 1000},
+                },
             },
         ],
     )
@@ -115,6 +118,9 @@ def test_an_int8_variant_builds_verifies_and_reports(checkpoint, recipe_for, tmp
     assert smoothed["smooth"] == {"alpha": 0.75, "inputs": 8, "matmuls": 12}
     assert outcome.manifest.stage("channels[int8-smooth]").key == channels.key
     assert "Smoothed (SmoothQuant-style, alpha 0.75): 8 inputs of 12 MatMuls" in report
+    # Nothing of random weights stands out 1000x: nothing split, and the report says so.
+    assert smoothed["outliers"]["matmuls"] == 0
+    assert "no input has channels over 1000.0x its median channel's after smoothing" in report
     assert (
         steps.index("optimize[int8]") < steps.index("quantize[int8]") < steps.index("verify[int8]")
     )
