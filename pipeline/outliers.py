@@ -270,6 +270,18 @@ def _input_groups(model: Any) -> list[tuple[list[str], list[str]]]:
     return list(groups.values())
 
 
+def _read_elsewhere(model: Any) -> set[str]:
+    """Names read other than as a MatMul's weight. A weight some other node also reads (an
+    embedding table a tied head multiplies by) must stay as it is: scaling or zeroing its rows
+    would change that node's result too."""
+    return {
+        name
+        for node in model.graph.node
+        for i, name in enumerate(node.input)
+        if not (node.op_type == "MatMul" and i == 1)
+    } | {o.name for o in model.graph.output}
+
+
 def smoothing_scales(
     model: Any, ranges: Mapping[str, np.ndarray], alpha: float
 ) -> dict[str, np.ndarray]:
@@ -281,9 +293,10 @@ def smoothing_scales(
     from onnx import numpy_helper
 
     constants = {init.name: init for init in model.graph.initializer}
+    elsewhere = _read_elsewhere(model)
     scales: dict[str, np.ndarray] = {}
     for _, weights in _input_groups(model):
-        if not all(w in ranges for w in weights):
+        if not all(w in ranges and w not in elsewhere for w in weights):
             continue
         activation = np.max([ranges[w] for w in weights], axis=0).astype(np.float64)
         rows = np.max(
@@ -346,7 +359,7 @@ def plan_channels(
     smoothing, which costs one Mul, does not do. Weights in ``excluded`` (kept in float) get
     neither.
     """
-    skip = set(excluded)
+    skip = set(excluded) | _read_elsewhere(model)
     scales = smoothing_scales(model, ranges, alpha) if alpha is not None else {}
     chosen: dict[str, list[int]] = {}
     if outliers is not None:

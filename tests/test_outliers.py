@@ -320,3 +320,18 @@ def test_inputs_smoothing_cannot_flatten_are_split_instead() -> None:
     # A weight kept in float gets neither; its group's other weights are still smoothed.
     chosen, scales = plan_channels(model, ranges, settings, 0.75, excluded={"w_a", "w_c"})
     assert chosen == {} and set(scales) == {"w_b"}
+
+
+def test_a_weight_another_node_also_reads_is_neither_smoothed_nor_split(tmp_path: Path) -> None:
+    """w_c also feeds a Gather (as a tied embedding table would): its rows stay as they are,
+    while Q and K are still smoothed."""
+    model = _graph()
+    model.graph.node.append(helper.make_node("Gather", ["w_c", "idx"], ["rows"], name="lookup"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 3], np.int64), "idx"))
+    model.graph.output.append(helper.make_empty_tensor_value_info("rows"))
+    ranges = {w: np.ones(n, dtype=np.float32) * 2 for w, n in (("w_a", K), ("w_b", K), ("w_c", N))}
+    assert set(smoothing_scales(model, ranges, alpha=0.75)) == {"w_a", "w_b"}
+    # Nor split: its rows would be zeroed.
+    ranges["w_c"][3] = 100.0
+    chosen, _ = plan_channels(model, ranges, OutlierSettings(), None)
+    assert chosen == {}
