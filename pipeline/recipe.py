@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from pipeline.errors import RecipeError
+from pipeline.outliers import SMOOTH_ALPHA
 
 Task = Literal[
     "feature-extraction", "sequence-classification", "token-classification", "text-generation"
@@ -243,14 +244,14 @@ class SmoothSpec(_Strict):
     #: How much of the inputs' spread moves into the weights. Measured on all-MiniLM-L6-v2
     #: (every input smoothed; mean cosine / agreement): 0.5 0.982 / 0.79, 0.65 0.9957 / 0.906,
     #: 0.75 0.9960 / 0.918, 0.85 0.9942 / 0.902; plain dynamic INT8 0.9897 / 0.867.
-    alpha: float = Field(0.75, gt=0, le=1)
+    alpha: float = Field(SMOOTH_ALPHA, gt=0, le=1)
     #: Calibration texts the ranges are measured on (seeded draw); as outliers' when both are set.
     samples: PositiveInt = 128
     seed: int = 0
 
 
 #: The budget's known remedies, in the order they are tried.
-REMEDIES = ("reduce_range", "per_tensor", "ffn_down_first")
+REMEDIES = ("reduce_range", "per_tensor", "ffn_down_first", "smooth")
 
 
 class BudgetSpec(_Strict):
@@ -262,9 +263,10 @@ class BudgetSpec(_Strict):
     #: Known remedies searched beside the variant's own settings; the data chooses the one that
     #: meets the budget with the fewest nodes in float. reduce_range: 7-bit weights;
     #: per_tensor: one weight scale per matrix; ffn_down_first: the FFN down-projections are the
-    #: first kept in float. ``[all]`` tries every one.
-    remedies: list[Literal["reduce_range", "per_tensor", "ffn_down_first", "all"]] = Field(
-        default_factory=list
+    #: first kept in float; smooth: inputs smoothed (quantize.smooth with its defaults; dynamic
+    #: INT8, ranges from data.calibration). ``[all]`` tries every one that applies.
+    remedies: list[Literal["reduce_range", "per_tensor", "ffn_down_first", "smooth", "all"]] = (
+        Field(default_factory=list)
     )
 
     @model_validator(mode="after")
@@ -280,9 +282,10 @@ class BudgetSpec(_Strict):
             k: v for k, v in sorted(self.model_dump().items()) if k != "remedies" and v is not None
         }
 
-    def remedy_names(self) -> tuple[str, ...]:
+    def remedy_names(self, method: str = "dynamic") -> tuple[str, ...]:
+        """The remedies to search, in order (``all``: every one that applies to ``method``)."""
         if "all" in self.remedies:
-            return REMEDIES
+            return tuple(r for r in REMEDIES if r != "smooth" or method == "dynamic")
         return tuple(r for r in REMEDIES if r in self.remedies)
 
 
@@ -338,6 +341,14 @@ class QuantizeSpec(_Strict):
         for name in ("outliers", "smooth"):
             if getattr(self, name) is not None and self.method != "dynamic":
                 raise ValueError(f"{name}: needs method: dynamic (this variant has {self.method})")
+        if (
+            self.budget is not None
+            and "smooth" in self.budget.remedies
+            and self.method != "dynamic"
+        ):
+            raise ValueError(
+                f"budget.remedies: smooth needs method: dynamic (this variant has {self.method})"
+            )
         if (
             self.outliers is not None
             and self.smooth is not None

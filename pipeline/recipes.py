@@ -14,6 +14,7 @@ from pipeline.recipe import (
     CalibrationSpec,
     QuantizeSpec,
     Recipe,
+    SmoothSpec,
     TensorRTSpec,
     VariantSpec,
     target_defaults,
@@ -198,14 +199,15 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 reduce_range=q.reduce_range,
                 exclude=tuple(q.exclude),
                 budget=q.budget.limits() if q.budget is not None else None,
-                remedies=q.budget.remedy_names() if q.budget is not None else (),
+                remedies=q.budget.remedy_names(q.method) if q.budget is not None else (),
                 outliers=((q.outliers.threshold, q.outliers.max_channels) if q.outliers else None),
                 smooth=q.smooth.alpha if q.smooth else None,
                 session_optimization=variant.session_optimization,
                 threads=threads,
             )
             inputs_q = {"model": float_model(variant), "reference": "reference.reference"}
-            ranged = q.outliers or q.smooth
+            smooth_remedy = q.budget is not None and "smooth" in q.budget.remedy_names(q.method)
+            ranged = q.outliers or q.smooth or (SmoothSpec() if smooth_remedy else None)
             if ranged is not None:
                 config_r = ChannelsConfig(
                     samples=ranged.samples,

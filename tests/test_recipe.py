@@ -251,3 +251,41 @@ def test_smooth_defaults_and_shares_the_outliers_ranges() -> None:
         QuantizeSpec.model_validate({"smooth": {"alpha": 0}})
     with pytest.raises(ValueError, match="same samples and seed"):
         QuantizeSpec.model_validate({"smooth": {"samples": 64}, "outliers": {}})
+    # As a budget remedy: dynamic only; "all" tries it only where it applies.
+    limits = {"min_mean_cosine": 0.999}
+    with pytest.raises(ValueError, match="remedies: smooth needs method: dynamic"):
+        QuantizeSpec.model_validate(
+            {"method": "static", "budget": {**limits, "remedies": ["smooth"]}}
+        )
+    every = QuantizeSpec.model_validate({"budget": {**limits, "remedies": ["all"]}}).budget
+    assert every is not None and "smooth" in every.remedy_names("dynamic")
+    assert "smooth" not in every.remedy_names("static")
+
+
+def test_the_smooth_remedy_gets_the_channel_ranges_it_reads() -> None:
+    from pipeline.recipes import encoder_pipeline
+
+    budget = {"min_mean_cosine": 0.999}
+    recipe = parse_recipe(
+        {
+            "variants": [
+                {"name": "a", "precision": "int8", "quantize": {"budget": budget}},
+                {
+                    "name": "b",
+                    "precision": "int8",
+                    "quantize": {"budget": {**budget, "remedies": ["smooth"]}},
+                },
+                {
+                    "name": "c",
+                    "precision": "int8",
+                    "quantize": {"method": "static", "budget": {**budget, "remedies": ["all"]}},
+                },
+            ]
+        }
+    )
+    steps = {s.id: s for s in encoder_pipeline(recipe, threads=1).steps}
+    assert "channels[a]" not in steps and "channels[c]" not in steps
+    assert steps["quantize[b]"].inputs["channels"] == "channels[b].channels"
+    assert steps["channels[b]"].stage.config.samples == 128
+    assert steps["quantize[b]"].stage.config.remedies == ("smooth",)
+    assert "smooth" not in steps["quantize[c]"].stage.config.remedies

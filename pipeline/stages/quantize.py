@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from pipeline.artifacts import Artifact
 from pipeline.budget import FIGURES, BudgetResult, search, shortfall
 from pipeline.calibration.table import CalibrationTable
 from pipeline.errors import PreconditionError, first_line
+from pipeline.outliers import SMOOTH_ALPHA
 from pipeline.sensitivity import (
     matmul_sensitivity,
     module_name,
@@ -242,7 +244,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
             raise PreconditionError(
                 "static quantization has no calibration table", "this is a bug in the pipeline"
             )
-        if (self.config.outliers or self.config.smooth) and "channels" not in inputs:
+        ranged = self.config.outliers or self.config.smooth or "smooth" in self.config.remedies
+        if ranged and "channels" not in inputs:
             raise PreconditionError(
                 "quantize.outliers/smooth has no channel ranges", "this is a bug in the pipeline"
             )
@@ -280,12 +283,16 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if cfg.method == "static":
             table = CalibrationTable.read(inputs["calibration"].path / TABLE)
         with tempfile.TemporaryDirectory(prefix="split-", dir=out) as work:
-            rewritten: dict[str, Any] = {}
-            floats: list[str] = []
+            base = Rewrite(source, [], {})
             if cfg.outliers or cfg.smooth:
                 # Every quantization below starts from the rewritten float graph.
-                source, floats, rewritten = self._rewrite(inputs, source, Path(work), modules)
-            return self._quantize(ctx, inputs, source, out, modules, table, floats, rewritten)
+                base = self._rewrite(inputs, source, Path(work) / "configured", modules, cfg)
+            # The budget's smooth remedy: the same searches on the smoothed graph.
+            smoothed = None
+            if cfg.budget and "smooth" in cfg.remedies and cfg.smooth is None:
+                remedy = cfg.model_copy(update={"smooth": SMOOTH_ALPHA})
+                smoothed = self._rewrite(inputs, source, Path(work) / "smooth", modules, remedy)
+            return self._quantize(ctx, inputs, base, smoothed, out, modules, table)
 
     def _rewrite(
         self,
@@ -293,7 +300,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
         source: Path,
         work: Path,
         modules: Mapping[str, str | None],
-    ) -> tuple[Path, list[str], dict[str, Any]]:
+        cfg: QuantizeConfig,
+    ) -> Rewrite:
         """The float graph with its inputs smoothed and/or its outlier input channels split out
         (pipeline.outliers), in ``work``; returns its folder, the float MatMuls added and the
         stats of what was done ({"smooth": ..., "outliers": ...})."""
@@ -310,7 +318,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         )
         from pipeline.stages.channels import RANGES
 
-        cfg = self.config
+        work.mkdir()
         ranges = ranges_from_json((inputs["channels"].path / RANGES).read_text(encoding="utf-8"))
         model = onnx.load(str(source / MODEL_FILE))
         consumers = {
@@ -339,7 +347,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             location=MODEL_FILE + ".data",
         )
         if settings is None:
-            return work, added, stats
+            return Rewrite(work, added, stats)
         threshold, most = settings.threshold, settings.max_channels
         if not chosen and cfg.smooth is None:
             largest = max((standout(r) for r in ranges.values()), default=0.0)
@@ -366,20 +374,20 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 for weight in sorted(chosen, key=lambda w: -standout(ranges[w]))[:SHOWN]
             ],
         }
-        return work, added, stats
+        return Rewrite(work, added, stats)
 
     def _quantize(
         self,
         ctx: BuildContext,
         inputs: Mapping[str, Artifact],
-        source: Path,
+        base: Rewrite,
+        smoothed: Rewrite | None,
         out: Path,
         modules: Mapping[str, str | None],
         table: CalibrationTable | None,
-        floats: list[str],
-        rewritten: dict[str, Any],
     ) -> StageResult:
         cfg = self.config
+        source, floats = base.source, base.floats
         ref = ReferenceData.of(inputs["reference"])
         feeds = [
             b.feed for b in itertools.islice(ref.batches(ref.sides[0]), cfg.sensitivity_batches)
@@ -405,11 +413,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
         if cfg.budget:
             with tempfile.TemporaryDirectory(prefix="budget-", dir=out) as work:
                 trials, ranked = self._search(
-                    ctx, source, Path(work), candidates, ref, table, modules, floats
+                    ctx, base, smoothed, Path(work), candidates, ref, table, modules
                 )
             output_errors = dict(ranked)
             name, settings, order, result = choose_remedy(cfg.budget, trials)
             chosen = cfg.model_copy(update=settings)
+            if name == "smooth" and smoothed is not None:
+                base = smoothed
             kept = order[: result.kept_float]
             budget = {
                 "limits": cfg.budget,
@@ -431,10 +441,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 ]
         with ctx.progress.task(f"quantize (int8, {cfg.method})", 1) as advance:
             counts = quantize_file(
-                source / MODEL_FILE, path, chosen, [*cfg.exclude, *floats, *kept], table
+                base.source / MODEL_FILE, path, chosen, [*cfg.exclude, *base.floats, *kept], table
             )
             # The outlier products are the model's MatMuls' parts, not MatMuls of their own.
-            counts["weight_matmuls"] -= len(floats)
+            counts["weight_matmuls"] -= len(base.floats)
             advance(1)
         for name in ("config.json", *TOKENIZER_FILES):
             if (inputs["model"].path / name).is_file():
@@ -459,7 +469,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             "kept_float": [described(n) for n in [*cfg.exclude, *kept]],
             "sensitivity": [described(n) for n in worst[:SHOWN]],
             **({"budget": budget} if budget is not None else {}),
-            **rewritten,
+            **base.stats,
             **({"calibration": table.method, "symmetric": table.symmetric} if table else {}),
             **graph_stats(path),
         }
@@ -468,13 +478,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
     def _search(
         self,
         ctx: BuildContext,
-        source: Path,
+        base: Rewrite,
+        smoothed: Rewrite | None,
         work: Path,
         candidates: list[str],
         ref: ReferenceData,
         table: CalibrationTable | None,
         modules: Mapping[str, str | None],
-        floats: list[str],
     ) -> tuple[list[Trial], list[tuple[str, float]]]:
         """Rank nodes by output error alone, then keep 0, 1, 2, 4... of the worst in float:
         with the variant's own settings, then with each remedy the recipe asks for.
@@ -497,9 +507,14 @@ class QuantizeStage(Stage[QuantizeConfig]):
         def quantized(exclude: list[str], label: str, settings: QuantizeConfig = cfg) -> OrtRunner:
             folder = work / label
             folder.mkdir()
+            graph = smoothed if smoothed is not None and settings.smooth != cfg.smooth else base
             # The outlier products (``floats``) stay float in every candidate.
             quantize_file(
-                source / MODEL_FILE, folder / MODEL_FILE, settings, [*floats, *exclude], table
+                graph.source / MODEL_FILE,
+                folder / MODEL_FILE,
+                settings,
+                [*graph.floats, *exclude],
+                table,
             )
             return OrtRunner(folder / MODEL_FILE, cfg.threads, cfg.session_optimization)
 
@@ -560,6 +575,17 @@ class QuantizeStage(Stage[QuantizeConfig]):
 #: How many of the most sensitive nodes the stage records.
 SHOWN = 10
 
+
+@dataclass(frozen=True)
+class Rewrite:
+    """The float graph every quantization of the stage starts from: its folder, the float
+    MatMuls the outlier split added (never quantized) and what was done (stats)."""
+
+    source: Path
+    floats: list[str]
+    stats: dict[str, Any]
+
+
 #: One budget search: remedy name, the settings it changes, node order, result.
 Trial = tuple[str, dict[str, Any], list[str], BudgetResult]
 
@@ -581,6 +607,8 @@ def remedy_trials(
             trials.append((remedy, {"reduce_range": True}, ranked))
         elif remedy == "per_tensor" and cfg.per_channel:
             trials.append((remedy, {"per_channel": False}, ranked))
+        elif remedy == "smooth" and cfg.smooth is None:
+            trials.append((remedy, {"smooth": SMOOTH_ALPHA}, ranked))
         elif remedy == "ffn_down_first":
             down = [n for n in ranked if is_ffn_down(modules.get(n))]
             if down:

@@ -467,3 +467,32 @@ def test_smoothing_moves_a_planted_outlier_into_its_weight_row(
         < worst_loss(tmp_path / "plain" / "model" / MODEL_FILE) / 100
     )
     assert plain.stats["sensitivity"][0]["node"] == fragile
+
+
+def test_the_smooth_remedy_is_searched_on_the_smoothed_graph(
+    fused_bert, bert_parts, tmp_path
+) -> None:
+    """Plain INT8 needs the fragile node in float; smoothed, nothing: the data picks smooth,
+    and the model is quantized from the smoothed graph."""
+    fragile = _with_sensitive_node(fused_bert, tmp_path / "fragile")
+    channels = _channels(tmp_path / "fragile", bert_parts, tmp_path / "c")
+    folder, result = _quantize(
+        tmp_path / "fragile",
+        tmp_path / "remedy",
+        bert_parts["reference"],
+        budget={"min_worst_cosine": 0.99999},
+        remedies=("smooth",),
+        channels=channels,
+        threads=1,
+    )
+    budget = result.stats["budget"]
+    tried = {r["name"]: r for r in budget["remedies"]}
+    assert list(tried) == ["as configured", "smooth"]
+    assert tried["as configured"]["met"] and tried["as configured"]["kept_float"] >= 1
+    assert tried["smooth"]["met"] and tried["smooth"]["kept_float"] == 0
+    assert budget["remedy"] == "smooth" and budget["kept_float"] == 0
+    assert result.stats["smooth"] == {"alpha": 0.75, "inputs": 8, "matmuls": 12}
+    assert result.stats["quantized_matmuls"] == 12
+    names = [n.name for n in onnx.load(str(folder / MODEL_FILE)).graph.node]
+    assert sum(name.endswith(".smooth") for name in names) == 8
+    assert fragile not in [k["node"] for k in result.stats["kept_float"]]
