@@ -392,16 +392,21 @@ class QuantizeStage(Stage[QuantizeConfig]):
         feeds = [
             b.feed for b in itertools.islice(ref.batches(ref.sides[0]), cfg.sensitivity_batches)
         ]
-        with ctx.progress.task("INT8 sensitivity per node", 1) as advance:
-            ranking = matmul_sensitivity(
-                source / MODEL_FILE,
-                feeds,
-                per_channel=cfg.per_channel,
-                reduce_range=cfg.reduce_range,
-                table=table,
-                threads=cfg.threads,
-            )
-            advance(1)
+
+        def sqnr_ranking(graph: Path) -> list[Any]:
+            with ctx.progress.task("INT8 sensitivity per node", 1) as advance:
+                measured = matmul_sensitivity(
+                    graph / MODEL_FILE,
+                    feeds,
+                    per_channel=cfg.per_channel,
+                    reduce_range=cfg.reduce_range,
+                    table=table,
+                    threads=cfg.threads,
+                )
+                advance(1)
+            return measured
+
+        ranking = sqnr_ranking(source)
         candidates = [s.node for s in ranking if s.node not in cfg.exclude and s.node not in floats]
         kept: list[str] = []
         budget: dict[str, Any] | None = None
@@ -412,14 +417,17 @@ class QuantizeStage(Stage[QuantizeConfig]):
         chosen = cfg
         if cfg.budget:
             with tempfile.TemporaryDirectory(prefix="budget-", dir=out) as work:
-                trials, ranked = self._search(
+                trials, rankings = self._search(
                     ctx, base, smoothed, Path(work), candidates, ref, table, modules
                 )
-            output_errors = dict(ranked)
             name, settings, order, result = choose_remedy(cfg.budget, trials)
+            # The output errors of the graph the model is made from.
+            output_errors = dict(rankings.get(name, rankings[""]))
             chosen = cfg.model_copy(update=settings)
             if name == "smooth" and smoothed is not None:
+                # The model is made from the smoothed graph: its SQNR is what the report lists.
                 base = smoothed
+                ranking = sqnr_ranking(base.source)
             kept = order[: result.kept_float]
             budget = {
                 "limits": cfg.budget,
@@ -485,12 +493,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
         ref: ReferenceData,
         table: CalibrationTable | None,
         modules: Mapping[str, str | None],
-    ) -> tuple[list[Trial], list[tuple[str, float]]]:
+    ) -> tuple[list[Trial], dict[str, list[tuple[str, float]]]]:
         """Rank nodes by output error alone, then keep 0, 1, 2, 4... of the worst in float:
         with the variant's own settings, then with each remedy the recipe asks for.
 
-        The ranking is measured once, with the variant's settings, and reused by every remedy:
-        re-measuring it per remedy would cost one quantization per node each time.
+        The ranking is measured once, with the variant's settings, and reused by every remedy
+        but ``smooth`` (a different graph, whose errors sit elsewhere): re-measuring it per remedy
+        would cost one quantization per node each time.
         """
         from pipeline.backends.onnxruntime_backend import OrtRunner
 
@@ -523,25 +532,35 @@ class QuantizeStage(Stage[QuantizeConfig]):
             for b in itertools.islice(ref.batches(ref.sides[0]), cfg.sensitivity_batches)
         ]
 
-        def error_with_only(node: str) -> float:
-            others = [n for n in candidates if n != node]
-            runner = quantized([*cfg.exclude, *others], f"only-{candidates.index(node)}")
-            error = output_error(lambda feed: runner.run(feed)[output], batches)
-            shutil.rmtree(runner.path.parent)
-            return error
-
-        with ctx.progress.task("INT8 output error per node", len(candidates)) as advance:
-
-            def measured(node: str) -> float:
-                error = error_with_only(node)
-                advance(1)
+        def rank(settings: QuantizeConfig, label: str) -> list[tuple[str, float]]:
+            def error_with_only(node: str) -> float:
+                others = [n for n in candidates if n != node]
+                runner = quantized(
+                    [*cfg.exclude, *others], f"only-{candidates.index(node)}", settings
+                )
+                error = output_error(lambda feed: runner.run(feed)[output], batches)
+                shutil.rmtree(runner.path.parent)
                 return error
 
-            ranking = rank_by_output_error(candidates, measured)
-        ranked = [node for node, _ in ranking]
+            with ctx.progress.task(f"INT8 output error per node{label}", len(candidates)) as step:
+
+                def measured(node: str) -> float:
+                    error = error_with_only(node)
+                    step(1)
+                    return error
+
+                return rank_by_output_error(candidates, measured)
+
+        # "" -> the variant's own graph; "smooth" -> the smoothed one's.
+        rankings = {"": rank(cfg, "")}
+        ranked = [node for node, _ in rankings[""]]
         trials: list[Trial] = []
         for name, settings, order in remedy_trials(cfg, ranked, modules):
             variant = cfg.model_copy(update=settings)
+            if name == "smooth":
+                # Smoothing moves the error between nodes: ranked again on the smoothed graph.
+                rankings[name] = rank(variant, " (smoothed)")
+                order = [node for node, _ in rankings[name]]
 
             def evaluate(
                 k: int,
@@ -569,7 +588,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                     "meets" if made.passed else "misses",
                 )
             trials.append((name, settings, order, result))
-        return trials, ranking
+        return trials, rankings
 
 
 #: How many of the most sensitive nodes the stage records.
