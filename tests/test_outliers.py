@@ -76,6 +76,18 @@ def _run(model: onnx.ModelProto | Path, feed: dict[str, np.ndarray]) -> np.ndarr
     return session.run(["y"], feed)[0]
 
 
+def _dynamic_int8(source: Path, target: Path, nodes_to_exclude: list[str] | None = None) -> None:
+    """ONNX Runtime's dynamic INT8 as the quantize stage calls it: MatMuls, weights per channel."""
+    quantize_dynamic(
+        source,
+        target,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_exclude=nodes_to_exclude or [],
+    )
+
+
 def test_ranges_are_the_per_channel_maxima_of_each_weights_input(tmp_path: Path) -> None:
     model = _graph()
     onnx.save(model, str(tmp_path / "model.onnx"))
@@ -148,15 +160,8 @@ def test_dynamic_int8_of_the_split_graph_is_closer_to_float(tmp_path: Path) -> N
     split = _graph()
     added = split_outliers(split, chosen)
     onnx.save(split, str(tmp_path / "split.onnx"))
-    options = {
-        "per_channel": True,
-        "weight_type": QuantType.QInt8,
-        "op_types_to_quantize": ["MatMul"],
-    }
-    quantize_dynamic(tmp_path / "model.onnx", tmp_path / "plain.onnx", **options)
-    quantize_dynamic(
-        tmp_path / "split.onnx", tmp_path / "int8.onnx", nodes_to_exclude=added, **options
-    )
+    _dynamic_int8(tmp_path / "model.onnx", tmp_path / "plain.onnx")
+    _dynamic_int8(tmp_path / "split.onnx", tmp_path / "int8.onnx", nodes_to_exclude=added)
     ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
     # The three main products are INT8; the narrow outlier products stayed float.
     assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 3
@@ -265,13 +270,8 @@ def test_dynamic_int8_of_the_smoothed_graph_is_closer_to_float(tmp_path: Path) -
     smoothed = _graph()
     smooth_inputs(smoothed, smoothing_scales(model, ranges, alpha=0.75))
     onnx.save(smoothed, str(tmp_path / "smoothed.onnx"))
-    options = {
-        "per_channel": True,
-        "weight_type": QuantType.QInt8,
-        "op_types_to_quantize": ["MatMul"],
-    }
-    quantize_dynamic(tmp_path / "model.onnx", tmp_path / "plain.onnx", **options)
-    quantize_dynamic(tmp_path / "smoothed.onnx", tmp_path / "int8.onnx", **options)
+    _dynamic_int8(tmp_path / "model.onnx", tmp_path / "plain.onnx")
+    _dynamic_int8(tmp_path / "smoothed.onnx", tmp_path / "int8.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
     # Every product INT8 (the smoothing Muls stay float, before the quantizer's).
     assert ops.count("MatMul") == 0 and ops.count("MatMulInteger") == 3
