@@ -17,7 +17,8 @@ measured on calibration data (:func:`channel_ranges`): those whose largest magni
 ``threshold`` times the median channel's, at most ``max_channels`` per input, largest first.
 
 Ranges are keyed by the MatMul's weight (initializer) name, so ranges measured on one graph
-apply to another holding the same weights (a decoder's prefill and decode graphs).
+apply to another holding the same weights under the same names (a decoder's unfused prefill and
+decode graphs; fusion that packs Q, K and V gives each graph its own packed weight names).
 """
 
 from __future__ import annotations
