@@ -327,9 +327,9 @@ def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
     )
     out = {k: quantize.stats[k] for k in keys if k in quantize.stats}
     channels = manifest.stage(f"channels[{name}]")
-    for name in ("outliers", "smooth"):
-        if channels is not None and name in out:
-            out[name] = {**out[name], "samples": channels.stats.get("samples")}
+    for key in ("outliers", "smooth"):
+        if channels is not None and key in out:
+            out[key] = {**out[key], "samples": channels.stats.get("samples")}
     calibrate = manifest.stage(f"calibrate[{name}]")
     if calibrate is not None:
         out["calibration_data"] = {

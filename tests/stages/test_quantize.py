@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,11 @@ def test_static_and_budget_variants_build_and_share_one_calibration(
     assert outcome.passed
     markdown = (outcome.run_dir / "report.md").read_text()
     assert "## INT8" in markdown and "most sensitive" in markdown
+    # The static variants report the calibration data they were made with.
+    assert "minmax calibration on 16 samples" in markdown
+    report = json.loads((outcome.run_dir / "report.json").read_text())
+    static_q = next(c for c in report["contenders"] if c["name"] == "static")["quantization"]
+    assert static_q["calibration_data"]["samples"] == 16
 
 
 def test_remedies_are_searched_and_the_data_chooses(fused_bert, bert_parts, tmp_path) -> None:
