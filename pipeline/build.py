@@ -35,7 +35,7 @@ from pipeline.calibration import draw_samples, read_samples, shipped_data
 from pipeline.errors import InputError, RecipeError
 from pipeline.manifest import InputRecord, Manifest
 from pipeline.progress import NullProgress, Progress
-from pipeline.recipe import Recipe, SmoothSpec, check_name
+from pipeline.recipe import Recipe, check_name
 from pipeline.recipes import Plan, decoder_pipeline, encoder_pipeline
 from pipeline.report import build_report, render_all
 from pipeline.report.checks import evaluate
@@ -111,14 +111,8 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         spec.samples
         for v in recipe.variants
         if v.quantize is not None
-        for spec in (v.quantize.calibration, v.quantize.outliers, v.quantize.smooth)
+        for spec in (v.quantize.calibration, v.quantize.ranges_spec())
         if spec is not None
-    ] + [
-        SmoothSpec().samples
-        for v in recipe.variants
-        if v.quantize is not None
-        and v.quantize.budget is not None
-        and "smooth" in v.quantize.budget.remedy_names(v.quantize.method)
     ]
     if counts:
         calibration = data.calibration or shipped_data("calibration")

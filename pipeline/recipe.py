@@ -323,6 +323,15 @@ class QuantizeSpec(_Strict):
     #: Dynamic only: input channel ranges moved into the weights (SmoothQuant-style).
     smooth: SmoothSpec | None = None
 
+    def ranges_spec(self) -> OutlierSpec | SmoothSpec | None:
+        """Whose samples and seed the channel ranges are measured with: outliers', smoothing's,
+        or smoothing's defaults for the budget's smooth remedy; None when nothing reads them."""
+        if self.outliers is not None or self.smooth is not None:
+            return self.outliers or self.smooth
+        if self.budget is not None and "smooth" in self.budget.remedy_names(self.method):
+            return SmoothSpec()
+        return None
+
     @model_validator(mode="before")
     @classmethod
     def _static_calibrates(cls, data: Any) -> Any:

@@ -14,7 +14,6 @@ from pipeline.recipe import (
     CalibrationSpec,
     QuantizeSpec,
     Recipe,
-    SmoothSpec,
     TensorRTSpec,
     VariantSpec,
     target_defaults,
@@ -206,8 +205,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 threads=threads,
             )
             inputs_q = {"model": float_model(variant), "reference": "reference.reference"}
-            smooth_remedy = q.budget is not None and "smooth" in q.budget.remedy_names(q.method)
-            ranged = q.outliers or q.smooth or (SmoothSpec() if smooth_remedy else None)
+            ranged = q.ranges_spec()
             if ranged is not None:
                 config_r = ChannelsConfig(
                     samples=ranged.samples,

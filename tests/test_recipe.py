@@ -260,6 +260,16 @@ def test_smooth_defaults_and_shares_the_outliers_ranges() -> None:
     every = QuantizeSpec.model_validate({"budget": {**limits, "remedies": ["all"]}}).budget
     assert every is not None and "smooth" in every.remedy_names("dynamic")
     assert "smooth" not in every.remedy_names("static")
+    # Whose samples the channel ranges are drawn with (build checks the data for that many).
+    both = QuantizeSpec.model_validate({"smooth": {"samples": 64}, "outliers": {"samples": 64}})
+    assert both.ranges_spec() is both.outliers
+    remedy = QuantizeSpec.model_validate({"budget": {**limits, "remedies": ["smooth"]}})
+    spec = remedy.ranges_spec()
+    assert spec is not None and spec.samples == 128
+    static = QuantizeSpec.model_validate(
+        {"method": "static", "budget": {**limits, "remedies": ["all"]}}
+    )
+    assert static.ranges_spec() is None and QuantizeSpec().ranges_spec() is None
 
 
 def test_the_smooth_remedy_gets_the_channel_ranges_it_reads() -> None:
