@@ -7,7 +7,8 @@
   QDQ quantizer. QDQ is the form TensorRT takes; ONNX Runtime's CPU provider fuses each pair
   chain into an integer kernel when the session optimises at "extended" or "all".
 
-The attention core (MultiHeadAttention) stays in float either way. The quantizer's call
+The attention core (MultiHeadAttention, or its MatMuls in a standard-op graph) stays in float
+either way. The quantizer's call
 succeeds even when it quantized nothing (a graph without value types gets no quantized MatMul
 at all), so the stage counts what was quantized and fails on a shortfall.
 
@@ -169,14 +170,28 @@ def quantize_file(
         "nodes_to_exclude": list(exclude),
         "use_external_data_format": external,
     }
+    expected = [name for name in candidates if name not in set(exclude)]
     try:
         with quiet_quantizer():
             if config.method == "dynamic":
                 quantize_dynamic(source, target, extra_options={"MatMulConstBOnly": True}, **common)
+            elif not expected:
+                # Every weight MatMul is kept in float: the model is the float graph (an empty
+                # node list would tell the QDQ quantizer to quantize every node).
+                onnx.save(
+                    onnx.load(str(source)),
+                    str(target),
+                    save_as_external_data=external,
+                    location=target.name + ".data",
+                )
             else:
                 if table is None:
                     raise ValueError("static quantization needs a calibration table")
-                _quantize_static(source, target, table, common)
+                # The weight MatMuls by name: the QDQ quantizer ignores MatMulConstBOnly and
+                # would also quantize the attention products of a standard-op graph (QK^T and
+                # softmax(.)V, activations on both sides), which are not weight MatMuls: not
+                # counted, not ranked, never kept float by the budget.
+                _quantize_static(source, target, table, {**common, "nodes_to_quantize": expected})
     # The quantizer fails in library terms (e.g. "Unable to find data type for
     # weight_name" on a graph without value types): said in one line, with the fix.
     except Exception as error:
@@ -186,7 +201,6 @@ def quantize_file(
             "quantize an optimized graph (optimize: ort or standard), which carries value types",
         ) from error
     quantized, still_float = quantized_matmuls(onnx.load(str(target), load_external_data=False))
-    expected = [name for name in candidates if name not in set(exclude)]
     missed = sorted(set(expected) & still_float)
     if quantized < len(expected) or missed:
         raise PreconditionError(
@@ -236,7 +250,9 @@ def _quantize_static(
 
 class QuantizeStage(Stage[QuantizeConfig]):
     name = "quantize"
-    version = 2  # 2: per-node sensitivity, the accuracy budget, static QDQ (remedies: keyed)
+    # 2: per-node sensitivity, the accuracy budget, static QDQ (remedies: keyed);
+    # 3: static QDQ on weight MatMuls only (the attention products stay float)
+    version = 3
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
         require_model_file("quantize", inputs["model"].path)

@@ -508,3 +508,53 @@ def test_the_smooth_remedy_is_searched_on_the_smoothed_graph(
     errors = {e["node"]: e for e in sensitivity}
     assert errors[fragile]["output_error"] < 2 * sensitivity[1]["output_error"]
     assert errors[fragile]["sqnr_db"] > 10
+
+
+def test_static_qdq_quantizes_weight_matmuls_only(bert_parts, tmp_path) -> None:
+    """On a standard-op graph the attention products (QK^T, probabilities x V) are MatMuls of
+    two activations: they stay float, as the MultiHeadAttention of the fused graph does."""
+    from pipeline.stages.optimize import OptimizeConfig, OptimizeStage
+    from tests.stages.test_calibrate import calibrate
+
+    (tmp_path / "std").mkdir()
+    OptimizeStage(OptimizeConfig(profile="standard")).run(
+        BuildContext(),
+        {"model": bert_parts["export"], "info": bert_parts["info"]},
+        tmp_path / "std",
+    )
+    standard = tmp_path / "std" / "model"
+    parts = {**bert_parts, "model": Artifact.of("model", standard)}
+    table, _ = calibrate(parts, tmp_path / "c", symmetric=True)
+    folder, result = _quantize(
+        standard,
+        tmp_path / "q",
+        bert_parts["reference"],
+        method="static",
+        calibration=Artifact.of("calibration", table),
+    )
+    float_graph = onnx.load(str(standard / MODEL_FILE))
+    weights = set(weight_matmuls(float_graph))
+    matmuls = [n.name for n in float_graph.graph.node if n.op_type == "MatMul"]
+    assert len(weights) == 12 and len(matmuls) == 12 + 2 * 2  # 2 attention products per layer
+    graph = onnx.load(str(folder / MODEL_FILE)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    quantized = {
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and any(i in dequantized for i in n.input)
+    }
+    assert quantized == weights and result.stats["quantized_matmuls"] == 12
+
+    # Every weight MatMul kept float: the float graph itself (an empty node list would have
+    # told ONNX Runtime's quantizer to quantize every node).
+    folder, result = _quantize(
+        standard,
+        tmp_path / "none",
+        bert_parts["reference"],
+        method="static",
+        calibration=Artifact.of("calibration", table),
+        exclude=tuple(sorted(weights)),
+    )
+    assert result.stats["quantized_matmuls"] == 0
+    ops = {n.op_type for n in onnx.load(str(folder / MODEL_FILE)).graph.node}
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
