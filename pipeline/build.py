@@ -337,7 +337,9 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     store.remove_stale_temporaries()
     run_id = choose_run_id(store, options.run_id, recipe.name)
     # Before any work: a variant whose target this machine lacks fails now, naming what is missing.
-    targets.require({v.target for v in recipe.variants})
+    targets.require(
+        {v.target for v in recipe.variants}, {(v.target, v.precision) for v in recipe.variants}
+    )
     external = resolve_inputs(recipe)
     plan = plan_for(recipe)
     ctx = BuildContext(progress=progress or NullProgress(), artifacts_root=options.artifacts)

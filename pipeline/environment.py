@@ -28,6 +28,7 @@ TOOLS = (
     "onnx",
     "onnxruntime",
     "onnxruntime-gpu",
+    "onnxruntime-ep-openvino",
     "onnxscript",
     "onnx-ir",
     "numpy",

@@ -203,6 +203,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 smooth=q.smooth.alpha if q.smooth else None,
                 session_optimization=variant.session_optimization,
                 threads=threads,
+                target=variant.target,
             )
             inputs_q = {"model": float_model(variant), "reference": "reference.reference"}
             ranged = q.ranges_spec()
@@ -288,6 +289,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
         config_l = LatencyConfig(
             **timing_settings(recipe, threads),
             targets={v.name: v.target for v in recipe.variants if v.target != "ort-cpu"},
+            precisions={v.name: v.precision for v in recipe.variants if v.target == "ort-openvino"},
         )
         inputs = {
             **checkpoint,

@@ -1,6 +1,7 @@
 """Which compile targets this machine can use, and what is missing when it cannot.
 
-``ort-cpu`` needs onnxruntime; ``ort-cuda`` needs onnxruntime-gpu (its CUDA execution provider)
+``ort-cpu`` needs onnxruntime; ``ort-openvino`` needs onnxruntime >= 1.23 and the
+onnxruntime-ep-openvino plugin (its CPU device); ``ort-cuda`` needs onnxruntime-gpu (its CUDA execution provider)
 and an NVIDIA GPU; ``tensorrt`` needs the tensorrt package, an NVIDIA GPU, and torch with CUDA
 (its device buffers). GPUs are read from ``nvidia-smi`` so that asking costs no CUDA library
 import. A build checks its variants' targets before any stage runs (:func:`require`), and
@@ -12,11 +13,12 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from pipeline.errors import TargetUnavailable
 
-TARGETS = ("ort-cpu", "ort-cuda", "tensorrt")
+TARGETS = ("ort-cpu", "ort-openvino", "ort-cuda", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,23 @@ def availability(target: str) -> Availability:
         return Availability(
             target, True, f"onnxruntime {version}; providers {', '.join(providers)}"
         )
+    if target == "ort-openvino":
+        from pipeline.backends.openvino_backend import PACKAGE, cpu_device
+
+        try:
+            device = cpu_device()
+        except ImportError:
+            return Availability(
+                target, False, "onnxruntime does not import: pip install onnxruntime"
+            )
+        except TargetUnavailable as error:
+            return Availability(target, False, str(error))
+        return Availability(
+            target,
+            True,
+            f"{PACKAGE} {device.plugin_version} on {device.name} "
+            f"(OpenVINO CPU: {' '.join(device.capabilities)})",
+        )
     if target == "ort-cuda":
         version, providers = _ort_providers()
         if "CUDAExecutionProvider" not in providers:
@@ -146,8 +165,9 @@ def availability(target: str) -> Availability:
     raise ValueError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
 
 
-def require(targets: set[str]) -> None:
-    """Raise :class:`TargetUnavailable` naming what is missing for the first unusable target."""
+def require(targets: set[str], precisions: Collection[tuple[str, str]] = ()) -> None:
+    """Raise :class:`TargetUnavailable` naming what is missing for the first unusable target,
+    or for a (target, precision) pair this machine cannot compute (bf16 without bfloat16)."""
     for target in sorted(targets):
         found = availability(target)
         if not found.available:
@@ -155,3 +175,7 @@ def require(targets: set[str]) -> None:
                 f"target {target} is not available on this machine: {found.detail}",
                 "run `tforge doctor` to see which targets are, or build this variant elsewhere",
             )
+    if ("ort-openvino", "bf16") in precisions:
+        from pipeline.backends.openvino_backend import cpu_device, require_bf16
+
+        require_bf16(cpu_device())

@@ -296,7 +296,7 @@ def test_doctor_lists_targets() -> None:
     findings = json.loads(output)
     targets = {t["name"]: t for t in findings["targets"]}
     assert targets["ort-cpu"]["available"] is True
-    assert set(targets) == {"ort-cpu", "ort-cuda", "tensorrt"}
+    assert set(targets) == {"ort-cpu", "ort-openvino", "ort-cuda", "tensorrt"}
     for target in targets.values():
         assert target["detail"]
 

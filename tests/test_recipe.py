@@ -65,7 +65,7 @@ def test_literal_error_lists_allowed_values() -> None:
     with pytest.raises(RecipeError) as caught:
         parse_recipe({"variants": [{"name": "x", "precision": "fp64"}]}, origin="r")
     assert (
-        "r: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32', 'fp16', 'int8' or 'int4')"
+        "r: variants[0].precision: 'fp64' is not allowed (allowed: 'fp32', 'fp16', 'bf16', 'int8' or 'int4')"
         in caught.value.message
     )
 
@@ -116,6 +116,22 @@ def _int8(quantize: dict) -> dict:
         ),
         ({"variants": [{"name": "a", "compile": {}}]}, "compile: applies to target tensorrt"),
         (
+            {"variants": [{"name": "a", "precision": "bf16"}]},
+            "precision bf16 needs target: ort-openvino",
+        ),
+        (
+            {"variants": [{"name": "a", "target": "tensorrt", "precision": "bf16"}]},
+            "tensorrt has no bfloat16 path",
+        ),
+        (
+            {"variants": [{"name": "a", "target": "ort-openvino", "precision": "fp16"}]},
+            "target ort-openvino: fp16 graphs are a GPU form; use precision bf16",
+        ),
+        (
+            {"variants": [{"name": "a", "target": "ort-openvino", "precision": "int8"}]},
+            "target ort-openvino: INT8 needs quantize: {method: static}",
+        ),
+        (
             {"variants": [{"name": "a", "target": "tensorrt", "compile": {"optimum": "8x128"}}]},
             "write the optimum shape as b<batch>s<sequence>",
         ),
@@ -127,7 +143,10 @@ def _int8(quantize: dict) -> dict:
             },
             "optimization_level",
         ),
-        ({"variants": [{"name": "a", "target": "tpu"}]}, "'ort-cpu', 'ort-cuda' or 'tensorrt'"),
+        (
+            {"variants": [{"name": "a", "target": "tpu"}]},
+            "'ort-cpu', 'ort-openvino', 'ort-cuda' or 'tensorrt'",
+        ),
         (
             {"variants": [{"name": "a", "fusions": ["attention", "mha"]}]},
             "two forms of the same fusion",

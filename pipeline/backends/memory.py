@@ -32,6 +32,10 @@ class MemoryProbe:
     inputs: tuple[str, ...] = ()
     optimization: str = "all"
     new_tokens: int = 0
+    #: onnxruntime: the CPU target the session runs on (ort-cpu or ort-openvino), and the
+    #: variant's precision (OpenVINO computes at it).
+    target: str = "ort-cpu"
+    precision: str = "fp32"
 
 
 def _probe(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
@@ -69,9 +73,17 @@ def _probe(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
         for _ in range(3):
             runner.call(prepared)
     else:
-        from pipeline.backends.onnxruntime_backend import OrtRunner
+        from pipeline.backends.runners import runner_for
 
-        ort_runner = OrtRunner(Path(probe.path), probe.threads, probe.optimization)
+        model = Path(probe.path)
+        ort_runner = runner_for(
+            probe.target,
+            model.parent,
+            probe.threads,
+            probe.optimization,
+            model.parent.name,
+            probe.precision,
+        )
         prepared_ort = ort_runner.prepare(feed)
         for _ in range(3):
             ort_runner.call(prepared_ort)

@@ -1,8 +1,9 @@
-"""ONNX Runtime on the CPU or a CUDA GPU: sessions configured the same way for verification
-and timing.
+"""ONNX Runtime on the CPU, on the CPU through OpenVINO's provider, or on a CUDA GPU: sessions
+configured the same way for verification and timing.
 
 On CUDA, inputs and outputs are bound to device memory (IOBinding) once per feed, so a timed
-call is the model's run on the GPU and a synchronisation, not host-device copies.
+call is the model's run on the GPU and a synchronisation, not host-device copies. OpenVINO's
+provider is set up in pipeline.backends.openvino_backend.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def session_options(threads: int, optimization: str = "all") -> Any:
 
 
 class OrtRunner:
-    """An ONNX Runtime session over one model file, on the CPU or (``device="cuda"``) a GPU."""
+    """An ONNX Runtime session over one model file: on the CPU, on the CPU through OpenVINO's
+    provider (``device="openvino"``, computing at ``precision``), or on a GPU (``"cuda"``)."""
 
     def __init__(
         self,
@@ -50,25 +52,36 @@ class OrtRunner:
         threads: int,
         optimization: str = "all",
         name: str = "onnxruntime",
-        device: Literal["cpu", "cuda"] = "cpu",
+        device: Literal["cpu", "openvino", "cuda"] = "cpu",
+        precision: str = "fp32",
     ) -> None:
         import onnxruntime as ort
 
         self.name = name
         self.path = path
         self.device = device
-        providers: list[Any] = ["CPUExecutionProvider"]
+        options = session_options(threads, optimization)
+        providers: list[Any] | None = ["CPUExecutionProvider"]
         if device == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        elif device == "openvino":
+            from pipeline.backends.openvino_backend import add_provider
+
+            add_provider(options, precision, threads)
+            providers = None  # the session takes the provider from its options
         try:
             self.session = ort.InferenceSession(
-                str(path),
-                sess_options=session_options(threads, optimization),
-                providers=providers,
+                str(path), sess_options=options, providers=providers
             )
         # onnxruntime's load errors are pybind11 exception types (Fail, InvalidGraph,
         # NotImplemented...) with no common public base but Exception.
         except Exception as error:
+            if device == "openvino" and "fallback to CPU EP" in str(error):
+                raise TforgeError(
+                    f"OpenVINO's provider does not take every node of {path} (the rest would "
+                    "run on ONNX Runtime's own CPU kernels)",
+                    "build this variant for target ort-cpu, or check its ops with tforge inspect",
+                ) from error
             raise TforgeError(
                 f"ONNX Runtime {ort.__version__} cannot load {path}: {first_line(error)}",
                 "check the opset and operators against this onnxruntime (tforge inspect shows them)",
@@ -88,7 +101,7 @@ class OrtRunner:
         if missing:
             raise KeyError(f"{self.path.name} needs inputs {missing}; the feed has {sorted(feed)}")
         arrays = {name: np.ascontiguousarray(feed[name]) for name in self.input_names}
-        if self.device == "cpu":
+        if self.device != "cuda":
             return arrays
         import onnxruntime as ort
 
@@ -100,7 +113,7 @@ class OrtRunner:
         return binding
 
     def call(self, prepared: Any) -> Any:
-        if self.device == "cpu":
+        if self.device != "cuda":
             return self.session.run(None, prepared)
         self.session.run_with_iobinding(prepared)
         prepared.synchronize_outputs()

@@ -11,8 +11,18 @@ from pipeline.stages.export import MODEL_FILE, onnx_size
 GPU_TARGETS = ("ort-cuda", "tensorrt")
 
 
-def runner_for(target: str, folder: Path, threads: int, optimization: str, name: str) -> Any:
-    """A runner (``prepare``/``call``/``run``) for the model or engine in ``folder``."""
+def runner_for(
+    target: str,
+    folder: Path,
+    threads: int,
+    optimization: str,
+    name: str,
+    precision: str = "fp32",
+) -> Any:
+    """A runner (``prepare``/``call``/``run``) for the model or engine in ``folder``.
+
+    ``precision`` is the variant's: OpenVINO computes at it (a bf16 variant's graph is FP32).
+    """
     if target == "tensorrt":
         from pipeline.backends.tensorrt_backend import TensorRTRunner
 
@@ -21,6 +31,15 @@ def runner_for(target: str, folder: Path, threads: int, optimization: str, name:
 
     if target == "ort-cuda":
         return OrtRunner(folder / MODEL_FILE, threads, optimization, name=name, device="cuda")
+    if target == "ort-openvino":
+        return OrtRunner(
+            folder / MODEL_FILE,
+            threads,
+            optimization,
+            name=name,
+            device="openvino",
+            precision=precision,
+        )
     return OrtRunner(folder / MODEL_FILE, threads, optimization, name=name)
 
 

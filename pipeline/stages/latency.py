@@ -112,6 +112,9 @@ class TimingConfig(StageConfig):
 class LatencyConfig(TimingConfig):
     #: Variant name -> target, for variants not on ort-cpu (so CPU-only builds keep their keys).
     targets: dict[str, str] = Field(default_factory=dict)
+    #: Variant name -> precision, for variants whose runtime computes at it (ort-openvino:
+    #: a bf16 variant's graph is FP32).
+    precisions: dict[str, str] = Field(default_factory=dict)
 
 
 class LatencyStage(Stage[LatencyConfig]):
@@ -124,8 +127,9 @@ class LatencyStage(Stage[LatencyConfig]):
 
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()
-        if not config["targets"]:
-            del config["targets"]
+        for name in ("targets", "precisions"):
+            if not config[name]:
+                del config[name]
         return config
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
@@ -160,7 +164,12 @@ class LatencyStage(Stage[LatencyConfig]):
             target = cfg.targets.get(variant, "ort-cpu")
             paths[variant] = inputs[f"model:{variant}"].path
             runners[variant] = runner_for(
-                target, paths[variant], cfg.threads, optimization, variant
+                target,
+                paths[variant],
+                cfg.threads,
+                optimization,
+                variant,
+                cfg.precisions.get(variant, "fp32"),
             )
 
         results: dict[str, dict[str, Any]] = {name: {} for name in runners}
@@ -213,9 +222,11 @@ class LatencyStage(Stage[LatencyConfig]):
                         str(path / MODEL_FILE),
                         cfg.threads,
                         optimization=cfg.variants[name],
+                        target=cfg.targets.get(name, "ort-cpu"),
+                        precision=cfg.precisions.get(name, "fp32"),
                     )
                     for name, path in paths.items()
-                    if cfg.targets.get(name, "ort-cpu") == "ort-cpu"
+                    if cfg.targets.get(name, "ort-cpu") not in GPU_TARGETS
                 }
             )
             stats["peak_rss_bytes"] = peak_memory(ctx, probes, feed)

@@ -4,8 +4,8 @@
   DynamicQuantizeLinear + MatMulInteger): each batch's activation range is measured as it runs.
 * ``static``: QDQ (QuantizeLinear/DequantizeLinear pairs around each quantized MatMul) with the
   activation ranges of a calibration table (the ``calibrate`` stage), through ONNX Runtime's
-  QDQ quantizer. QDQ is the form TensorRT takes; ONNX Runtime's CPU provider fuses each pair
-  chain into an integer kernel when the session optimises at "extended" or "all".
+  QDQ quantizer. QDQ is the form TensorRT and OpenVINO take; ONNX Runtime's CPU provider fuses
+  each pair chain into an integer kernel when the session optimises at "extended" or "all".
 
 The attention core (MultiHeadAttention, or its MatMuls in a standard-op graph) stays in float
 either way. The quantizer's call
@@ -70,9 +70,12 @@ class QuantizeConfig(StageConfig):
     exclude: tuple[str, ...] = ()
     #: Accuracy limits (pipeline.budget.FIGURES keys); None: quantize every weight MatMul.
     budget: dict[str, float] | None = None
-    #: How the budget search runs candidates (as the variant will run).
+    #: How the budget search runs candidates (as the variant will run): the session level,
+    #: threads and the CPU target (ort-openvino computes Q/DQ on integer kernels and the float
+    #: nodes in bf16 where the CPU has it, so its candidates are measured there).
     session_optimization: str = "all"
     threads: int = 1
+    target: str = "ort-cpu"
     #: Evaluation batches the per-node sensitivity is measured on.
     sensitivity_batches: int = 8
     #: Remedies the budget search tries beside these settings (pipeline.recipe.REMEDIES).
@@ -268,10 +271,12 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()
-        # Builds without remedies, outliers or smoothing keep their keys.
+        # Builds without remedies, outliers or smoothing, on ort-cpu, keep their keys.
         for name in ("remedies", "outliers", "smooth"):
             if not config[name]:
                 del config[name]
+        if config["target"] == "ort-cpu":
+            del config["target"]
         return config
 
     def describe(self) -> str:
@@ -517,7 +522,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         but ``smooth`` (a different graph, whose errors sit elsewhere): re-measuring it per remedy
         would cost one quantization per node each time.
         """
-        from pipeline.backends.onnxruntime_backend import OrtRunner
+        from pipeline.backends.runners import runner_for
 
         cfg = self.config
         assert cfg.budget is not None
@@ -529,7 +534,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 "use min_agreement (and the cosine limits only for feature-extraction)",
             )
 
-        def quantized(exclude: list[str], label: str, settings: QuantizeConfig = cfg) -> OrtRunner:
+        def quantized(exclude: list[str], label: str, settings: QuantizeConfig = cfg) -> Any:
             folder = work / label
             folder.mkdir()
             graph = smoothed if smoothed is not None and settings.smooth != cfg.smooth else base
@@ -541,7 +546,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 [*graph.floats, *exclude],
                 table,
             )
-            return OrtRunner(folder / MODEL_FILE, cfg.threads, cfg.session_optimization)
+            return runner_for(
+                cfg.target, folder, cfg.threads, cfg.session_optimization, label, "int8"
+            )
 
         batches = [
             (b.feed, b.output, b.mask)

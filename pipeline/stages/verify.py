@@ -206,7 +206,9 @@ class VerifyStage(Stage[VerifyConfig]):
         cfg = self.config
         ref = ReferenceData.of(inputs["reference"])
         folder = inputs["model"].path
-        runner = runner_for(cfg.target, folder, cfg.threads, cfg.session_optimization, cfg.variant)
+        runner = runner_for(
+            cfg.target, folder, cfg.threads, cfg.session_optimization, cfg.variant, cfg.precision
+        )
         output = ref.index["output"]
         stats = compare_to_reference(
             ref, lambda feed: runner.run(feed)[output], ctx.progress, f"verify {cfg.variant}"
