@@ -29,6 +29,7 @@ TOOLS = (
     "onnxruntime",
     "onnxruntime-gpu",
     "onnxruntime-ep-openvino",
+    "nncf",
     "onnxscript",
     "onnx-ir",
     "numpy",

@@ -122,6 +122,17 @@ def calibrate_config(
     )
 
 
+def nncf_draw(recipe: Recipe, spec: CalibrationSpec) -> dict[str, Any]:
+    """The calibration texts NNCF is given: drawn and tokenised as the calibrate stage does."""
+    return {
+        "samples": spec.samples,
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,
+        "max_length": recipe.data.max_length,
+        "text_field": recipe.data.text_field,
+    }
+
+
 def timing_settings(recipe: Recipe, threads: int) -> dict[str, Any]:
     """The latency stage settings every pipeline shares (see stages.latency.TimingConfig)."""
     lat = recipe.latency
@@ -204,6 +215,10 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 session_optimization=variant.session_optimization,
                 threads=threads,
                 target=variant.target,
+                quantizer=q.quantizer or "onnxruntime",
+                draw=nncf_draw(recipe, q.calibration or CalibrationSpec())
+                if q.quantizer == "nncf"
+                else None,
             )
             inputs_q = {"model": float_model(variant), "reference": "reference.reference"}
             ranged = q.ranges_spec()
@@ -227,7 +242,11 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                     )
                 )
                 inputs_q["channels"] = f"channels[{variant.name}].channels"
-            if q.method == "static":
+            if q.quantizer == "nncf":
+                # NNCF measures its own ranges on the drawn texts: no calibrate stage.
+                inputs_q["calibration"] = "input:calibration"
+                inputs_q["info"] = "load.info"
+            elif q.method == "static":
                 config_c = calibrate_config(recipe, variant, q.calibration or CalibrationSpec())
                 steps.append(
                     Step(

@@ -131,6 +131,29 @@ def _int8(quantize: dict) -> dict:
             {"variants": [{"name": "a", "target": "ort-openvino", "precision": "int8"}]},
             "target ort-openvino: INT8 needs quantize: {method: static}",
         ),
+        (_int8({"quantizer": "nncf"}), "quantizer: nncf needs method: static"),
+        (
+            _int8({"method": "static", "quantizer": "nncf", "calibration": {"method": "entropy"}}),
+            "calibration.method: quantizer nncf chooses these itself",
+        ),
+        (
+            _int8({"method": "static", "quantizer": "nncf", "per_channel": False}),
+            "per_channel: quantizer nncf chooses these itself",
+        ),
+        (
+            {
+                "variants": [
+                    {
+                        "name": "a",
+                        "target": "tensorrt",
+                        "precision": "int8",
+                        "optimize": "standard",
+                        "quantize": {"method": "static", "quantizer": "nncf"},
+                    }
+                ]
+            },
+            "nncf makes asymmetric activations, which tensorrt does not take",
+        ),
         (
             {"variants": [{"name": "a", "target": "tensorrt", "compile": {"optimum": "8x128"}}]},
             "write the optimum shape as b<batch>s<sequence>",
@@ -318,3 +341,26 @@ def test_the_smooth_remedy_gets_the_channel_ranges_it_reads() -> None:
     assert steps["channels[b]"].stage.config.samples == 128
     assert steps["quantize[b]"].stage.config.remedies == ("smooth",)
     assert "smooth" not in steps["quantize[c]"].stage.config.remedies
+
+
+def test_static_int8_takes_its_targets_quantizer() -> None:
+    recipe = parse_recipe(
+        {
+            "variants": [
+                {
+                    "name": "ov",
+                    "target": "ort-openvino",
+                    "precision": "int8",
+                    "quantize": {"method": "static"},
+                },
+                {"name": "cpu", "precision": "int8", "quantize": {"method": "static"}},
+                {"name": "dyn", "precision": "int8"},
+            ]
+        },
+        origin="r",
+    )
+    quantizers = {v.name: v.quantize.quantizer for v in recipe.variants if v.quantize}
+    assert quantizers == {"ov": "nncf", "cpu": "onnxruntime", "dyn": None}
+    # A dumped recipe (every default spelled out) loads again.
+    again = parse_recipe(recipe.model_dump(mode="json"), origin="dumped")
+    assert again == recipe

@@ -84,6 +84,12 @@ def _int8_section(report: Report) -> list[str]:
             data = q.get("calibration_data") or {}
             sign = "symmetric" if q.get("symmetric") else "asymmetric"
             how += f", {q['calibration']} calibration on {data.get('samples', '?')} samples, {sign} activations"
+        if q.get("quantizer") == "nncf":
+            data = q.get("calibration_data") or {}
+            how += (
+                f", NNCF {q.get('preset')} preset (SmoothQuant, ranges and symmetry per "
+                f"activation, bias correction) calibrated on {data.get('samples', '?')} samples"
+            )
         grid = q.get("grid")
         if q.get("block_size"):
             # Rounded weights are symmetric; weights kept on their own grid have zero points.

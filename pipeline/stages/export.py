@@ -105,6 +105,15 @@ def onnx_size(path: Path) -> int:
     return path.stat().st_size + sum((path.parent / name).stat().st_size for name in external)
 
 
+def save_onnx(model: Any, path: Path) -> None:
+    """``model`` at ``path``; its weights go to ``<name>.data`` beside it when the whole would
+    pass protobuf's 2 GB limit."""
+    import onnx
+
+    large = model.ByteSize() > _TWO_GB
+    onnx.save(model, str(path), save_as_external_data=large, location=path.name + ".data")
+
+
 def load_onnx(path: Path) -> Any:
     """An ONNX model with its external weights read in.
 

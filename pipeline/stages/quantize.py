@@ -26,7 +26,7 @@ import math
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +47,9 @@ from pipeline.stages.export import (
     _TWO_GB,
     MODEL_FILE,
     graph_stats,
+    load_onnx,
     require_model_file,
+    save_onnx,
     uses_external_data,
 )
 from pipeline.stages.load import TOKENIZER_FILES
@@ -86,6 +88,12 @@ class QuantizeConfig(StageConfig):
     #: Dynamic: SmoothQuant-style alpha; every weight MatMul input not split is divided by
     #: per-channel scales its weight rows take (pipeline.outliers); None: no smoothing.
     smooth: float | None = None
+    #: Static: whose quantizer makes the Q/DQ graph. onnxruntime: ONNX Runtime's, with the
+    #: ranges of the calibrate stage's table; nncf: NNCF's transformer preset
+    #: (pipeline.nncf_int8), which calibrates itself on the texts ``draw`` describes.
+    quantizer: Literal["onnxruntime", "nncf"] = "onnxruntime"
+    #: nncf: the calibration draw (samples, seed, batch_size, max_length, text_field).
+    draw: dict[str, Any] | None = None
 
 
 @contextlib.contextmanager
@@ -259,6 +267,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
         require_model_file("quantize", inputs["model"].path)
+        if self.config.quantizer == "nncf" and not {"calibration", "info"} <= set(inputs):
+            raise PreconditionError(
+                "NNCF quantization has no calibration data", "this is a bug in the pipeline"
+            )
         if self.config.method == "static" and "calibration" not in inputs:
             raise PreconditionError(
                 "static quantization has no calibration table", "this is a bug in the pipeline"
@@ -272,18 +284,20 @@ class QuantizeStage(Stage[QuantizeConfig]):
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()
         # Builds without remedies, outliers or smoothing, on ort-cpu, keep their keys.
-        for name in ("remedies", "outliers", "smooth"):
+        for name in ("remedies", "outliers", "smooth", "draw"):
             if not config[name]:
                 del config[name]
-        if config["target"] == "ort-cpu":
-            del config["target"]
+        for name, default in (("target", "ort-cpu"), ("quantizer", "onnxruntime")):
+            if config[name] == default:
+                del config[name]
         return config
 
     def describe(self) -> str:
         budget = " within an accuracy budget" if self.config.budget else ""
         outliers = ", outlier channels in float" if self.config.outliers else ""
         smooth = ", smoothed inputs" if self.config.smooth else ""
-        return f"quantize int8 {self.config.method}{smooth}{outliers}{budget}"
+        nncf = " (NNCF)" if self.config.quantizer == "nncf" else ""
+        return f"quantize int8 {self.config.method}{nncf}{smooth}{outliers}{budget}"
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         import onnx
@@ -300,6 +314,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 f"quantize.exclude names nodes the graph does not have: {unknown[:5]}",
                 "take node names from `tforge inspect` of the variant's float model",
             )
+        if cfg.quantizer == "nncf":
+            return self._quantize_nncf(ctx, inputs, out, modules)
         table = None
         if cfg.method == "static":
             table = CalibrationTable.read(inputs["calibration"].path / TABLE)
@@ -437,10 +453,16 @@ class QuantizeStage(Stage[QuantizeConfig]):
         output_errors: dict[str, float] = {}
         chosen = cfg
         if cfg.budget:
-            with tempfile.TemporaryDirectory(prefix="budget-", dir=out) as work:
-                trials, rankings = self._search(
-                    ctx, base, smoothed, Path(work), candidates, ref, table, modules
+
+            def make(exclude: list[str], settings: QuantizeConfig, path: Path) -> None:
+                graph = smoothed if smoothed is not None and settings.smooth != cfg.smooth else base
+                # The outlier products (``floats``) stay float in every candidate.
+                quantize_file(
+                    graph.source / MODEL_FILE, path, settings, [*graph.floats, *exclude], table
                 )
+
+            with tempfile.TemporaryDirectory(prefix="budget-", dir=out) as work:
+                trials, rankings = self._search(ctx, make, Path(work), candidates, ref, modules)
             name, settings, order, result = choose_remedy(cfg.budget, trials)
             # The output errors of the graph the model is made from.
             output_errors = dict(rankings.get(name, rankings[""]))
@@ -475,28 +497,17 @@ class QuantizeStage(Stage[QuantizeConfig]):
             # The outlier products are the model's MatMuls' parts, not MatMuls of their own.
             counts["weight_matmuls"] -= len(base.floats)
             advance(1)
-        for name in ("config.json", *TOKENIZER_FILES):
-            if (inputs["model"].path / name).is_file():
-                shutil.copy2(inputs["model"].path / name, target / name)
-        sqnr = {s.node: s.sqnr_db for s in ranking}
-
-        def described(node: str) -> dict[str, Any]:
-            entry = {"node": node, "module": modules.get(node), "sqnr_db": _rounded(sqnr.get(node))}
-            if node in output_errors:
-                entry["output_error"] = float(f"{output_errors[node]:.4g}")
-            return entry
-
-        # Most sensitive first: by output error when it was measured, else by SQNR.
-        worst = (
-            sorted(output_errors, key=lambda n: -output_errors[n])
-            if output_errors
-            else [s.node for s in ranking if s.node not in floats]
-        )
+        _copy_model_files(inputs["model"].path, target)
         stats = {
             "method": cfg.method,
             **counts,
-            "kept_float": [described(n) for n in [*cfg.exclude, *kept]],
-            "sensitivity": [described(n) for n in worst[:SHOWN]],
+            **_described_nodes(
+                modules,
+                {s.node: s.sqnr_db for s in ranking},
+                output_errors,
+                [*cfg.exclude, *kept],
+                [s.node for s in ranking if s.node not in floats],
+            ),
             **({"budget": budget} if budget is not None else {}),
             **base.stats,
             **({"calibration": table.method, "symmetric": table.symmetric} if table else {}),
@@ -504,15 +515,95 @@ class QuantizeStage(Stage[QuantizeConfig]):
         }
         return StageResult(outputs={"model": "model"}, stats=stats)
 
+    def _quantize_nncf(
+        self,
+        ctx: BuildContext,
+        inputs: Mapping[str, Artifact],
+        out: Path,
+        modules: Mapping[str, str | None],
+    ) -> StageResult:
+        """NNCF's INT8 (pipeline.nncf_int8): one NNCF run, calibrated on the drawn texts; the
+        budget's candidates keep nodes float in that one fake-quantized graph, and the model
+        is the chosen one with its weights stored as INT8."""
+        import onnx
+
+        from pipeline import nncf_int8
+        from pipeline.stages.calibrate import CalibrateConfig, calibration_feeds
+
+        cfg = self.config
+        assert cfg.draw is not None
+        float_model = load_onnx(inputs["model"].path / MODEL_FILE)
+        matmuls = [n for n in weight_matmuls(float_model) if n not in cfg.exclude]
+        draw = CalibrateConfig(method="minmax", symmetric=True, **cfg.draw)
+        samples, batches, max_length = calibration_feeds(inputs, draw)
+        with ctx.progress.task("quantize (int8, NNCF)", 1) as advance:
+            fake = nncf_int8.quantize(float_model, batches.feeds, cfg.exclude)
+            advance(1)
+        del float_model
+        # The weight MatMuls, then the embedding tables NNCF stored weight-only.
+        tables = [n for n in nncf_int8.quantized_nodes(fake) if n not in set(matmuls)]
+        candidates = [*matmuls, *tables]
+        ref = ReferenceData.of(inputs["reference"])
+
+        def make(exclude: list[str], settings: QuantizeConfig, path: Path) -> None:
+            floats = [n for n in exclude if n not in cfg.exclude]  # NNCF ignored the rest
+            save_onnx(nncf_int8.keep_float(fake, floats), path)
+
+        kept: list[str] = []
+        budget: dict[str, Any] | None = None
+        output_errors: dict[str, float] = {}
+        if cfg.budget:
+            with tempfile.TemporaryDirectory(prefix="budget-", dir=out) as work:
+                trials, rankings = self._search(ctx, make, Path(work), candidates, ref, modules)
+            _, _, order, result = trials[0]
+            output_errors = dict(rankings[""])
+            kept = order[: result.kept_float]
+            budget = {
+                "limits": cfg.budget,
+                "met": result.met,
+                "kept_float": result.kept_float,
+                "of": len(candidates),
+                "attempts": [a.as_dict() for a in result.attempts],
+            }
+        target = out / "model"
+        target.mkdir()
+        path = target / MODEL_FILE
+        save_onnx(nncf_int8.fold_weights(nncf_int8.keep_float(fake, kept)), path)
+        quantized, _ = quantized_matmuls(onnx.load(str(path), load_external_data=False))
+        expected = len([n for n in matmuls if n not in kept])
+        if quantized < expected:
+            raise PreconditionError(
+                f"NNCF quantized {quantized} of {expected} weight MatMuls",
+                "check the graph's ops with tforge inspect (NNCF skips ops it does not know)",
+            )
+        _copy_model_files(inputs["model"].path, target)
+        stats = {
+            "method": cfg.method,
+            "quantizer": "nncf",
+            "preset": nncf_int8.PRESET,
+            "weight_matmuls": len(matmuls) + len(cfg.exclude),
+            "quantized_matmuls": quantized,
+            # Embedding tables stored in INT8 (weight-only: the Gather reads them dequantized).
+            "quantized_tables": len([n for n in tables if n not in kept]),
+            **_described_nodes(modules, {}, output_errors, [*cfg.exclude, *kept], []),
+            **({"budget": budget} if budget is not None else {}),
+            "calibration_data": {
+                "samples": len(samples),
+                "tokens": batches.tokens,
+                "truncated": batches.truncated,
+                "max_length": max_length,
+            },
+            **graph_stats(path),
+        }
+        return StageResult(outputs={"model": "model"}, stats=stats)
+
     def _search(
         self,
         ctx: BuildContext,
-        base: Rewrite,
-        smoothed: Rewrite | None,
+        make: Callable[[list[str], QuantizeConfig, Path], None],
         work: Path,
         candidates: list[str],
         ref: ReferenceData,
-        table: CalibrationTable | None,
         modules: Mapping[str, str | None],
     ) -> tuple[list[Trial], dict[str, list[tuple[str, float]]]]:
         """Rank nodes by output error alone, then keep 0, 1, 2, 4... of the worst in float:
@@ -537,15 +628,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         def quantized(exclude: list[str], label: str, settings: QuantizeConfig = cfg) -> Any:
             folder = work / label
             folder.mkdir()
-            graph = smoothed if smoothed is not None and settings.smooth != cfg.smooth else base
-            # The outlier products (``floats``) stay float in every candidate.
-            quantize_file(
-                graph.source / MODEL_FILE,
-                folder / MODEL_FILE,
-                settings,
-                [*graph.floats, *exclude],
-                table,
-            )
+            make(exclude, settings, folder / MODEL_FILE)
             return runner_for(
                 cfg.target, folder, cfg.threads, cfg.session_optimization, label, "int8"
             )
@@ -682,3 +765,33 @@ def _task_figures(ref: ReferenceData) -> set[str]:
     if ref.index["task"] == "feature-extraction":
         return {"mean_cosine", "worst_cosine", "agreement"}
     return {"agreement"}
+
+
+def _copy_model_files(source: Path, target: Path) -> None:
+    """The checkpoint's config and tokenizer beside the quantized graph."""
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def _described_nodes(
+    modules: Mapping[str, str | None],
+    sqnr: Mapping[str, float],
+    output_errors: Mapping[str, float],
+    kept: Sequence[str],
+    by_sqnr: Sequence[str],
+) -> dict[str, list[dict[str, Any]]]:
+    """The stats' ``kept_float`` and ``sensitivity`` lists: the most sensitive nodes by output
+    error when it was measured, else by SQNR."""
+
+    def described(node: str) -> dict[str, Any]:
+        entry = {"node": node, "module": modules.get(node), "sqnr_db": _rounded(sqnr.get(node))}
+        if node in output_errors:
+            entry["output_error"] = float(f"{output_errors[node]:.4g}")
+        return entry
+
+    worst = sorted(output_errors, key=lambda n: -output_errors[n]) if output_errors else by_sqnr
+    return {
+        "kept_float": [described(n) for n in kept],
+        "sensitivity": [described(n) for n in worst[:SHOWN]],
+    }

@@ -110,6 +110,12 @@ def test_the_plan_runs_openvino_variants_as_their_target(recipe_for, checkpoint)
                 "precision": "int8",
                 "quantize": {"method": "static", "budget": {"min_mean_cosine": 0.9}},
             },
+            {
+                "name": "ov8-ort",
+                "target": "ort-openvino",
+                "precision": "int8",
+                "quantize": {"method": "static", "quantizer": "onnxruntime"},
+            },
         ],
     )
     steps = {s.id: s for s in encoder_pipeline(recipe, threads=1).steps}
@@ -117,14 +123,31 @@ def test_the_plan_runs_openvino_variants_as_their_target(recipe_for, checkpoint)
     assert steps["optimize[ov16]"].stage.config.fusions == ("attention", "ffn")  # type: ignore[attr-defined]
     assert steps["optimize[ov8]"].stage.config.fusions == ("ffn", "mha")  # type: ignore[attr-defined]
     assert not steps["optimize[ov8]"].stage.config.residual_sum  # type: ignore[attr-defined]
-    assert steps["calibrate[ov8]"].stage.config.symmetric is True  # type: ignore[attr-defined]
+    # NNCF quantizes OpenVINO's INT8 by default and measures its own ranges on the drawn texts.
+    quantize = steps["quantize[ov8]"]
+    assert quantize.stage.config.quantizer == "nncf"  # type: ignore[attr-defined]
+    assert quantize.stage.config.draw == {  # type: ignore[attr-defined]
+        "samples": 512,
+        "seed": 0,
+        "batch_size": 8,
+        "max_length": 32,
+        "text_field": "text",
+    }
+    assert quantize.inputs["calibration"] == "input:calibration" and "calibrate[ov8]" not in steps
+    # ONNX Runtime's quantizer on this target takes symmetric ranges from a calibrate stage.
+    assert steps["calibrate[ov8-ort]"].stage.config.symmetric is True  # type: ignore[attr-defined]
+    assert "quantizer" not in steps["quantize[ov8-ort]"].stage.key_config()
     # The budget's candidates are measured on the variant's own target.
-    assert steps["quantize[ov8]"].stage.config.target == "ort-openvino"  # type: ignore[attr-defined]
+    assert quantize.stage.config.target == "ort-openvino"  # type: ignore[attr-defined]
     assert "target" not in steps["quantize[cpu]"].stage.key_config()
     assert steps["verify[ov16]"].stage.config.precision == "bf16"  # type: ignore[attr-defined]
     latency = steps["latency"].stage.config
-    assert latency.targets == {"ov16": "ort-openvino", "ov8": "ort-openvino"}  # type: ignore[attr-defined]
-    assert latency.precisions == {"ov16": "bf16", "ov8": "int8"}  # type: ignore[attr-defined]
+    assert latency.targets == {  # type: ignore[attr-defined]
+        "ov16": "ort-openvino",
+        "ov8": "ort-openvino",
+        "ov8-ort": "ort-openvino",
+    }
+    assert latency.precisions == {"ov16": "bf16", "ov8": "int8", "ov8-ort": "int8"}  # type: ignore[attr-defined]
     # A CPU-only build keeps its latency key (no empty targets or precisions in it).
     cpu_only = encoder_pipeline(recipe_for(checkpoint("bert")), threads=1)
     key = next(s for s in cpu_only.steps if s.id == "latency").stage.key_config()
