@@ -102,10 +102,15 @@ def _int8_section(report: Report) -> list[str]:
                 how += f" ({grid['corrected']} with a float remainder product)"
             if grid["float"]:
                 how += f", {len(grid['float'])} on an 8-bit grid kept float (no fast float kernel)"
+        tables = (
+            f", and {q['quantized_tables']} embedding tables (weight-only)"
+            if q.get("quantized_tables")
+            else ""
+        )
         lines += [
             "",
             f"**{c.name}** ({how}): {q.get('quantized_matmuls')} of {q.get('weight_matmuls')} "
-            f"weight MatMuls in {c.precision.upper()}.",
+            f"weight MatMuls in {c.precision.upper()}{tables}.",
         ]
         smooth = q.get("smooth")
         if smooth:

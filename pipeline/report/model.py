@@ -314,6 +314,7 @@ def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
         "method",
         "weight_matmuls",
         "quantized_matmuls",
+        "quantized_tables",
         "kept_float",
         "sensitivity",
         "budget",
