@@ -340,6 +340,8 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     targets.require(
         {v.target for v in recipe.variants}, {(v.target, v.precision) for v in recipe.variants}
     )
+    if any(v.quantize is not None and v.quantize.quantizer == "nncf" for v in recipe.variants):
+        targets.require_nncf()
     external = resolve_inputs(recipe)
     plan = plan_for(recipe)
     ctx = BuildContext(progress=progress or NullProgress(), artifacts_root=options.artifacts)

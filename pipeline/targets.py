@@ -179,3 +179,15 @@ def require(targets: set[str], precisions: Collection[tuple[str, str]] = ()) -> 
         from pipeline.backends.openvino_backend import cpu_device, require_bf16
 
         require_bf16(cpu_device())
+
+
+def require_nncf() -> None:
+    """Static INT8 with ``quantizer: nncf`` needs NNCF; said before any stage runs."""
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None:
+        raise TargetUnavailable(
+            "quantize.quantizer nncf (the ort-openvino default for static INT8) needs NNCF, "
+            "which is not installed",
+            "pip install 'tforge[openvino]', or set quantizer: onnxruntime",
+        )

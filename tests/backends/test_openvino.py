@@ -259,3 +259,28 @@ def test_the_budget_on_openvino_keeps_a_sensitive_node_in_float(
     assert result.stats["kept_float"][0]["node"] == fragile
     nodes = {n.name: n.op_type for n in onnx.load(str(folder / MODEL_FILE)).graph.node}
     assert nodes[fragile] == "MatMul"
+
+
+def test_a_missing_nncf_fails_before_any_stage(
+    recipe_for, checkpoint, tmp_path, monkeypatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a)
+    )
+    recipe = recipe_for(
+        checkpoint("bert"),
+        variants=[
+            {
+                "name": "q",
+                "precision": "int8",
+                "quantize": {"method": "static", "quantizer": "nncf"},
+            }
+        ],
+    )
+    with pytest.raises(TargetUnavailable, match="needs NNCF") as error:
+        build(recipe, BuildOptions(artifacts=tmp_path))
+    assert "tforge[openvino]" in str(error.value)
+    assert not list(tmp_path.glob("cache/*/*"))
