@@ -472,13 +472,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
                 base = smoothed
                 ranking = sqnr_ranking(base.source)
             kept = order[: result.kept_float]
-            budget = {
-                "limits": cfg.budget,
-                "met": result.met,
-                "kept_float": result.kept_float,
-                "of": len(candidates),
-                "attempts": [a.as_dict() for a in result.attempts],
-            }
+            budget = _budget_record(cfg.budget, result, len(candidates))
             if len(trials) > 1:
                 budget["remedy"] = name
                 budget["remedies"] = [
@@ -558,13 +552,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             _, _, order, result = trials[0]
             output_errors = dict(rankings[""])
             kept = order[: result.kept_float]
-            budget = {
-                "limits": cfg.budget,
-                "met": result.met,
-                "kept_float": result.kept_float,
-                "of": len(candidates),
-                "attempts": [a.as_dict() for a in result.attempts],
-            }
+            budget = _budget_record(cfg.budget, result, len(candidates))
         target = out / "model"
         target.mkdir()
         path = target / MODEL_FILE
@@ -794,4 +782,15 @@ def _described_nodes(
     return {
         "kept_float": [described(n) for n in kept],
         "sensitivity": [described(n) for n in worst[:SHOWN]],
+    }
+
+
+def _budget_record(limits: dict[str, float], result: BudgetResult, of: int) -> dict[str, Any]:
+    """The stats' ``budget``: the limits, whether they were met, and every attempt."""
+    return {
+        "limits": limits,
+        "met": result.met,
+        "kept_float": result.kept_float,
+        "of": of,
+        "attempts": [a.as_dict() for a in result.attempts],
     }
