@@ -128,7 +128,16 @@ def _int8(quantize: dict) -> dict:
             "target ort-openvino: fp16 graphs are a GPU form; use precision bf16",
         ),
         (
-            {"variants": [{"name": "a", "target": "ort-openvino", "precision": "int8"}]},
+            {
+                "variants": [
+                    {
+                        "name": "a",
+                        "target": "ort-openvino",
+                        "precision": "int8",
+                        "quantize": {"method": "dynamic"},
+                    }
+                ]
+            },
             "target ort-openvino: INT8 needs quantize: {method: static}",
         ),
         (_int8({"quantizer": "nncf"}), "quantizer: nncf needs method: static"),
@@ -355,12 +364,15 @@ def test_static_int8_takes_its_targets_quantizer() -> None:
                 },
                 {"name": "cpu", "precision": "int8", "quantize": {"method": "static"}},
                 {"name": "dyn", "precision": "int8"},
+                {"name": "ov-default", "target": "ort-openvino", "precision": "int8"},
             ]
         },
         origin="r",
     )
     quantizers = {v.name: v.quantize.quantizer for v in recipe.variants if v.quantize}
-    assert quantizers == {"ov": "nncf", "cpu": "onnxruntime", "dyn": None}
+    assert quantizers == {"ov": "nncf", "cpu": "onnxruntime", "dyn": None, "ov-default": "nncf"}
+    # INT8 on ort-openvino is static (Q/DQ) unless the recipe says otherwise.
+    assert recipe.variants[3].quantize.method == "static"
     # A dumped recipe (every default spelled out) loads again.
     again = parse_recipe(recipe.model_dump(mode="json"), origin="dumped")
     assert again == recipe
