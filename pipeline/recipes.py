@@ -215,6 +215,8 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 session_optimization=variant.session_optimization,
                 threads=threads,
                 target=variant.target,
+                # Only the budget search runs the model; without one the shapes would split the key.
+                shapes=recipe.static_shapes(variant) if q.budget is not None else (),
                 quantizer=q.quantizer or "onnxruntime",
                 draw=nncf_draw(recipe, q.calibration or CalibrationSpec())
                 if q.quantizer == "nncf"
@@ -296,6 +298,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             precision=variant.precision,
             session_optimization=variant.session_optimization,
             threads=threads,
+            shapes=recipe.static_shapes(variant),
         )
         steps.append(
             Step(
@@ -309,6 +312,9 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             **timing_settings(recipe, threads),
             targets={v.name: v.target for v in recipe.variants if v.target != "ort-cpu"},
             precisions={v.name: v.precision for v in recipe.variants if v.target == "ort-openvino"},
+            static_shapes={
+                v.name: recipe.static_shapes(v) for v in recipe.variants if v.static_shapes
+            },
         )
         inputs = {
             **checkpoint,

@@ -191,6 +191,19 @@ def _int8(quantize: dict) -> dict:
             _int8({"method": "static", "calibration": {"percentile": 100.5}}),
             "less than or equal to 100",
         ),
+        (
+            {"variants": [{"name": "a", "static_shapes": True}]},
+            "static_shapes: applies to target ort-openvino (this variant has ort-cpu",
+        ),
+        (
+            {
+                "data": {"max_length": 256},
+                "shapes": {"sequence": [64, 128]},
+                "variants": [{"name": "a", "target": "ort-openvino", "static_shapes": True}],
+            },
+            "variants ['a'] have static_shapes, but data.max_length (256) is longer than every "
+            "shape's sequence (shapes.sequence: [64, 128]); add 256 to shapes.sequence",
+        ),
         (_int8({"budget": {}}), "set at least one of min_mean_cosine"),
         (_int8({"budget": {"min_mean_cosine": 1.5}}), "budget.min_mean_cosine"),
     ],
@@ -199,6 +212,22 @@ def test_cross_field_errors(data: dict, fragment: str) -> None:
     with pytest.raises(RecipeError, match=None) as caught:
         parse_recipe(data)
     assert fragment in caught.value.message
+
+
+def test_static_shapes_are_the_recipe_shapes_and_only_for_those_variants() -> None:
+    recipe = parse_recipe(
+        {
+            "shapes": {"batch": [8, 1], "sequence": [128, 64]},
+            "data": {"max_length": 128},
+            "variants": [
+                {"name": "fixed", "target": "ort-openvino", "static_shapes": True},
+                {"name": "dynamic", "target": "ort-openvino"},
+            ],
+        }
+    )
+    fixed, dynamic = recipe.variants
+    assert recipe.static_shapes(fixed) == ((1, 64), (8, 64), (1, 128), (8, 128))
+    assert recipe.static_shapes(dynamic) == ()
 
 
 def test_int8_defaults_per_target_and_method() -> None:

@@ -36,6 +36,8 @@ class MemoryProbe:
     #: variant's precision (OpenVINO computes at it).
     target: str = "ort-cpu"
     precision: str = "fp32"
+    #: ort-openvino with static_shapes: the (batch, sequence) shapes it is compiled for.
+    shapes: tuple[tuple[int, int], ...] = ()
 
 
 def _probe(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
@@ -83,6 +85,7 @@ def _probe(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> int:
             probe.optimization,
             model.parent.name,
             probe.precision,
+            probe.shapes,
         )
         prepared_ort = ort_runner.prepare(feed)
         for _ in range(3):

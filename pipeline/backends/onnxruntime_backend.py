@@ -8,6 +8,7 @@ provider is set up in pipeline.backends.openvino_backend.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +45,8 @@ def session_options(threads: int, optimization: str = "all") -> Any:
 
 class OrtRunner:
     """An ONNX Runtime session over one model file: on the CPU, on the CPU through OpenVINO's
-    provider (``device="openvino"``, computing at ``precision``), or on a GPU (``"cuda"``)."""
+    provider (``device="openvino"``, computing at ``precision``, compiled for the fixed input
+    ``shapes`` when given), or on a GPU (``"cuda"``)."""
 
     def __init__(
         self,
@@ -54,8 +56,12 @@ class OrtRunner:
         name: str = "onnxruntime",
         device: Literal["cpu", "openvino", "cuda"] = "cpu",
         precision: str = "fp32",
+        shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         import onnxruntime as ort
+
+        if shapes and device != "openvino":
+            raise ValueError(f"fixed input shapes are an OpenVINO setting, not {device}'s")
 
         self.name = name
         self.path = path
@@ -67,7 +73,7 @@ class OrtRunner:
         elif device == "openvino":
             from pipeline.backends.openvino_backend import add_provider
 
-            add_provider(options, precision, threads)
+            add_provider(options, precision, threads, shapes)
             providers = None  # the session takes the provider from its options
         try:
             self.session = ort.InferenceSession(

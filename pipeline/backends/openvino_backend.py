@@ -16,8 +16,9 @@ Runtime's CPU provider does not:
 OpenVINO's settings are its own properties, passed through the provider's ``load_config``
 (:func:`provider_options`): the inference precision (``f32`` for an FP32 variant, ``bf16``
 for bf16, and for INT8 the float remainder in bf16 where the CPU has it, else f32), the thread
-count, one stream and the latency hint. Sessions are created with ONNX Runtime's CPU fallback
-disabled: a node the provider does not take fails the load instead of running, silently, on
+count, one stream and the latency hint; a variant with ``static_shapes`` also gets the
+provider's ``reshape_input`` (one fixed shape per session, see pipeline.backends.static_shapes).
+Sessions are created with ONNX Runtime's CPU fallback disabled: a node the provider does not take fails the load instead of running, silently, on
 ONNX Runtime's own kernels (a timing that would not be OpenVINO's).
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +132,24 @@ def inference_precision(precision: str, native_bf16: bool) -> str:
     raise ValueError(f"target ort-openvino runs fp32, bf16 or int8 graphs, not {precision}")
 
 
-def provider_options(precision: str, threads: int, native_bf16: bool) -> dict[str, str]:
-    """The provider's options: OpenVINO properties for the CPU device, as ``load_config``."""
+def reshape_input(shapes: Mapping[str, Sequence[int]]) -> str:
+    """The provider's ``reshape_input`` option: ``name[d0,d1],name[d0,d1]`` in input order."""
+    for name, dims in shapes.items():
+        if not name or any(c in name for c in "[],") or not dims or min(dims) < 1:
+            raise ValueError(
+                f"reshape_input needs a plain input name and positive dims: {name} {dims}"
+            )
+    return ",".join(f"{name}[{','.join(str(d) for d in dims)}]" for name, dims in shapes.items())
+
+
+def provider_options(
+    precision: str,
+    threads: int,
+    native_bf16: bool,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, str]:
+    """The provider's options: OpenVINO properties for the CPU device, as ``load_config``, and
+    with ``shapes`` (input name -> dims) the fixed input shapes the model is compiled for."""
     properties = {
         "INFERENCE_PRECISION_HINT": inference_precision(precision, native_bf16),
         "INFERENCE_NUM_THREADS": str(threads),
@@ -139,7 +157,10 @@ def provider_options(precision: str, threads: int, native_bf16: bool) -> dict[st
         "NUM_STREAMS": "1",
         "PERFORMANCE_HINT": "LATENCY",
     }
-    return {"load_config": json.dumps({"CPU": properties}, sort_keys=True)}
+    options = {"load_config": json.dumps({"CPU": properties}, sort_keys=True)}
+    if shapes:
+        options["reshape_input"] = reshape_input(shapes)
+    return options
 
 
 def require_bf16(device: OpenVinoDevice) -> None:
@@ -152,14 +173,20 @@ def require_bf16(device: OpenVinoDevice) -> None:
         )
 
 
-def add_provider(options: Any, precision: str, threads: int) -> OpenVinoDevice:
+def add_provider(
+    options: Any,
+    precision: str,
+    threads: int,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> OpenVinoDevice:
     """Put the OpenVINO provider on ``options`` (an ``onnxruntime.SessionOptions``), with ONNX
-    Runtime's CPU fallback disabled; returns the device."""
+    Runtime's CPU fallback disabled (and, with ``shapes``, fixed input shapes); returns the
+    device."""
     device = cpu_device()
     if precision == "bf16":
         require_bf16(device)
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     options.add_provider_for_devices(
-        [device.handle], provider_options(precision, threads, device.native_bf16)
+        [device.handle], provider_options(precision, threads, device.native_bf16, shapes)
     )
     return device

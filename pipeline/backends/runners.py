@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,16 @@ def runner_for(
     optimization: str,
     name: str,
     precision: str = "fp32",
+    shapes: Sequence[tuple[int, int]] = (),
 ) -> Any:
     """A runner (``prepare``/``call``/``run``) for the model or engine in ``folder``.
 
     ``precision`` is the variant's: OpenVINO computes at it (a bf16 variant's graph is FP32).
+    ``shapes`` (batch, sequence): an ``ort-openvino`` variant with ``static_shapes`` is compiled
+    for each of them, and inputs are padded up to one (pipeline.backends.static_shapes).
     """
+    if shapes and target != "ort-openvino":
+        raise ValueError(f"static shapes are an ort-openvino setting, not {target}'s")
     if target == "tensorrt":
         from pipeline.backends.tensorrt_backend import TensorRTRunner
 
@@ -32,14 +38,23 @@ def runner_for(
     if target == "ort-cuda":
         return OrtRunner(folder / MODEL_FILE, threads, optimization, name=name, device="cuda")
     if target == "ort-openvino":
-        return OrtRunner(
-            folder / MODEL_FILE,
-            threads,
-            optimization,
-            name=name,
-            device="openvino",
-            precision=precision,
-        )
+
+        def openvino(fixed: dict[str, tuple[int, int]] | None = None) -> OrtRunner:
+            return OrtRunner(
+                folder / MODEL_FILE,
+                threads,
+                optimization,
+                name=name,
+                device="openvino",
+                precision=precision,
+                shapes=fixed,
+            )
+
+        if shapes:
+            from pipeline.backends.static_shapes import StaticShapeRunner
+
+            return StaticShapeRunner(folder / MODEL_FILE, shapes, openvino, name=name)
+        return openvino()
     return OrtRunner(folder / MODEL_FILE, threads, optimization, name=name)
 
 

@@ -75,7 +75,7 @@ class Contender(_Frozen):
     task_metric: float | None = None
     graph: dict[str, Any] | None = Field(
         None,
-        description="Profile, fusions asked for, fused ops made (fusion counts), node counts, session level.",
+        description="Profile, fusions asked for, fused ops made (fusion counts), node counts, session level; static_shapes: the shapes an ort-openvino variant is compiled for (absent: dynamic axes).",
     )
     quantization: dict[str, Any] | None = Field(
         None,
@@ -229,6 +229,14 @@ def build_report(manifest: Manifest) -> Report:
                 "grids (a GGUF model's) and were rounded onto new ones; quantize.keep_grid: true "
                 "stores them exactly"
             )
+    for contender in contenders:
+        fixed = (contender.graph or {}).get("static_shapes")
+        if fixed:
+            notes.append(
+                f"{contender.name}: compiled for fixed input shapes {', '.join(fixed)} "
+                "(static_shapes); shorter inputs are padded up to the nearest, and verification "
+                "ran them that way"
+            )
     if reference is not None and reference.stats.get("truncated"):
         notes.append(
             f"{reference.stats['truncated']} evaluation texts were longer than {reference.stats['max_length']} tokens and were truncated."
@@ -281,6 +289,10 @@ def _graph(manifest: Manifest, variant: dict[str, Any]) -> dict[str, Any]:
         "session_optimization": variant.get("session_optimization"),
         "exported_nodes": export.stats.get("nodes") if export else None,
     }
+    verify = manifest.stage(f"verify[{variant['name']}]")
+    fixed = verify.config.get("shapes") if verify is not None else None
+    if fixed:
+        graph["static_shapes"] = [f"b{b}s{s}" for b, s in fixed]
     if optimize is not None:
         graph["nodes"] = optimize.stats.get("nodes")
         graph["fused_ops"] = optimize.stats.get("fusions", {})

@@ -115,6 +115,9 @@ class LatencyConfig(TimingConfig):
     #: Variant name -> precision, for variants whose runtime computes at it (ort-openvino:
     #: a bf16 variant's graph is FP32).
     precisions: dict[str, str] = Field(default_factory=dict)
+    #: Variant name -> the (batch, sequence) shapes it is compiled for (ort-openvino variants
+    #: with static_shapes).
+    static_shapes: dict[str, tuple[tuple[int, int], ...]] = Field(default_factory=dict)
 
 
 class LatencyStage(Stage[LatencyConfig]):
@@ -127,7 +130,7 @@ class LatencyStage(Stage[LatencyConfig]):
 
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()
-        for name in ("targets", "precisions"):
+        for name in ("targets", "precisions", "static_shapes"):
             if not config[name]:
                 del config[name]
         return config
@@ -170,6 +173,7 @@ class LatencyStage(Stage[LatencyConfig]):
                 optimization,
                 variant,
                 cfg.precisions.get(variant, "fp32"),
+                cfg.static_shapes.get(variant, ()),
             )
 
         results: dict[str, dict[str, Any]] = {name: {} for name in runners}
@@ -224,6 +228,7 @@ class LatencyStage(Stage[LatencyConfig]):
                         optimization=cfg.variants[name],
                         target=cfg.targets.get(name, "ort-cpu"),
                         precision=cfg.precisions.get(name, "fp32"),
+                        shapes=cfg.static_shapes.get(name, ()),
                     )
                     for name, path in paths.items()
                     if cfg.targets.get(name, "ort-cpu") not in GPU_TARGETS

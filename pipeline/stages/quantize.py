@@ -78,6 +78,8 @@ class QuantizeConfig(StageConfig):
     session_optimization: str = "all"
     threads: int = 1
     target: str = "ort-cpu"
+    #: ort-openvino with static_shapes: the (batch, sequence) shapes candidates are compiled for.
+    shapes: tuple[tuple[int, int], ...] = ()
     #: Evaluation batches the per-node sensitivity is measured on.
     sensitivity_batches: int = 8
     #: Remedies the budget search tries beside these settings (pipeline.recipe.REMEDIES).
@@ -284,7 +286,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()
         # Builds without remedies, outliers or smoothing, on ort-cpu, keep their keys.
-        for name in ("remedies", "outliers", "smooth", "draw"):
+        for name in ("remedies", "outliers", "smooth", "draw", "shapes"):
             if not config[name]:
                 del config[name]
         for name, default in (("target", "ort-cpu"), ("quantizer", "onnxruntime")):
@@ -618,7 +620,13 @@ class QuantizeStage(Stage[QuantizeConfig]):
             folder.mkdir()
             make(exclude, settings, folder / MODEL_FILE)
             return runner_for(
-                cfg.target, folder, cfg.threads, cfg.session_optimization, label, "int8"
+                cfg.target,
+                folder,
+                cfg.threads,
+                cfg.session_optimization,
+                label,
+                "int8",
+                cfg.shapes,
             )
 
         batches = [

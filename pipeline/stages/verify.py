@@ -190,6 +190,8 @@ class VerifyConfig(StageConfig):
     precision: str
     session_optimization: str
     threads: int
+    #: ort-openvino with static_shapes: the (batch, sequence) shapes the model is compiled for.
+    shapes: tuple[tuple[int, int], ...] = ()
 
 
 class VerifyStage(Stage[VerifyConfig]):
@@ -197,6 +199,12 @@ class VerifyStage(Stage[VerifyConfig]):
     # ONNX Runtime picks kernels by CPU features (e.g. VNNI for INT8): results are per machine.
     facets = ("versions", "hardware")
     version = 3  # 2: non-finite outputs counted; 3: per-text error quantiles
+
+    def key_config(self) -> dict[str, Any]:
+        config = super().key_config()
+        if not config["shapes"]:
+            del config["shapes"]  # dynamic shapes: the key of builds before the option
+        return config
 
     def key_facets(self) -> tuple[str, ...]:
         # A GPU target's results depend on the GPU and its driver too.
@@ -207,7 +215,13 @@ class VerifyStage(Stage[VerifyConfig]):
         ref = ReferenceData.of(inputs["reference"])
         folder = inputs["model"].path
         runner = runner_for(
-            cfg.target, folder, cfg.threads, cfg.session_optimization, cfg.variant, cfg.precision
+            cfg.target,
+            folder,
+            cfg.threads,
+            cfg.session_optimization,
+            cfg.variant,
+            cfg.precision,
+            cfg.shapes,
         )
         output = ref.index["output"]
         stats = compare_to_reference(
