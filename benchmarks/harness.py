@@ -7,7 +7,9 @@ checks each gives an output of the right shape, then times them round-robin: a w
 
 OpenVINO contenders run either through ONNX Runtime's OpenVINO provider (tforge's
 ``ort-openvino`` variants) or through OpenVINO's own runtime (the peers), with the same
-OpenVINO properties.
+OpenVINO properties. A contender marked ``static`` is compiled for the shape it runs (the timed
+shape; in accuracy mode, the batch size and longest sequence, inputs padded up to it), as a
+tforge variant with ``static_shapes`` and a peer reshaped with OpenVINO's ``Model.reshape``.
 
 Fairness between runtimes in one process: ONNX Runtime sessions use tforge's session options
 (intra-op threads set, spinning off, which otherwise steals the core from the next contender)
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import metrics  # noqa: E402
+from pipeline.backends.static_shapes import pad  # noqa: E402
 from pipeline.backends.timing import SETTLE_AFTER_TORCH, LatencyStats, time_interleaved  # noqa: E402
 from pipeline.calibration import read_samples  # noqa: E402
 
@@ -96,15 +99,22 @@ def _onnx_contender(
     session: str = "all",
     target: str = "ort-cpu",
     precision: str = "fp32",
+    shape: tuple[int, int] | None = None,
 ) -> Contender:
-    from pipeline.backends.onnxruntime_backend import OrtRunner
+    """An ONNX model on a tforge target (``shape``: compiled for it, ort-openvino only)."""
+    from pipeline.backends.runners import runner_for
 
-    if target == "ort-openvino":
-        runner = OrtRunner(
-            path, threads, session, name=name, device="openvino", precision=precision
+    runner = runner_for(
+        target, path.parent, threads, session, name, precision, [shape] if shape else ()
+    )
+    if shape is not None:
+        # The static runner pads the feed in prepare, and returns the cut-back outputs in run.
+        return Contender(
+            name,
+            lambda feed: feed,
+            lambda feed: runner.run(feed),
+            lambda out: np.asarray(out["last_hidden_state"], dtype=np.float32),
         )
-    else:
-        runner = OrtRunner(path, threads, session, name=name)
     outputs = runner.output_names
     index = outputs.index("last_hidden_state") if "last_hidden_state" in outputs else 0
 
@@ -116,14 +126,21 @@ def _onnx_contender(
     )
 
 
-def _openvino_contender(name: str, path: Path, threads: int) -> Contender:
+def _openvino_contender(
+    name: str, path: Path, threads: int, shape: tuple[int, int] | None = None
+) -> Contender:
     """OpenVINO's own runtime (the ``openvino`` package), with the settings tforge gives its
     provider: the thread count, one stream, the latency hint, and OpenVINO's default
-    inference precision (bf16 on CPUs that have it)."""
+    inference precision (bf16 on CPUs that have it); with ``shape``, every input reshaped to it
+    and feeds padded up to it as tforge's static runner pads them."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(
-        str(path),
+    core = ov.Core()
+    model = core.read_model(str(path))
+    if shape is not None:
+        model.reshape({i.get_any_name(): list(shape) for i in model.inputs})
+    compiled = core.compile_model(
+        model,
         "CPU",
         {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"},
     )
@@ -133,20 +150,24 @@ def _openvino_contender(name: str, path: Path, threads: int) -> Contender:
         (i for i, o in enumerate(compiled.outputs) if "last_hidden_state" in o.get_names()), 0
     )
 
-    def prepare(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: np.ascontiguousarray(feed[k]) for k in names}
+    def prepare(feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+        rows, columns = feed[names[0]].shape
+        arrays = {k: np.ascontiguousarray(feed[k]) for k in names}
+        if shape is not None:
+            arrays = {k: pad(v, shape) for k, v in arrays.items()}
+        return arrays, (rows, columns)
 
-    return Contender(
-        name,
-        prepare,
-        lambda prepared: request.infer(prepared),
-        lambda out: np.asarray(out[output], dtype=np.float32),
-    )
+    def call(prepared: tuple[dict[str, np.ndarray], tuple[int, int]]) -> Any:
+        arrays, (rows, columns) = prepared
+        return np.asarray(request.infer(arrays)[output], dtype=np.float32)[:rows, :columns]
+
+    return Contender(name, prepare, call, lambda out: out)
 
 
 def load_contenders(
-    spec: dict[str, Any], threads: int
+    spec: dict[str, Any], threads: int, shape: tuple[int, int] | None = None
 ) -> tuple[dict[str, Contender], dict[str, Any]]:
+    """Every contender of ``spec``; those marked ``static`` compiled for ``shape``."""
     folder = Path(spec["model"]["folder"])
     inputs = spec["model"]["inputs"]
     contenders: dict[str, Contender] = {}
@@ -158,7 +179,7 @@ def load_contenders(
             )
         elif item["kind"] == "openvino":
             contenders[item["name"]] = _openvino_contender(
-                item["name"], Path(item["path"]), threads
+                item["name"], Path(item["path"]), threads, shape if item.get("static") else None
             )
         else:
             contenders[item["name"]] = _onnx_contender(
@@ -168,6 +189,7 @@ def load_contenders(
                 item.get("session", "all"),
                 item.get("target", "ort-cpu"),
                 item.get("precision", "fp32"),
+                shape if item.get("static") else None,
             )
     return contenders, notes
 
@@ -196,7 +218,7 @@ def time_shape(
     feed = timing_feed(
         token_stream(tokenizer, texts), tokenizer, spec["model"]["inputs"], batch, sequence
     )
-    contenders, notes = load_contenders(spec, threads)
+    contenders, notes = load_contenders(spec, threads, (batch, sequence))
     calls = {}
     first_call: dict[str, float] = {}
     for name, contender in contenders.items():
@@ -245,6 +267,7 @@ def accuracy(
     contenders, _ = load_contenders(
         {**spec, "contenders": [c for c in spec["contenders"] if c["kind"] != "torch-compile"]},
         threads,
+        (batch_size, max_length),
     )
     reference = _torch_contender(
         "reference", Path(spec["model"]["folder"]), "torch", threads, inputs

@@ -67,6 +67,8 @@ class Build:
     #: onnx: the tforge target that runs it (ort-cpu, or ort-openvino at ``precision``).
     target: str = "ort-cpu"
     precision: str = "fp32"
+    #: Compiled for the shape it runs (tforge's static_shapes; a peer reshaped by OpenVINO).
+    static: bool = False
 
 
 @dataclass
@@ -232,6 +234,13 @@ ABLATIONS = [
         "fusions": ["attention", "skip-layernorm", "ffn"],
         "session_optimization": "all",
     },
+    # ov-int8 with dynamic axes: what its static_shapes is worth.
+    {
+        "name": "ov-int8-dynamic",
+        "target": "ort-openvino",
+        "precision": "int8",
+        "quantize": {"method": "static"},
+    },
 ]
 
 
@@ -303,6 +312,7 @@ def build_tforge(model: Model) -> None:
         graph = (
             ", ".join(variant["fusions"]) if variant["optimize"] == "ort" else variant["optimize"]
         )
+        static = bool(variant.get("static_shapes"))
         model.builds.append(
             Build(
                 f"tforge {variant['name']}",
@@ -315,7 +325,8 @@ def build_tforge(model: Model) -> None:
                 session=variant["session_optimization"],
                 target=variant["target"],
                 precision=variant["precision"],
-                note=f"{variant['target']}, fusions: {graph}; ORT session level {variant['session_optimization']}. Build: "
+                static=static,
+                note=f"{variant['target']}{' (static shapes)' if static else ''}, fusions: {graph}; ORT session level {variant['session_optimization']}. Build: "
                 f"all {len(recipe['variants'])} variants with PyTorch reference and verification; "
                 f"load+export {export_seconds:.1f}s",
             )
@@ -457,6 +468,17 @@ def build_openvino(model: Model, rebuild_env: bool) -> None:
         cmd,
         target,
     )
+    nncf = model.builds[-1]
+    if nncf.error is None:
+        # The same model compiled for each timed shape, as tforge's static_shapes variants are.
+        model.builds.append(
+            dataclasses.replace(
+                nncf,
+                name="NNCF INT8 on OpenVINO, static shapes",
+                static=True,
+                note="the NNCF model reshaped to each timed shape (Model.reshape)",
+            )
+        )
 
 
 def torch_contenders(model: Model, hardware: dict[str, Any], compile_: bool) -> None:
@@ -506,6 +528,7 @@ def spec_for(model: Model) -> dict[str, Any]:
                 "session": b.session,
                 "target": b.target,
                 "precision": b.precision,
+                "static": b.static,
             }
             for b in model.builds
             if b.error is None
