@@ -102,19 +102,28 @@ def _onnx_contender(
     shape: tuple[int, int] | None = None,
 ) -> Contender:
     """An ONNX model on a tforge target (``shape``: compiled for it, ort-openvino only)."""
-    from pipeline.backends.runners import runner_for
+    from pipeline.backends.onnxruntime_backend import OrtRunner
 
-    runner = runner_for(
-        target, path.parent, threads, session, name, precision, [shape] if shape else ()
-    )
     if shape is not None:
-        # The static runner pads the feed in prepare, and returns the cut-back outputs in run.
+        from pipeline.backends.runners import runner_for
+        from pipeline.stages.export import MODEL_FILE
+
+        if path.name != MODEL_FILE:
+            raise ValueError(f"{name}: a static contender is a tforge variant's {MODEL_FILE}")
+        static = runner_for(target, path.parent, threads, session, name, precision, [shape])
+        # Padded once in prepare (untimed); the outputs are cut back to the feed's shape after.
         return Contender(
             name,
-            lambda feed: feed,
-            lambda feed: runner.run(feed),
-            lambda out: np.asarray(out["last_hidden_state"], dtype=np.float32),
+            static.prepare,
+            lambda prepared: (prepared, static.call(prepared)),
+            lambda out: static.outputs(*out)["last_hidden_state"],
         )
+    if target == "ort-openvino":
+        runner = OrtRunner(
+            path, threads, session, name=name, device="openvino", precision=precision
+        )
+    else:
+        runner = OrtRunner(path, threads, session, name=name)
     outputs = runner.output_names
     index = outputs.index("last_hidden_state") if "last_hidden_state" in outputs else 0
 

@@ -175,7 +175,12 @@ class StaticShapeRunner:
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = self.prepare(feed)
-        results = self.call(prepared)
+        return self.outputs(prepared, self.call(prepared))
+
+    def outputs(
+        self, prepared: list[tuple[Chunk, Any, int]], results: list[Any]
+    ) -> dict[str, np.ndarray]:
+        """The outputs of ``call(prepared)``, cut back to the feed's rows and sequence."""
         axes = self.axes
         parts: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
         for (chunk, _, sequence), outputs in zip(prepared, results, strict=True):

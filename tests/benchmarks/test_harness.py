@@ -97,3 +97,44 @@ def test_encoder_flops_by_hand() -> None:
     assert floor.encoder_flops(1, 2, 1, 2, 4) == 160
     assert floor.fraction_of_peak(10**9, 1.0, 1.0, 1) == 1.0
     assert floor.fraction_of_peak(10**9, 1.0, None, 1) is None
+
+
+def test_harness_runs_static_contenders_at_the_shape_they_time(
+    checkpoint, recipe_for, shared_artifacts: Path
+) -> None:
+    from tests.backends.test_openvino import OPENVINO
+
+    if not OPENVINO.available:
+        import pytest
+
+        pytest.skip(f"needs OpenVINO's provider: {OPENVINO.detail}")
+    folder = checkpoint("bert")
+    outcome = build(
+        recipe_for(folder, latency={"enabled": False}), BuildOptions(artifacts=shared_artifacts)
+    )
+    model = str(outcome.run_dir / "models" / "fp32" / "model.onnx")
+    spec = {
+        "model": {
+            "folder": str(folder),
+            "inputs": ["input_ids", "attention_mask", "token_type_ids"],
+            "pooling": "mean",
+        },
+        "evaluation": str(ROOT / "calibration" / "evaluation.jsonl"),
+        "contenders": [
+            {"name": "cpu", "kind": "onnx", "path": model},
+            {
+                "name": "static",
+                "kind": "onnx",
+                "path": model,
+                "target": "ort-openvino",
+                "precision": "fp32",
+                "static": True,
+            },
+        ],
+    }
+    timing = time_shape(spec, batch=2, sequence=16, threads=1, warmup=1, rounds=3, passes=1)
+    assert timing["contenders"]["static"]["p50_ms"] > 0
+    # Accuracy batches (32 texts, padded up to 128 tokens on the static one) match FP32.
+    acc = accuracy(spec, threads=1)
+    assert acc["contenders"]["static"]["mean_cosine"] > 0.99999
+    assert acc["contenders"]["static"]["max_abs_error"] < 1e-4
