@@ -10,29 +10,38 @@ from pipeline.build import BuildOptions, build
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_harness_times_and_checks_contenders(
-    checkpoint, recipe_for, shared_artifacts: Path
-) -> None:
+def _tiny_fp32(checkpoint, recipe_for, artifacts: Path) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
+    """The tiny BERT checkpoint and its tforge fp32 model file."""
     folder = checkpoint("bert")
     outcome = build(
-        recipe_for(folder, latency={"enabled": False}), BuildOptions(artifacts=shared_artifacts)
+        recipe_for(folder, latency={"enabled": False}), BuildOptions(artifacts=artifacts)
     )
-    spec = {
+    return folder, str(outcome.run_dir / "models" / "fp32" / "model.onnx")
+
+
+def _spec(folder: Path, contenders: list[dict]) -> dict:  # type: ignore[type-arg]
+    return {
         "model": {
             "folder": str(folder),
             "inputs": ["input_ids", "attention_mask", "token_type_ids"],
             "pooling": "mean",
         },
         "evaluation": str(ROOT / "calibration" / "evaluation.jsonl"),
-        "contenders": [
-            {"name": "PyTorch eager fp32", "kind": "torch", "path": None},
-            {
-                "name": "tforge fp32",
-                "kind": "onnx",
-                "path": str(outcome.run_dir / "models" / "fp32" / "model.onnx"),
-            },
-        ],
+        "contenders": contenders,
     }
+
+
+def test_harness_times_and_checks_contenders(
+    checkpoint, recipe_for, shared_artifacts: Path
+) -> None:
+    folder, model = _tiny_fp32(checkpoint, recipe_for, shared_artifacts)
+    spec = _spec(
+        folder,
+        [
+            {"name": "PyTorch eager fp32", "kind": "torch", "path": None},
+            {"name": "tforge fp32", "kind": "onnx", "path": model},
+        ],
+    )
     timing = time_shape(spec, batch=2, sequence=16, threads=1, warmup=1, rounds=5, passes=2)
     for result in timing["contenders"].values():
         assert len(result["passes"]) == 2
@@ -108,19 +117,10 @@ def test_harness_runs_static_contenders_at_the_shape_they_time(
         import pytest
 
         pytest.skip(f"needs OpenVINO's provider: {OPENVINO.detail}")
-    folder = checkpoint("bert")
-    outcome = build(
-        recipe_for(folder, latency={"enabled": False}), BuildOptions(artifacts=shared_artifacts)
-    )
-    model = str(outcome.run_dir / "models" / "fp32" / "model.onnx")
-    spec = {
-        "model": {
-            "folder": str(folder),
-            "inputs": ["input_ids", "attention_mask", "token_type_ids"],
-            "pooling": "mean",
-        },
-        "evaluation": str(ROOT / "calibration" / "evaluation.jsonl"),
-        "contenders": [
+    folder, model = _tiny_fp32(checkpoint, recipe_for, shared_artifacts)
+    spec = _spec(
+        folder,
+        [
             {"name": "cpu", "kind": "onnx", "path": model},
             {
                 "name": "static",
@@ -131,7 +131,7 @@ def test_harness_runs_static_contenders_at_the_shape_they_time(
                 "static": True,
             },
         ],
-    }
+    )
     timing = time_shape(spec, batch=2, sequence=16, threads=1, warmup=1, rounds=3, passes=1)
     assert timing["contenders"]["static"]["p50_ms"] > 0
     # Accuracy batches (32 texts, padded up to 128 tokens on the static one) match FP32.
