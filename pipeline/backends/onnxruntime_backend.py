@@ -9,6 +9,7 @@ provider is set up in pipeline.backends.openvino_backend.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,14 @@ def session_options(threads: int, optimization: str = "all") -> Any:
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A feed bound to a session: the binding, and the host arrays it reads (kept alive)."""
+
+    binding: Any
+    arrays: dict[str, np.ndarray]
 
 
 class OrtRunner:
@@ -102,33 +111,55 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def prepare(self, feed: dict[str, np.ndarray]) -> Any:
+    def _arrays(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise KeyError(f"{self.path.name} needs inputs {missing}; the feed has {sorted(feed)}")
-        arrays = {name: np.ascontiguousarray(feed[name]) for name in self.input_names}
-        if self.device != "cuda":
-            return arrays
-        import onnxruntime as ort
+        return {name: np.ascontiguousarray(feed[name]) for name in self.input_names}
 
+    def prepare(self, feed: dict[str, np.ndarray]) -> Bound:
+        """The feed bound to the session (IOBinding), for repeated calls.
+
+        Inputs are bound where they are (host memory on the CPU targets, copied to the device
+        once on CUDA) and the outputs to the session's device, so a call is the model's run and
+        the allocation of its outputs, not numpy conversions: ``session.run`` spends 0.9 ms of
+        OpenVINO's 4.9 ms (MiniLM ov-int8, b1s128) and 0.4 of the CPU provider's 10.4 (int8) on
+        them.
+        """
+        arrays = self._arrays(feed)
         binding = self.session.io_binding()
-        for name, array in arrays.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-        for name in self.output_names:
-            binding.bind_output(name, "cuda", 0)
-        return binding
+        if self.device == "cuda":
+            import onnxruntime as ort
 
-    def call(self, prepared: Any) -> Any:
-        if self.device != "cuda":
-            return self.session.run(None, prepared)
-        self.session.run_with_iobinding(prepared)
-        prepared.synchronize_outputs()
-        return prepared
+            for name, array in arrays.items():
+                binding.bind_ortvalue_input(
+                    name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+                )
+        else:
+            for name, array in arrays.items():
+                binding.bind_cpu_input(name, array)
+        device = "cuda" if self.device == "cuda" else "cpu"
+        for name in self.output_names:
+            binding.bind_output(name, device, 0)
+        return Bound(binding, arrays)
+
+    def call(self, prepared: Bound) -> Any:
+        """One run of the bound feed; returns the binding, whose outputs :meth:`fetch` reads."""
+        self.session.run_with_iobinding(prepared.binding)
+        if self.device == "cuda":
+            prepared.binding.synchronize_outputs()
+        return prepared.binding
+
+    def fetch(self, result: Any) -> list[np.ndarray]:
+        """The outputs of a :meth:`call`, in host memory, in ``output_names`` order."""
+        return [np.asarray(value) for value in result.copy_outputs_to_cpu()]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.call(self.prepare(feed))
         if self.device == "cuda":
-            outputs = outputs.copy_outputs_to_cpu()
+            outputs = self.fetch(self.call(self.prepare(feed)))
+        else:
+            # One call: binding it first would only add work.
+            outputs = self.session.run(None, self._arrays(feed))
         return {
             name: np.asarray(value, dtype=np.float32)
             for name, value in zip(self.output_names, outputs, strict=True)

@@ -130,7 +130,8 @@ class Axes:
 
 class StaticShapeRunner:
     """Sessions compiled for fixed ``[batch, sequence]`` shapes, one per shape, made on first
-    use by ``make(input shapes)``; ``prepare``/``call``/``run`` as every runner."""
+    use by ``make(input shapes)`` (runners with ``prepare``/``call``/``fetch``);
+    ``prepare``/``call``/``run`` as every runner."""
 
     def __init__(
         self,
@@ -183,7 +184,8 @@ class StaticShapeRunner:
         """The outputs of ``call(prepared)``, cut back to the feed's rows and sequence."""
         axes = self.axes
         parts: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
-        for (chunk, _, sequence), outputs in zip(prepared, results, strict=True):
+        for (chunk, _, sequence), result in zip(prepared, results, strict=True):
+            outputs = self.session(chunk.shape).fetch(result)
             for name, value in zip(self.output_names, outputs, strict=True):
                 cut = tuple(
                     slice(0, chunk.stop - chunk.start)
