@@ -44,6 +44,13 @@ def session_options(threads: int, optimization: str = "all") -> Any:
     return options
 
 
+def require_inputs(path: Path, names: Sequence[str], feed: Mapping[str, Any]) -> None:
+    """A feed without one of the model's inputs is refused, naming both sides."""
+    missing = [n for n in names if n not in feed]
+    if missing:
+        raise KeyError(f"{path.name} needs inputs {missing}; the feed has {sorted(feed)}")
+
+
 @dataclass(frozen=True)
 class Bound:
     """A feed bound to a session: the binding, and the host arrays it reads (kept alive)."""
@@ -112,9 +119,7 @@ class OrtRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _arrays(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feed]
-        if missing:
-            raise KeyError(f"{self.path.name} needs inputs {missing}; the feed has {sorted(feed)}")
+        require_inputs(self.path, self.input_names, feed)
         return {name: np.ascontiguousarray(feed[name]) for name in self.input_names}
 
     def prepare(self, feed: dict[str, np.ndarray]) -> Bound:

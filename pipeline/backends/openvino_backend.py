@@ -18,8 +18,9 @@ OpenVINO's settings are its own properties, passed through the provider's ``load
 for bf16, and for INT8 the float remainder in bf16 where the CPU has it, else f32), the thread
 count, one stream and the latency hint; a variant with ``static_shapes`` also gets the
 provider's ``reshape_input`` (one fixed shape per session, see pipeline.backends.static_shapes).
-Sessions are created with ONNX Runtime's CPU fallback disabled: a node the provider does not take fails the load instead of running, silently, on
-ONNX Runtime's own kernels (a timing that would not be OpenVINO's).
+Sessions are created with ONNX Runtime's CPU fallback disabled: a node the provider does not
+take fails the load instead of running, silently, on ONNX Runtime's own kernels (a timing that
+would not be OpenVINO's).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ input on the smallest shape that holds it, as a static deployment serves a short
 
 * columns past the input's sequence are padding (token id 0, attention mask 0), which the
   attention masks out, so the real tokens' outputs are the input's own;
-* rows past the input's batch are copies of its first row (a row with no real token at all
-  would be a fully masked softmax, which some kernels turn into NaN);
+* rows past the input's batch are copies of its first row: a row with no real token is a
+  fully masked softmax, which OpenVINO turns into NaN (MiniLM's ov-bf16 graph, measured), and
+  a padded row is thrown away anyway;
 * the outputs are cut back to the input's rows and sequence (the output dims the export named
   like the inputs' batch and sequence axes).
 
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.backends.onnxruntime_backend import require_inputs
 from pipeline.errors import InputError
 
 #: (batch, sequence)
@@ -158,9 +160,7 @@ class StaticShapeRunner:
         return self._sessions[shape]
 
     def prepare(self, feed: dict[str, np.ndarray]) -> list[tuple[Chunk, Any, int]]:
-        missing = [n for n in self.input_names if n not in feed]
-        if missing:
-            raise KeyError(f"{self.path.name} needs inputs {missing}; the feed has {sorted(feed)}")
+        require_inputs(self.path, self.input_names, feed)
         batch, sequence = feed[self.input_names[0]].shape
         prepared = []
         for chunk in plan_chunks(self.shapes, batch, sequence):

@@ -123,6 +123,8 @@ def test_padded_inputs_give_the_dynamic_models_outputs(fused_bert, tmp_path) -> 
     # Sessions are made for the shapes used, once each: (6, 20) ran as 4 + 2 rows on b4s32.
     assert made == [(1, 16), (4, 16), (4, 32)]
     assert runner.path == source and runner.output_names == ["last_hidden_state"]
+    with pytest.raises(KeyError, match=r"needs inputs \['token_type_ids'\]"):
+        runner.prepare({k: v for k, v in _feed(1, 9).items() if k != "token_type_ids"})
 
 
 def test_timing_calls_run_the_padded_feed_prepared_once(fused_bert, tmp_path) -> None:

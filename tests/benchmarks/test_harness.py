@@ -6,6 +6,7 @@ from benchmarks import floor
 from benchmarks.harness import accuracy, time_shape
 from benchmarks.markdown import render
 from pipeline.build import BuildOptions, build
+from tests.backends.test_openvino import needs_openvino
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,15 +109,10 @@ def test_encoder_flops_by_hand() -> None:
     assert floor.fraction_of_peak(10**9, 1.0, None, 1) is None
 
 
+@needs_openvino
 def test_harness_runs_static_contenders_at_the_shape_they_time(
     checkpoint, recipe_for, shared_artifacts: Path
 ) -> None:
-    from tests.backends.test_openvino import OPENVINO
-
-    if not OPENVINO.available:
-        import pytest
-
-        pytest.skip(f"needs OpenVINO's provider: {OPENVINO.detail}")
     folder, model = _tiny_fp32(checkpoint, recipe_for, shared_artifacts)
     spec = _spec(
         folder,
