@@ -641,6 +641,17 @@ class GenerationSpec(_Strict):
     perplexity_texts: PositiveInt = 64
     #: Reference logits kept per step (the most likely tokens) for the logits error.
     top_k: int = Field(32, ge=1, le=1024)
+    #: PyTorch itself in these precisions (the model cast whole), verified like a variant: what
+    #: any 16-bit deployment of the model gives up, reported beside the variants as the scale
+    #: their figures read against. ``[]`` skips it.
+    floor: list[Literal["fp16", "bf16"]] = Field(default_factory=lambda: ["fp16", "bf16"])
+
+    @field_validator("floor")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"floor lists a precision twice: {value}")
+        return value
 
 
 #: Recipe fields that only one kind of task reads (refused on the other, not ignored).

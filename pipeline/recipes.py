@@ -27,6 +27,8 @@ from pipeline.stages.fp16 import Fp16Config, Fp16Stage
 from pipeline.stages.generation import (
     ExportDecoderConfig,
     ExportDecoderStage,
+    GenerationFloorConfig,
+    GenerationFloorStage,
     GenerationLatencyConfig,
     GenerationLatencyStage,
     GenerationReferenceConfig,
@@ -336,8 +338,8 @@ def decoder_method(variant: VariantSpec) -> str | None:
 
 
 def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
-    """load -> export (prefill + decode) -> reference -> optimize, quantize (each) -> verify (each)
-    -> latency.
+    """load -> export (prefill + decode) -> reference (-> floor) -> optimize, quantize (each) ->
+    verify (each) -> latency.
 
     Step ids are the encoder pipeline's, so reports and checks read both alike.
     """
@@ -371,6 +373,16 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             {**checkpoint, "evaluation": "input:evaluation"},
         ),
     ]
+    if gen.floor:
+        steps.append(
+            Step(
+                "floor",
+                GenerationFloorStage(
+                    GenerationFloorConfig(precisions=tuple(gen.floor), threads=threads)
+                ),
+                {**checkpoint, "reference": "reference.reference"},
+            )
+        )
     models = {}
     for variant in recipe.variants:
         graphs = "export.model"

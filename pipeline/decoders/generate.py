@@ -224,6 +224,10 @@ class TorchGenerator(StepGenerator):
     def __init__(self, model: Any) -> None:
         self.model = model
 
+    def token_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Logits at every position of the prompt, as float32."""
+        return torch_token_logits(self.model, ids, mask)
+
     def calls(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[[Any], np.ndarray]]:
         import torch
 

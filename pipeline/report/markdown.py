@@ -207,8 +207,10 @@ def _generation_section(report: Report) -> list[str]:
         "| variant | token match | whole continuations equal | prompts diverged (median first step) | agreement | perplexity (change) |",
         "|---|---|---|---|---|---|",
     ]
-    for c in variants:
-        a = c.accuracy or {}
+    rows = [(c.name, c.accuracy or {}) for c in variants]
+    floor = report.floor or {}
+    rows += [(f"*PyTorch {precision} (floor)*", a) for precision, a in floor.items()]
+    for name, a in rows:
         increase = a.get("perplexity_increase")
         change = "–" if increase is None else f"{100 * increase:+.2f}%"
         first_step = a.get("median_first_divergence")
@@ -216,9 +218,17 @@ def _generation_section(report: Report) -> list[str]:
             f" ({first_step:.0f})" if first_step is not None else ""
         )
         lines.append(
-            f"| {c.name} | {figure(a.get('token_match'), '.4f')} | {figure(a.get('sequence_match'), '.3f')} "
+            f"| {name} | {figure(a.get('token_match'), '.4f')} | {figure(a.get('sequence_match'), '.3f')} "
             f"| {diverged} | {figure(a.get('agreement'), '.4f')} | {figure(a.get('perplexity'), '.3f')} ({change}) |"
         )
+    if floor:
+        lines += [
+            "",
+            f"*Floor*: PyTorch itself cast to {' and '.join(floor)} (the whole model, no "
+            "compiler), verified the same way: what any 16-bit deployment of this model gives "
+            "up. Greedy token match is chaotic (a flipped near-tie changes the rest of a text); "
+            "read a variant's figures against these.",
+        ]
     decode = [s for s in report.shapes if s.startswith("decode-")]
     if decode:
         lines += [

@@ -149,12 +149,20 @@ class Report(_Frozen):
     environment: dict[str, Any] = Field(description="Versions, hardware and platform.")
     notes: list[str]
     comparison: Comparison | None = Field(None, description="Against the baseline, when given.")
+    floor: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="Text-generation: PyTorch itself cast to fp16 or bf16 (generation.floor), "
+        "verified against PyTorch FP32 with the variants' accuracy figures (token_match, "
+        "sequence_match, agreement, max_abs_error, perplexity_increase...): what any 16-bit "
+        "deployment of the model gives up, the scale the variants' figures read against.",
+    )
 
 
 def build_report(manifest: Manifest) -> Report:
     recipe = manifest.recipe
     load = manifest.stage("load")
     reference = manifest.stage("reference")
+    floor = manifest.stage("floor")
     latency = manifest.stage("latency")
     lat = latency.stats if latency else {}
     shapes: list[str] = lat.get("shapes", [])
@@ -277,6 +285,7 @@ def build_report(manifest: Manifest) -> Report:
         environment=manifest.environment,
         notes=notes,
         comparison=compared,
+        floor=dict(floor.stats) if floor is not None else None,
     )
 
 

@@ -10,6 +10,8 @@ reports, checks and comparisons read both kinds of build alike; the stages behin
   outputs (see pipeline.decoders.export), plus the tokenizer and config;
 * ``generation-reference``: PyTorch's greedy continuations of the evaluation prompts with the
   top-k logits of every step, and PyTorch's perplexity on the evaluation texts;
+* ``generation-floor``: PyTorch itself in fp16 and bf16 against that reference: the accuracy a
+  16-bit deployment of the model gives up, the scale a variant's figures read against;
 * ``optimize-decoder``: normalisation, rotary, attention and projection-packing fusions on both
   graphs, each run against the unfused graphs before it is kept (see pipeline.decoders.fuse);
 * ``quantize-decoder``: INT8 dynamic, or 8-/4-bit weight-only MatMulNBits, on both graphs;
@@ -484,42 +486,92 @@ class VerifyGenerationStage(Stage[VerifyGenerationConfig]):
     version = 2
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
-        from pipeline.decoders.generate import OrtGenerator, negative_log_likelihood
-        from pipeline.decoders.verify import batch_figures, summarize
+        from pipeline.decoders.generate import OrtGenerator
 
         cfg = self.config
         folder = inputs["model"].path
         reference = ReferenceSet(inputs["reference"].path)
         generator = OrtGenerator(folder, cfg.threads, cfg.session_optimization)
-        parts = []
-        total, count = 0.0, 0
-        with ctx.progress.task(
-            f"verify {cfg.variant}", total=len(reference.prompts) + len(reference.texts)
-        ) as advance:
-            for batch in reference.prompts:
-                parts.append(batch_figures(generator, batch))
-                advance(1)
-            for ids, mask in reference.texts:
-                nll, n = negative_log_likelihood(generator.token_logits(ids, mask), ids, mask)
-                total, count = total + nll, count + n
-                advance(1)
-        figures = summarize(parts)
-        perplexity = float(np.exp(total / count)) if np.isfinite(total) else None
-        divergences = [d for d in figures["first_divergence"] if d is not None]
-        return StageResult(
-            stats={
-                **figures,
-                "error_kind": "logits at PyTorch's top-k tokens, teacher-forced",
-                "diverged_prompts": len(divergences),
-                "median_first_divergence": float(np.median(divergences)) if divergences else None,
-                "perplexity": None if perplexity is None else round(perplexity, 6),
-                "reference_perplexity": round(reference.perplexity, 6),
-                "perplexity_increase": None
-                if perplexity is None
-                else round(perplexity / reference.perplexity - 1, 6),
-                "size_bytes": decoder_size(folder),
-            }
-        )
+        figures = verified(ctx, f"verify {cfg.variant}", generator, reference)
+        return StageResult(stats={**figures, "size_bytes": decoder_size(folder)})
+
+
+def verified(ctx: BuildContext, label: str, generator: Any, reference: ReferenceSet) -> dict[str, Any]:
+    """A generator's figures against the reference: greedy tokens, teacher-forced decisions and
+    logits of every prompt batch (pipeline.decoders.verify), and perplexity on the texts."""
+    from pipeline.decoders.generate import negative_log_likelihood
+    from pipeline.decoders.verify import batch_figures, summarize
+
+    parts = []
+    total, count = 0.0, 0
+    with ctx.progress.task(label, total=len(reference.prompts) + len(reference.texts)) as advance:
+        for batch in reference.prompts:
+            parts.append(batch_figures(generator, batch))
+            advance(1)
+        for ids, mask in reference.texts:
+            nll, n = negative_log_likelihood(generator.token_logits(ids, mask), ids, mask)
+            total, count = total + nll, count + n
+            advance(1)
+    figures = summarize(parts)
+    perplexity = float(np.exp(total / count)) if np.isfinite(total) else None
+    divergences = [d for d in figures["first_divergence"] if d is not None]
+    return {
+        **figures,
+        "error_kind": "logits at PyTorch's top-k tokens, teacher-forced",
+        "diverged_prompts": len(divergences),
+        "median_first_divergence": float(np.median(divergences)) if divergences else None,
+        "perplexity": None if perplexity is None else round(perplexity, 6),
+        "reference_perplexity": round(reference.perplexity, 6),
+        "perplexity_increase": None
+        if perplexity is None
+        else round(perplexity / reference.perplexity - 1, 6),
+    }
+
+
+#: The precisions the floor casts PyTorch to.
+FLOOR_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+class GenerationFloorConfig(StageConfig):
+    precisions: tuple[str, ...]
+    threads: int
+
+
+class GenerationFloorStage(Stage[GenerationFloorConfig]):
+    """PyTorch itself in 16-bit precisions, verified against its FP32 reference like a variant.
+
+    The model is cast whole (weights and every activation, as ``model.to(torch.float16)``
+    deploys it) and generates through transformers' own cache, so the figures are what any
+    16-bit deployment of this model gives up, with no compiler involved. Greedy token match is
+    a chaotic figure (one flipped near-tie changes the rest of a text), and how often a model
+    has near-ties depends on the model and the prompts: on SmolLM2-135M and the shipped
+    evaluation prompts, PyTorch in fp16 keeps 0.948 of the tokens and in bf16 0.733
+    (BENCHMARKS.md). The floor is the scale the variants' figures read against.
+    """
+
+    name = "generation-floor"
+    # PyTorch's half-precision CPU kernels differ per instruction set (AMX, AVX512-FP16...).
+    facets = ("versions", "hardware")
+    version = 1
+
+    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
+        import copy
+
+        import torch
+
+        from pipeline.decoders.generate import TorchGenerator
+
+        cfg = self.config
+        model, _ = loaded_decoder(ctx, inputs["checkpoint"].path, cfg.threads)
+        reference = ReferenceSet(inputs["reference"].path)
+        stats: dict[str, Any] = {}
+        for precision in cfg.precisions:
+            # A copy: the float32 model is shared with the build's other stages.
+            cast = copy.deepcopy(model).to(getattr(torch, FLOOR_DTYPES[precision]))
+            figures = verified(ctx, f"PyTorch {precision}", TorchGenerator(cast), reference)
+            del cast
+            stats[precision] = {k: v for k, v in figures.items() if k != "first_divergence"}
+        return StageResult(stats=stats)
 
 
 def phase_key(phase: str, batch: int, sequence: int) -> str:

@@ -98,6 +98,39 @@ def test_fp32_generates_pytorchs_tokens_and_perplexity(built: Any) -> None:
     assert fp32["perplexity"] == pytest.approx(fp32["reference_perplexity"], rel=1e-5)
 
 
+def test_the_floor_is_pytorch_itself_in_half_precision(built: Any) -> None:
+    """generation.floor (default fp16 and bf16): PyTorch cast whole, verified like a variant."""
+    outcome, _ = built
+    floor = outcome.report.floor
+    assert set(floor) == {"fp16", "bf16"}
+    for figures in floor.values():
+        assert figures["prompts"] == 16 and figures["new_tokens"] == 8
+        assert 0 <= figures["token_match"] <= 1 and 0 <= figures["agreement"] <= 1
+        assert figures["nonfinite_outputs"] == 0
+        assert figures["reference_perplexity"] == pytest.approx(
+            contender(outcome, "fp32").accuracy["reference_perplexity"]
+        )
+    # Rounding moves the logits, and bf16 (8-bit significand) more than fp16 (11-bit).
+    assert 0 < floor["fp16"]["max_abs_error"] < floor["bf16"]["max_abs_error"]
+    assert 0 < floor["fp16"]["mean_abs_error"] < floor["bf16"]["mean_abs_error"]
+    markdown = (outcome.run_dir / "report.md").read_text()
+    assert "| *PyTorch fp16 (floor)* |" in markdown and "| *PyTorch bf16 (floor)* |" in markdown
+    # The float32 model the other stages share is left float32.
+    fp32 = contender(outcome, "fp32").accuracy
+    assert fp32["max_abs_error"] < 1e-4
+
+
+def test_an_empty_floor_skips_the_step(checkpoint: Path) -> None:
+    from pipeline.recipes import decoder_pipeline
+
+    recipe = parse_recipe(recipe_data(checkpoint, generation={"floor": []}))
+    assert "floor" not in [s.id for s in decoder_pipeline(recipe, threads=2).steps]
+    default = parse_recipe(recipe_data(checkpoint))
+    assert "floor" in [s.id for s in decoder_pipeline(default, threads=2).steps]
+    with pytest.raises(Exception, match="floor lists a precision twice"):
+        parse_recipe(recipe_data(checkpoint, generation={"floor": ["fp16", "fp16"]}))
+
+
 def test_every_variant_is_fused_as_its_architecture_expects(built: Any) -> None:
     outcome, _ = built
     fusion = {(c.variant, c.metric): c.value for c in outcome.report.checks if c.source == "fusion"}
