@@ -55,7 +55,10 @@ BUILD_NOTE = (
     "and the 120 float remainder products (a block minimum that no whole zero point holds) "
     "cost more there than the FP32 GEMM. "
     "`int8-block` and `int4` round the weights onto a new grid and quantize the activations "
-    "per block: near ties flip and greedy continuations drift."
+    "per block: near ties flip and greedy continuations drift. "
+    "*PyTorch fp16 / bf16 (floor)* is PyTorch itself cast whole to that precision "
+    "(`generation.floor`), verified the same way: on these prompts even fp16 flips near ties "
+    "(token match 0.95), and bf16's figures are of `int8-block`'s order."
 )
 
 
@@ -96,6 +99,10 @@ def summary(report: dict[str, Any], recipe: str, flags: str = "") -> dict[str, A
         "reference_perplexity": first["reference_perplexity"],
         "shapes": report["shapes"],
         "contenders": contenders,
+        "floor": {
+            precision: {k: figures.get(k) for k in ACCURACY}
+            for precision, figures in (report.get("floor") or {}).items()
+        },
         "stages": {s["step"]: s["seconds"] for s in report["stages"]},
     }
 

@@ -378,6 +378,17 @@ def decoder_build_section(d: dict[str, Any]) -> list[str]:
             )
         row += [figure(c["size_mb"], ".1f"), figure(c["peak_rss_mb"], ".0f")]
         lines.append("| " + " | ".join(row) + " |")
+    for precision, a in d.get("floor", {}).items():
+        change = a.get("perplexity_increase")
+        row = [
+            f"*PyTorch {precision} (floor)*",
+            figure(a.get("token_match"), ".3f"),
+            figure(a.get("sequence_match"), ".3f"),
+            figure(a.get("agreement"), ".4f"),
+            f"{a['perplexity']:.2f} ({100 * change:+.2f}%)" if change is not None else "–",
+            *["–"] * (len(d["shapes"]) + 2),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
     decode = [s for s in d["shapes"] if s.startswith("decode-")]
     if d.get("note"):
         lines += ["", d["note"]]

@@ -626,6 +626,10 @@ class GateSpec(_Strict):
         return value
 
 
+FloorPrecision = Literal["fp16", "bf16"]
+FLOOR_PRECISIONS: tuple[FloorPrecision, ...] = ("fp16", "bf16")
+
+
 class GenerationSpec(_Strict):
     """How a text-generation model is verified: greedy continuations of evaluation prompts."""
 
@@ -644,7 +648,7 @@ class GenerationSpec(_Strict):
     #: PyTorch itself in these precisions (the model cast whole), verified like a variant: what
     #: any 16-bit deployment of the model gives up, reported beside the variants as the scale
     #: their figures read against. ``[]`` skips it.
-    floor: list[Literal["fp16", "bf16"]] = Field(default_factory=lambda: ["fp16", "bf16"])
+    floor: list[FloorPrecision] = Field(default_factory=lambda: list(FLOOR_PRECISIONS))
 
     @field_validator("floor")
     @classmethod

@@ -206,6 +206,20 @@ def _accuracy_plot(report: Report, colours: dict[str, str]) -> str | None:
                 ax.annotate(
                     c.name, (lat.speedup, y), textcoords="offset points", xytext=(5, 4), fontsize=7
                 )
+            # Decoders: PyTorch itself in fp16 / bf16 (the floor) as the scale to read against.
+            floor = report.floor or {}
+            for style, (precision, figures) in zip((":", "-."), floor.items(), strict=False):
+                level = figures.get(metric)
+                if level is not None and metric != "mean_cosine":
+                    ax.axhline(
+                        level,
+                        color="#555",
+                        linestyle=style,
+                        linewidth=1,
+                        label=f"PyTorch {precision}",
+                    )
+            if floor and metric != "mean_cosine":
+                ax.legend(fontsize=7, title="floor")
             ax.margins(x=0.2, y=0.1)
             if metric == "mean_cosine":
                 ax.set_yscale("log")

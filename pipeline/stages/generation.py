@@ -496,7 +496,9 @@ class VerifyGenerationStage(Stage[VerifyGenerationConfig]):
         return StageResult(stats={**figures, "size_bytes": decoder_size(folder)})
 
 
-def verified(ctx: BuildContext, label: str, generator: Any, reference: ReferenceSet) -> dict[str, Any]:
+def verified(
+    ctx: BuildContext, label: str, generator: Any, reference: ReferenceSet
+) -> dict[str, Any]:
     """A generator's figures against the reference: greedy tokens, teacher-forced decisions and
     logits of every prompt batch (pipeline.decoders.verify), and perplexity on the texts."""
     from pipeline.decoders.generate import negative_log_likelihood

@@ -115,6 +115,9 @@ def test_the_floor_is_pytorch_itself_in_half_precision(built: Any) -> None:
     assert 0 < floor["fp16"]["mean_abs_error"] < floor["bf16"]["mean_abs_error"]
     markdown = (outcome.run_dir / "report.md").read_text()
     assert "| *PyTorch fp16 (floor)* |" in markdown and "| *PyTorch bf16 (floor)* |" in markdown
+    # The HTML's accuracy plot draws the floor as lines to read the variants against.
+    page = (outcome.run_dir / "report.html").read_text()
+    assert "PyTorch fp16" in page and "PyTorch bf16" in page
     # The float32 model the other stages share is left float32.
     fp32 = contender(outcome, "fp32").accuracy
     assert fp32["max_abs_error"] < 1e-4
