@@ -245,6 +245,7 @@ def build_report(manifest: Manifest) -> Report:
                 "(static_shapes); shorter inputs are padded up to the nearest, and verification "
                 "ran them that way"
             )
+    notes += _floor_notes(manifest, floor.stats if floor is not None else {})
     if reference is not None and reference.stats.get("truncated"):
         notes.append(
             f"{reference.stats['truncated']} evaluation texts were longer than {reference.stats['max_length']} tokens and were truncated."
@@ -287,6 +288,26 @@ def build_report(manifest: Manifest) -> Report:
         comparison=compared,
         floor=dict(floor.stats) if floor is not None else None,
     )
+
+
+def _floor_notes(manifest: Manifest, floor: dict[str, Any]) -> list[str]:
+    """A token-match gate that failed above what PyTorch itself keeps in 16 bits: the limit
+    asks more than the model's own near-ties allow, which the user should know before
+    hunting for a compiler bug."""
+    kept = {p: f.get("token_match") for p, f in floor.items() if f.get("token_match") is not None}
+    if not kept:
+        return []
+    precision = max(kept, key=lambda p: kept[p])
+    return [
+        f"{c.variant}: gates.min_token_match {c.limit:g} is above PyTorch's own token match in "
+        f"{precision} ({kept[precision]:.3f}, the floor): on these prompts even a 16-bit "
+        "PyTorch flips near-ties; gate agreement or perplexity, or a token match below the floor"
+        for c in manifest.checks
+        if c.source == "gate"
+        and c.metric == "token_match"
+        and not c.passed
+        and c.limit > kept[precision]
+    ]
 
 
 def _graph(manifest: Manifest, variant: dict[str, Any]) -> dict[str, Any]:

@@ -123,6 +123,30 @@ def test_the_floor_is_pytorch_itself_in_half_precision(built: Any) -> None:
     assert fp32["max_abs_error"] < 1e-4
 
 
+def test_a_token_match_gate_above_the_floor_is_named(built: Any, checkpoint: Path) -> None:
+    outcome, artifacts = built
+    bf16 = outcome.report.floor["bf16"]["token_match"]
+    assert bf16 < 1  # measured on the tiny model: 0.953
+    limit = round((bf16 + 1) / 2, 4)
+    gated = build(
+        parse_recipe(
+            recipe_data(
+                checkpoint,
+                generation={**recipe_data(checkpoint)["generation"], "floor": ["bf16"]},
+                gates={"min_token_match": limit, "variants": ["int4"]},
+            )
+        ),
+        BuildOptions(artifacts=artifacts, run_id="above-floor"),
+    )
+    assert not gated.passed
+    hints = [n for n in gated.report.notes if "gates.min_token_match" in n]
+    assert hints == [
+        f"int4: gates.min_token_match {limit:g} is above PyTorch's own token match in bf16 "
+        f"({bf16:.3f}, the floor): on these prompts even a 16-bit PyTorch flips near-ties; "
+        "gate agreement or perplexity, or a token match below the floor"
+    ]
+
+
 def test_an_empty_floor_skips_the_step(checkpoint: Path) -> None:
     from pipeline.recipes import decoder_pipeline
 
@@ -243,6 +267,8 @@ def test_gates_on_token_match_and_perplexity_fail_the_build(built: Any, checkpoi
     assert all(s.cached for s in again.manifest.stages)  # gates re-judge, nothing re-runs
     failed = [(c.variant, c.metric) for c in again.report.checks if not c.passed]
     assert failed == [("int4", "token_match")]
+    # Below what 16-bit PyTorch keeps (the floor): no hint that the gate asks too much.
+    assert not [n for n in again.report.notes if "gates.min_token_match" in n]
 
 
 def test_the_cli_builds_and_compares_decoder_runs(
