@@ -334,6 +334,37 @@ def decoder_fusion_peer_section(d: dict[str, Any]) -> list[str]:
     return [*lines, *_fused_rows(d["results"], labels), ""]
 
 
+def decoder_rounding_section(d: dict[str, Any]) -> list[str]:
+    """PyTorch rounded on purpose: what each kind of rounding costs the greedy tokens."""
+    lines = [
+        f"## Decoder rounding: {d['model']} in PyTorch, rounded on purpose ({d['threads']} threads)",
+        "",
+        f"Produced by `{d['command']}`. Every `nn.Linear` computes with rounded weights and/or inputs "
+        "(simulated: rounded to the grid, products in float32), one kind at a time; "
+        f"{d['prompts']} evaluation prompts, {d['new_tokens']} greedy tokens, against the float32 "
+        "model. `int8-block` is symmetric 8-bit per block of 16 input channels, the arithmetic of "
+        "the `int8-block` variant. Kept-float groups (one layer's attention, one layer's MLP, "
+        "the LM head) are the most sensitive first: the teacher-forced logit error with only "
+        "that group rounded.",
+        "",
+        "| rounding | token match | whole continuations | agreement (teacher-forced) |",
+        "|---|---|---|---|",
+    ]
+    for row in d["rows"]:
+        lines.append(
+            f"| {row['rounding']} | {row['token_match']:.3f} | {row['sequence_match']:.3f} "
+            f"| {row['agreement']:.4f} |"
+        )
+    lines += [
+        "",
+        "Most sensitive groups (logit error with only that group rounded): "
+        + ", ".join(f"{g['group']} {g['logit_error']:.3f}" for g in d["most_sensitive"])
+        + ".",
+        "",
+    ]
+    return lines
+
+
 def decoder_build_section(d: dict[str, Any]) -> list[str]:
     """A text-generation build's own measurement: accuracy against PyTorch and decode speed."""
     model = d["model"]
@@ -524,6 +555,7 @@ def render(results: dict[str, Any]) -> str:
         ("decoders", decoders_section),
         ("decoders_real", decoders_section),
         ("decoder_build", decoder_build_section),
+        ("decoder_rounding", decoder_rounding_section),
         ("decoder_fusions", decoder_build_section),
         ("decoder_fusion_peer", decoder_fusion_peer_section),
         ("decoder_static", decoder_static_section),
