@@ -32,8 +32,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
 #: Kept-float group counts tried for the mixed-precision rows.
@@ -111,12 +109,12 @@ def prompt_batches(tokenizer: Any, model: Any, prompts: int, new_tokens: int) ->
     16) with PyTorch's greedy continuations and top-8 logits."""
     from pipeline.decoders.generate import greedy_reference
     from pipeline.decoders.verify import reference_batch
-    from pipeline.stages.generation import _encode, _texts
+    from pipeline.stages.generation import encode_left_padded, evaluation_texts
 
-    texts = _texts(ROOT / "calibration" / "evaluation.jsonl", "text", prompts)
+    texts = evaluation_texts(ROOT / "calibration" / "evaluation.jsonl", "text", prompts)
     batches = []
     for start in range(0, prompts, 16):
-        ids, mask = _encode(tokenizer, texts[start : start + 16], 32)
+        ids, mask = encode_left_padded(tokenizer, texts[start : start + 16], 32)
         reference = greedy_reference(model, ids, mask, new_tokens)
         batches.append(reference_batch(ids, mask, reference, 8))
     return batches
@@ -133,13 +131,9 @@ def figures(model: Any, batches: list[Any]) -> dict[str, float]:
 def forced_error(model: Any, batch: Any) -> float:
     """Mean teacher-forced logit error at PyTorch's top-8 tokens of each step."""
     from pipeline.decoders.generate import TorchGenerator
+    from pipeline.decoders.verify import teacher_forced
 
-    forced = TorchGenerator(model).step_logits(
-        batch.ids, batch.mask, batch.tokens, batch.tokens.shape[1]
-    )
-    ours = np.stack(forced.logits, axis=1)
-    at_top = np.take_along_axis(ours, batch.top_ids.astype(np.int64), axis=-1)
-    return float(np.abs(at_top - batch.top_logits).mean())
+    return float(teacher_forced(TorchGenerator(model), batch)[1].mean())
 
 
 def study(source: str, prompts: int, new_tokens: int, threads: int) -> dict[str, Any]:

@@ -73,16 +73,22 @@ class BatchFigures:
     nonfinite: int
 
 
-def batch_figures(generator: Generator, ref: ReferenceBatch) -> BatchFigures:
-    new_tokens = ref.tokens.shape[1]
-    free = generator.step_logits(ref.ids, ref.mask, None, new_tokens)
-    forced = generator.step_logits(ref.ids, ref.mask, ref.tokens, new_tokens)
+def teacher_forced(generator: Generator, ref: ReferenceBatch) -> tuple[np.ndarray, np.ndarray]:
+    """With PyTorch's tokens fed (teacher forcing): the logits of every step
+    (``[batch, steps, vocab]``) and their error at PyTorch's top-k tokens (``[batch, steps, k]``)."""
+    forced = generator.step_logits(ref.ids, ref.mask, ref.tokens, ref.tokens.shape[1])
     ours = np.stack(forced.logits, axis=1)
     at_top = np.take_along_axis(ours, ref.top_ids.astype(np.int64), axis=-1)
+    return ours, np.abs(at_top.astype(np.float64) - ref.top_logits.astype(np.float64))
+
+
+def batch_figures(generator: Generator, ref: ReferenceBatch) -> BatchFigures:
+    free = generator.step_logits(ref.ids, ref.mask, None, ref.tokens.shape[1])
+    ours, error = teacher_forced(generator, ref)
     return BatchFigures(
         same=free.tokens == ref.tokens,
         agree=ours.argmax(axis=-1) == ref.tokens,
-        error=np.abs(at_top.astype(np.float64) - ref.top_logits.astype(np.float64)),
+        error=error,
         nonfinite=int((~np.isfinite(ours)).sum()),
     )
 

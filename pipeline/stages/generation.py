@@ -194,13 +194,16 @@ class ExportDecoderStage(Stage[ExportDecoderConfig]):
         )
 
 
-def _texts(path: Path, text_field: str, count: int) -> list[str]:
+def evaluation_texts(path: Path, text_field: str, count: int) -> list[str]:
+    """The first ``count`` texts of an evaluation file."""
     return [
         s.text for s in read_samples(path, kind="evaluation", text_field=text_field, limit=count)
     ]
 
 
-def _encode(tokenizer: Any, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_left_padded(
+    tokenizer: Any, texts: list[str], max_length: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded token ids and mask of ``texts``, each cut to ``max_length`` tokens."""
     encoded = tokenizer(
         texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"
@@ -274,7 +277,7 @@ class GenerationReferenceStage(Stage[GenerationReferenceConfig]):
 
         cfg = self.config
         model, tokenizer = loaded_decoder(ctx, inputs["checkpoint"].path, cfg.threads)
-        texts = _texts(
+        texts = evaluation_texts(
             inputs["evaluation"].path, cfg.text_field, max(cfg.prompts, cfg.perplexity_texts)
         )
         prompts = texts[: cfg.prompts]
@@ -285,7 +288,7 @@ class GenerationReferenceStage(Stage[GenerationReferenceConfig]):
             "PyTorch reference", total=len(prompt_batches) + len(text_batches)
         ) as advance:
             for i, start in enumerate(prompt_batches):
-                ids, mask = _encode(
+                ids, mask = encode_left_padded(
                     tokenizer, prompts[start : start + cfg.batch_size], cfg.prompt_tokens
                 )
                 reference = greedy_reference(model, ids, mask, cfg.new_tokens)
@@ -303,7 +306,7 @@ class GenerationReferenceStage(Stage[GenerationReferenceConfig]):
                 chunk = texts[start : min(start + PERPLEXITY_BATCH, cfg.perplexity_texts)]
                 lengths = [len(row) for row in tokenizer(chunk)["input_ids"]]
                 truncated += sum(n > cfg.max_length for n in lengths)
-                ids, mask = _encode(tokenizer, chunk, cfg.max_length)
+                ids, mask = encode_left_padded(tokenizer, chunk, cfg.max_length)
                 nll, n = negative_log_likelihood(torch_token_logits(model, ids, mask), ids, mask)
                 total, count = total + nll, count + n
                 arrays |= {f"text{i}/ids": ids, f"text{i}/mask": mask}
@@ -607,7 +610,9 @@ class GenerationLatencyStage(Stage[GenerationLatencyConfig]):
         path = inputs["checkpoint"].path
         info = DecoderInfo.read(inputs["info"])
         model, tokenizer = loaded_decoder(ctx, path, cfg.threads)
-        stream = token_stream(tokenizer, _texts(inputs["evaluation"].path, cfg.text_field, 10_000))
+        stream = token_stream(
+            tokenizer, evaluation_texts(inputs["evaluation"].path, cfg.text_field, 10_000)
+        )
         generators: dict[str, Any] = {PYTORCH: TorchGenerator(model)}
         folders = {name: inputs[f"model:{name}"].path for name in cfg.variants}
         for name, optimization in cfg.variants.items():

@@ -118,9 +118,45 @@ def test_the_floor_is_pytorch_itself_in_half_precision(built: Any) -> None:
     # The HTML's accuracy plot draws the floor as lines to read the variants against.
     page = (outcome.run_dir / "report.html").read_text()
     assert "PyTorch fp16" in page and "PyTorch bf16" in page
-    # The float32 model the other stages share is left float32.
-    fp32 = contender(outcome, "fp32").accuracy
-    assert fp32["max_abs_error"] < 1e-4
+
+
+def test_the_floor_reproduces_and_leaves_the_shared_model_float32(
+    built: Any, checkpoint: Path, tmp_path: Path
+) -> None:
+    """The floor stage run again on the build's reference gives the build's figures, and the
+    PyTorch model the build's other stages share (the latency stage times it) is unchanged."""
+    import torch
+
+    from pipeline.artifacts import Artifact
+    from pipeline.stages.base import BuildContext
+    from pipeline.stages.generation import (
+        GenerationFloorConfig,
+        GenerationFloorStage,
+        loaded_decoder,
+    )
+    from pipeline.stages.load import checkpoint_artifact
+
+    outcome, artifacts = built
+    reference = outcome.manifest.stage("reference")
+    step = outcome.manifest.stage("floor")
+    source = checkpoint_artifact(checkpoint)
+    ctx = BuildContext()
+    model, _ = loaded_decoder(ctx, source.path)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    result = GenerationFloorStage(GenerationFloorConfig(**step.config)).run(
+        ctx,
+        {
+            "checkpoint": source,
+            "reference": Artifact.of(
+                "reference", artifacts / "cache" / reference.key[:2] / reference.key / "reference"
+            ),
+        },
+        tmp_path,
+    )
+    assert result.stats == outcome.report.floor
+    assert loaded_decoder(ctx, source.path)[0] is model
+    for name, value in model.state_dict().items():
+        assert value.dtype == before[name].dtype and torch.equal(value, before[name]), name
 
 
 def test_a_token_match_gate_above_the_floor_is_named(built: Any, checkpoint: Path) -> None:
