@@ -7,6 +7,10 @@ float32 op (LayerNormalization) feeds a float32 graph output: its result is cast
 for the graph and back to float32 for the output. The pair only rounds, so removing it makes
 the output more exact and saves two kernels. onnxscript's own cast-cast rule leaves this case
 alone on purpose (it is not value-preserving); here the rounding is exactly what should go.
+
+    Cast(Cast(mask: bool, to=float16), to=float32)  ->  Cast(mask, to=float32)
+
+A bool through any number type is exact, so the middle Cast goes too.
 """
 
 from __future__ import annotations
@@ -36,9 +40,29 @@ class _RoundTrip(pattern.RewriteRuleClassBase):
         return op.Identity(x)
 
 
+class _BoolDetour(pattern.RewriteRuleClassBase):
+    """``Cast(Cast(mask: bool, to=float16), to=float32)`` -> ``Cast(mask, to=float32)``: 0 and 1
+    are exact in every type, so the middle type changes nothing. A decoder's exported mask
+    arithmetic casts a bool to float; converted to float16 and feeding a reduction kept in
+    float32, it gets this detour."""
+
+    def pattern(self, op, x, to, inner):
+        return op.Cast(op.Cast(x, to=inner), to=to)
+
+    def check(self, context, x: ir.Value, to: ir.Attr, inner: ir.Attr) -> MatchResult:
+        result = MatchResult()
+        if x.dtype != ir.DataType.BOOL:
+            return result.fail("the input is not bool")
+        return result
+
+    def rewrite(self, op, x: ir.Value, to: ir.Attr, inner: ir.Attr):
+        return op.Cast(x, to=to.as_int())
+
+
 class RemoveCastPairs(GraphPass):
     name = "remove-cast-pairs"
 
     def run(self, model: ir.Model) -> PassResult:
-        removed = pattern.RewriteRuleSet([_RoundTrip.rule()]).apply_to_model(model)
+        rules = [_RoundTrip.rule(), _BoolDetour.rule()]
+        removed = pattern.RewriteRuleSet(rules).apply_to_model(model)
         return PassResult(model, removed > 0, {"cast_pairs_removed": removed})
