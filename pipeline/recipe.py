@@ -759,8 +759,6 @@ class Recipe(_Strict):
                     f"fusions {sorted(set(variant.fusions) - set(DECODER_FUSIONS))} are not built "
                     f"for decoders (built: {list(DECODER_FUSIONS)})"
                 )
-            elif variant.precision == "fp16":
-                problem = "fp16 is not built for decoders on ort-cpu; use fp32, int8 or int4"
             elif variant.quantize is not None and variant.quantize.method == "static":
                 problem = "decoders take quantize.method dynamic or weight-only, not static"
             elif variant.quantize is not None and variant.quantize.budget is not None:

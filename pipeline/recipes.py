@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.backends.tensorrt_backend import derive_profile
+from pipeline.decoders.half import DECODER_KEEP_FLOAT
 from pipeline.recipe import (
     DECODER_FUSIONS,
     CalibrationSpec,
@@ -33,6 +34,8 @@ from pipeline.stages.generation import (
     GenerationLatencyStage,
     GenerationReferenceConfig,
     GenerationReferenceStage,
+    HalfDecoderConfig,
+    HalfDecoderStage,
     LoadDecoderConfig,
     LoadDecoderStage,
     OptimizeDecoderConfig,
@@ -338,8 +341,8 @@ def decoder_method(variant: VariantSpec) -> str | None:
 
 
 def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
-    """load -> export (prefill + decode) -> reference (-> floor) -> optimize, quantize (each) ->
-    verify (each) -> latency.
+    """load -> export (prefill + decode) -> reference (-> floor) -> optimize, fp16 or quantize
+    (each) -> verify (each) -> latency.
 
     Step ids are the encoder pipeline's, so reports and checks read both alike.
     """
@@ -403,6 +406,15 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 )
             )
             graphs = f"optimize[{variant.name}].model"
+        if variant.precision == "fp16":
+            steps.append(
+                Step(
+                    f"fp16[{variant.name}]",
+                    HalfDecoderStage(HalfDecoderConfig(keep_float=DECODER_KEEP_FLOAT)),
+                    {"model": graphs},
+                )
+            )
+            graphs = f"fp16[{variant.name}].model"
         method = decoder_method(variant)
         if method is None:
             models[variant.name] = graphs

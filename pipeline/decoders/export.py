@@ -98,6 +98,14 @@ def graph_files(folder: Path) -> list[Path]:
     )
 
 
+def copy_companions(source: Path, out: Path) -> None:
+    """Copy a decoder folder's files other than its graphs (config, tokenizer, export.json)."""
+    graphs = set(graph_files(source))
+    for item in source.iterdir():
+        if item.is_file() and item not in graphs:
+            shutil.copyfile(item, out / item.name)
+
+
 def share_weights(folder: Path) -> dict[str, int]:
     """Store each weight of the prefill and decode graphs once, in ``weights.onnx.data``.
 

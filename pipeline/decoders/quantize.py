@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.decoders.export import DECODE, PREFILL, WEIGHTS, share_weights
+from pipeline.decoders.export import DECODE, PREFILL, copy_companions, share_weights
 from pipeline.errors import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -289,9 +288,7 @@ def quantize_decoder(
         stats[name.removesuffix(".onnx")] = _quantize_graph(
             source / name, out / name, method, block_size, exclude, compute, keep_grid, fitted
         )
-    for item in source.iterdir():
-        if item.is_file() and not item.name.startswith(("prefill.onnx", "decode.onnx", WEIGHTS)):
-            shutil.copyfile(item, out / item.name)
+    copy_companions(source, out)
     short = [
         g
         for g, s in stats.items()

@@ -75,7 +75,7 @@ class Contender(_Frozen):
     task_metric: float | None = None
     graph: dict[str, Any] | None = Field(
         None,
-        description="Profile, fusions asked for, fused ops made (fusion counts), node counts, session level; static_shapes: the shapes an ort-openvino variant is compiled for (absent: dynamic axes).",
+        description="Profile, fusions asked for, fused ops made (fusion counts), node counts, session level; static_shapes: the shapes an ort-openvino variant is compiled for (absent: dynamic axes); float16 (fp16 variants): the Casts left, the op types kept in float32, and a decoder's KV cache element types.",
     )
     quantization: dict[str, Any] | None = Field(
         None,
@@ -245,6 +245,14 @@ def build_report(manifest: Manifest) -> Report:
                 "(static_shapes); shorter inputs are padded up to the nearest, and verification "
                 "ran them that way"
             )
+    cpu_half = [c.name for c in contenders if c.precision == "fp16" and c.target == "ort-cpu"]
+    if cpu_half:
+        notes.append(
+            f"{', '.join(cpu_half)}: float16 graphs on ort-cpu: ONNX Runtime's CPU provider has "
+            "no float16 kernels for most ops and runs them in float32 through Casts it inserts, "
+            "so verification measured float16's rounding of weights and activations, and the "
+            "latency is not a float16 speed (the graph is the form for a GPU: target ort-cuda)"
+        )
     notes += _floor_notes(manifest, floor.stats if floor is not None else {})
     if reference is not None and reference.stats.get("truncated"):
         notes.append(
@@ -326,6 +334,11 @@ def _graph(manifest: Manifest, variant: dict[str, Any]) -> dict[str, Any]:
     if optimize is not None:
         graph["nodes"] = optimize.stats.get("nodes")
         graph["fused_ops"] = optimize.stats.get("fusions", {})
+    half = manifest.stage(f"fp16[{variant['name']}]")
+    if half is not None:
+        graph["float16"] = {
+            k: half.stats[k] for k in ("casts", "kept_float", "cache") if k in half.stats
+        }
     graph_check = manifest.stage(f"verify[{variant['name']}:onnx]")
     if graph_check is not None:
         # The ONNX graph TensorRT was given, on ONNX Runtime CPU.

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import Artifact
 from pipeline.errors import PassError
@@ -65,6 +66,50 @@ def cascaded_casts(model: object) -> list[str]:
     ]
 
 
+def to_float16(
+    model: Any, keep_io_types: bool | list[str], keep_float: Sequence[str]
+) -> tuple[Any, list[Any]]:
+    """``model`` (an ``onnx.ModelProto``) in float16: ONNX Runtime's converter, then the
+    clean-up passes (round trips removed, constant Casts folded, dead nodes dropped, shapes
+    inferred). ``keep_io_types``: True for every graph input and output, or the names kept
+    float32. Returns the onnx_ir model and the passes' records."""
+    import onnx_ir as ir
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from pipeline.passes import run_passes
+    from pipeline.passes.fold_constants import FoldConstants
+    from pipeline.passes.infer_shapes import InferShapes
+    from pipeline.passes.remove_cast_pairs import RemoveCastPairs
+    from pipeline.passes.remove_unused import RemoveUnused
+
+    half = convert_float_to_float16(
+        model, keep_io_types=keep_io_types, op_block_list=list(keep_float)
+    )
+    return run_passes(
+        ir.from_proto(half),
+        [RemoveCastPairs(), FoldConstants(large=True), RemoveUnused(), InferShapes()],
+    )
+
+
+def require_no_cascades(model: Any) -> None:
+    """A converted graph must not hold a Cast of a Cast (the clean-up removes them all)."""
+    cascades = cascaded_casts(model)
+    if cascades:
+        raise PassError(
+            f"float16 conversion left cascaded Casts: {cascades[:5]}",
+            "this is a bug in the fp16 stage: report it with the model type",
+        )
+
+
+def half_stats(model: Any, keep_float: Sequence[str]) -> dict[str, Any]:
+    """The Casts of a converted graph and the ops it kept in float32, by type."""
+    kept = Counter(n.op_type for n in model.graph.node if n.op_type in keep_float)
+    return {
+        "casts": sum(1 for n in model.graph.node if n.op_type == "Cast"),
+        "kept_float": dict(sorted(kept.items())),
+    }
+
+
 class Fp16Stage(Stage[Fp16Config]):
     name = "fp16"
 
@@ -77,51 +122,28 @@ class Fp16Stage(Stage[Fp16Config]):
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         import onnx
         import onnx_ir as ir
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        from pipeline.passes import run_passes
-        from pipeline.passes.fold_constants import FoldConstants
-        from pipeline.passes.infer_shapes import InferShapes
-        from pipeline.passes.remove_cast_pairs import RemoveCastPairs
-        from pipeline.passes.remove_unused import RemoveUnused
 
         source = inputs["model"].path
         model = load_onnx(source / MODEL_FILE)
         external = uses_external_data(onnx.load(str(source / MODEL_FILE), load_external_data=False))
-        with ctx.progress.task("convert to float16", 2) as advance:
-            half = convert_float_to_float16(
-                model,
-                keep_io_types=True,
-                op_block_list=list(self.config.keep_float),
-            )
-            advance(1)
-            graph, records = run_passes(
-                ir.from_proto(half),
-                [RemoveCastPairs(), FoldConstants(large=True), RemoveUnused(), InferShapes()],
-            )
+        with ctx.progress.task("convert to float16", 1) as advance:
+            graph, records = to_float16(model, True, self.config.keep_float)
             advance(1)
         target = out / "model"
         target.mkdir()
         path = target / MODEL_FILE
         ir.save(graph, path, external_data=MODEL_FILE + ".data" if external else None)
         written = onnx.load(str(path), load_external_data=False)
-        cascades = cascaded_casts(written)
-        if cascades:
-            raise PassError(
-                f"float16 conversion left cascaded Casts: {cascades[:5]}",
-                "this is a bug in the fp16 stage: report it with the model type",
-            )
+        require_no_cascades(written)
         for name in ("config.json", *TOKENIZER_FILES):
             if (source / name).is_file():
                 shutil.copy2(source / name, target / name)
         types = Counter(
             onnx.TensorProto.DataType.Name(init.data_type) for init in written.graph.initializer
         )
-        kept = Counter(n.op_type for n in written.graph.node if n.op_type in self.config.keep_float)
         stats = {
-            "casts": sum(1 for n in written.graph.node if n.op_type == "Cast"),
+            **half_stats(written, self.config.keep_float),
             "initializer_types": dict(sorted(types.items())),
-            "kept_float": dict(sorted(kept.items())),
             "passes": [r.as_dict() for r in records],
             **graph_stats(path),
         }

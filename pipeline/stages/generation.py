@@ -475,6 +475,38 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
         )
 
 
+class HalfDecoderConfig(StageConfig):
+    #: Op types kept in float32 (pipeline.decoders.half.DECODER_KEEP_FLOAT by default).
+    keep_float: tuple[str, ...]
+
+
+class HalfDecoderStage(Stage[HalfDecoderConfig]):
+    """Float16 prefill and decode graphs with a float16 KV cache (pipeline.decoders.half)."""
+
+    name = "fp16-decoder"
+
+    def describe(self) -> str:
+        return "convert decoder to float16"
+
+    def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
+        from pipeline.decoders.half import half_decoder
+
+        with ctx.progress.task("convert prefill and decode graphs to float16", 1) as advance:
+            graphs = half_decoder(inputs["model"].path, out / MODEL_DIR, self.config.keep_float)
+            advance(1)
+        decode = graphs["decode"]
+        return StageResult(
+            outputs={"model": MODEL_DIR},
+            stats={
+                "casts": decode["casts"],
+                "kept_float": decode["kept_float"],
+                "cache": decode["cache"],
+                "graphs": graphs,
+                "size_bytes": decoder_size(out / MODEL_DIR),
+            },
+        )
+
+
 class VerifyGenerationConfig(StageConfig):
     variant: str
     precision: str

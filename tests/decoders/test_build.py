@@ -366,7 +366,6 @@ def test_the_reference_is_reproducible(built: Any, checkpoint: Path, tmp_path: P
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"variants": [{"name": "x", "precision": "fp16"}]}, "fp16 is not built for decoders"),
         ({"variants": [{"name": "x", "target": "tensorrt"}]}, "not built for decoders yet"),
         (
             {"variants": [{"name": "x", "fusions": ["ffn", "rotary"]}]},
@@ -555,3 +554,38 @@ def test_a_fusion_that_cannot_be_built_is_dropped_and_the_report_says_why(
     fusion = {c.metric: c.value for c in outcome.report.checks if c.source == "fusion"}
     assert fusion == {"skip-layernorm": 2 * LAYERS, "pack": 2 * LAYERS}
     assert contender(outcome, "fp32").accuracy["token_match"] == 1.0
+
+
+def test_an_fp16_variant_rounds_like_half_precision_pytorch(built: Any, checkpoint: Path) -> None:
+    """precision: fp16 — both graphs and the KV cache in float16, verified like any variant."""
+    _, artifacts = built
+    half = build(
+        parse_recipe(
+            recipe_data(
+                checkpoint,
+                variants=[{"name": "fp32"}, {"name": "fp16", "precision": "fp16"}],
+                latency={"enabled": False},
+            )
+        ),
+        BuildOptions(artifacts=artifacts, run_id="fp16"),
+    )
+    assert half.passed, [str(c) for c in half.report.checks if not c.passed]
+    fp16 = contender(half, "fp16")
+    figures = fp16.accuracy
+    floor = half.report.floor
+    assert figures["nonfinite_outputs"] == 0
+    # Rounded (an error), and of float16's order: below PyTorch's own bf16 cast.
+    assert 0 < figures["mean_abs_error"] < floor["bf16"]["mean_abs_error"]
+    assert figures["agreement"] >= floor["bf16"]["agreement"]
+    assert abs(figures["perplexity_increase"]) < 1e-3
+    # The graph: fused ops in float16 (none kept float32), the cache float16 in and out.
+    assert fp16.graph["float16"]["cache"] == {"FLOAT16": 4 * LAYERS}
+    assert fp16.graph["float16"]["kept_float"] == {}
+    assert fp16.graph["fused_ops"] == contender(half, "fp32").graph["fused_ops"]
+    # Half the bytes of the float32 weights (each tensor aligned to 4 KiB in the file).
+    weights = [
+        (half.run_dir / "models" / v / "weights.onnx.data").stat().st_size for v in ("fp16", "fp32")
+    ]
+    assert 0.45 < weights[0] / weights[1] < 0.6
+    assert any("float16 graphs on ort-cpu" in n for n in half.report.notes)
+    assert "| fp16 |" in (half.run_dir / "report.md").read_text()

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.decoders import OrtGenerator, export_decoder, greedy_reference
+from pipeline.decoders import OrtGenerator, compare_generation, export_decoder, greedy_reference
 from pipeline.decoders.fuse import PACKED, expected_ops, fuse_decoder
 from pipeline.sensitivity import module_name
 from tests.decoders.test_generation import VOCAB, prompts, tiny
@@ -215,3 +215,40 @@ def test_excluded_projections_are_not_packed(tmp_path: Path) -> None:
     assert (
         OrtGenerator(tmp_path / "fused").generate(ids, mask, 6).tokens == reference.tokens
     ).all()
+
+
+@pytest.mark.parametrize("graphs", ["fused", "export"])
+def test_float16_decoders_generate_close_to_pytorch(
+    fused: tuple[Any, Path, dict[str, Any]], graphs: str, tmp_path: Path
+) -> None:
+    """Weights, activations and the KV cache in float16; ids, mask and logits as they were."""
+    from pipeline.decoders.half import half_decoder
+
+    model, root, _ = fused
+    layers = model.config.num_hidden_layers
+    stats = half_decoder(root / graphs, tmp_path / "half")
+    # The cache is float16 everywhere: the prefill's outputs, the decode step's inputs and outputs.
+    assert stats["prefill"]["cache"] == {"FLOAT16": 2 * layers}
+    assert stats["decode"]["cache"] == {"FLOAT16": 4 * layers}
+    decode = onnx.load(str(tmp_path / "half" / "decode.onnx"), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*decode.input, *decode.output)}
+    assert types["logits"] == onnx.TensorProto.FLOAT
+    assert types["input_ids"] == types["attention_mask"] == onnx.TensorProto.INT64
+    weights = [i for i in decode.initializer if len(i.dims) == 2]
+    assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    if graphs == "fused":
+        # Fused normalisations and attention take float16 as they are; only GPT-2's GELU keeps
+        # its cube (Pow) in float32.
+        gelu = {"Pow": layers} if model.config.model_type == "gpt2" else {}
+        assert stats["decode"]["kept_float"] == gelu
+    else:
+        # The exported graph's Softmax (and RMSNorm's Pow and ReduceMean) stay float32.
+        assert stats["decode"]["kept_float"].get("Softmax") == layers
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, 12)
+    figures = compare_generation(OrtGenerator(tmp_path / "half"), reference, ids, mask)
+    spread = float(np.std(np.concatenate(reference.logits)))
+    assert figures["nonfinite_outputs"] == 0
+    assert figures["token_match"] >= 0.95
+    # float16's 11-bit significand: an error far below the logits' spread, but not none.
+    assert 0 < figures["mean_abs_error"] < 2e-3 * spread, (figures, spread)
