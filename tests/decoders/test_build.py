@@ -570,6 +570,13 @@ def test_an_fp16_variant_rounds_like_half_precision_pytorch(built: Any, checkpoi
         BuildOptions(artifacts=artifacts, run_id="fp16"),
     )
     assert half.passed, [str(c) for c in half.report.checks if not c.passed]
+    # Built-in parity limits for float16: decisions (agreement) and logits, besides finiteness.
+    limits = {
+        c.metric: c.limit
+        for c in half.report.checks
+        if c.variant == "fp16" and c.source == "tolerance"
+    }
+    assert limits == {"nonfinite_outputs": 0, "agreement": 0.98, "max_abs_error": 0.5}
     fp16 = contender(half, "fp16")
     figures = fp16.accuracy
     floor = half.report.floor
