@@ -10,6 +10,7 @@ Relative paths in a recipe are resolved against the folder the recipe lives in.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -460,6 +461,14 @@ class TensorRTSpec(_Strict):
         return value
 
 
+@functools.cache
+def onnxruntime_op_types() -> frozenset[str]:
+    """Every op type this ONNX Runtime has a schema for: ONNX's and its own contrib ops."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    return frozenset(schema.name for schema in get_all_operator_schema())
+
+
 class VariantSpec(_Strict):
     name: Name
     target: Target = "ort-cpu"
@@ -479,6 +488,27 @@ class VariantSpec(_Strict):
     #: instead of with dynamic axes (15-20% faster on OpenVINO); an input is padded up to the
     #: smallest of them that holds it (pipeline.backends.static_shapes).
     static_shapes: bool = False
+    #: precision fp16: op types kept in float32 (default: the normalisations, reductions and
+    #: Softmax for encoders; reductions and Softmax for decoders, whose fused normalisations
+    #: accumulate in float32 already). A model whose values leave float16's range (non-finite
+    #: outputs in verification) needs the ops that carry them listed here.
+    keep_float: list[str] | None = None
+
+    @field_validator("keep_float")
+    @classmethod
+    def _op_types(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if len(set(value)) != len(value):
+            raise ValueError(f"keep_float lists an op type twice: {value}")
+        unknown = [op for op in value if op not in onnxruntime_op_types()]
+        if unknown:
+            raise ValueError(
+                f"keep_float: {unknown} are not op types ONNX Runtime knows (op types are "
+                "case-sensitive, e.g. SkipSimplifiedLayerNormalization, Softmax; tforge "
+                "inspect lists a model's)"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -528,6 +558,10 @@ class VariantSpec(_Strict):
             raise ValueError(
                 "fusions: attention and mha are two forms of the same fusion; list one "
                 "(mha leaves the Q/K/V projections as MatMuls, for INT8)"
+            )
+        if self.keep_float is not None and self.precision != "fp16":
+            raise ValueError(
+                f"keep_float: needs precision: fp16 (this variant has {self.precision})"
             )
         if self.quantize is not None and self.precision not in ("int8", "int4"):
             raise ValueError(

@@ -202,7 +202,11 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             steps.append(
                 Step(
                     f"fp16[{variant.name}]",
-                    Fp16Stage(Fp16Config()),
+                    Fp16Stage(
+                        Fp16Config(keep_float=tuple(variant.keep_float))
+                        if variant.keep_float is not None
+                        else Fp16Config()
+                    ),
                     {"model": float_model(variant)},
                 )
             )
@@ -410,7 +414,13 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             steps.append(
                 Step(
                     f"fp16[{variant.name}]",
-                    HalfDecoderStage(HalfDecoderConfig(keep_float=DECODER_KEEP_FLOAT)),
+                    HalfDecoderStage(
+                        HalfDecoderConfig(
+                            keep_float=DECODER_KEEP_FLOAT
+                            if variant.keep_float is None
+                            else tuple(variant.keep_float)
+                        )
+                    ),
                     {"model": graphs},
                 )
             )

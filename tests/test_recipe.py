@@ -204,6 +204,18 @@ def _int8(quantize: dict) -> dict:
             "variants ['a'] have static_shapes, but data.max_length (256) is longer than every "
             "shape's sequence (shapes.sequence: [64, 128]); add 256 to shapes.sequence",
         ),
+        (
+            {"variants": [{"name": "a", "keep_float": ["Softmax"]}]},
+            "keep_float: needs precision: fp16 (this variant has fp32)",
+        ),
+        (
+            {"variants": [{"name": "a", "precision": "fp16", "keep_float": ["softmax"]}]},
+            "keep_float: ['softmax'] are not op types ONNX Runtime knows",
+        ),
+        (
+            {"variants": [{"name": "a", "precision": "fp16", "keep_float": ["Pow", "Pow"]}]},
+            "keep_float lists an op type twice",
+        ),
         (_int8({"budget": {}}), "set at least one of min_mean_cosine"),
         (_int8({"budget": {"min_mean_cosine": 1.5}}), "budget.min_mean_cosine"),
     ],
@@ -405,3 +417,20 @@ def test_static_int8_takes_its_targets_quantizer() -> None:
     # A dumped recipe (every default spelled out) loads again.
     again = parse_recipe(recipe.model_dump(mode="json"), origin="dumped")
     assert again == recipe
+
+
+def test_keep_float_reaches_the_fp16_stage() -> None:
+    from pipeline.recipes import encoder_pipeline
+    from pipeline.stages.fp16 import KEEP_FLOAT
+
+    recipe = parse_recipe(
+        {
+            "variants": [
+                {"name": "a", "precision": "fp16"},
+                {"name": "b", "precision": "fp16", "keep_float": ["Softmax", "Gelu"]},
+            ]
+        }
+    )
+    steps = {s.id: s for s in encoder_pipeline(recipe, threads=1).steps}
+    assert steps["fp16[a]"].stage.config.keep_float == KEEP_FLOAT
+    assert steps["fp16[b]"].stage.config.keep_float == ("Softmax", "Gelu")

@@ -14,7 +14,8 @@ on each side of every one (300 on SmolLM2-135M) and keep the residual stream in 
 Measured both ways on SmolLM2-135M (64 prompts x 32 tokens, ONNX Runtime CPU): teacher-forced
 agreement 0.9995 without them and 0.9990 with them, mean logit error 0.0092 and 0.0081. A
 model whose residual stream leaves float16's range shows it as non-finite logits in
-verification; list the normalisations in ``keep_float`` for it.
+verification (a failed check); the variant's ``keep_float`` then lists the normalisations, which
+keeps the residual stream they carry in float32 too.
 
 On ONNX Runtime's CPU provider most of these ops have no float16 kernel: the session inserts
 Casts and computes them in float32, so a CPU build verifies the float16 rounding of weights,

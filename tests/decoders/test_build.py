@@ -563,7 +563,18 @@ def test_an_fp16_variant_rounds_like_half_precision_pytorch(built: Any, checkpoi
         parse_recipe(
             recipe_data(
                 checkpoint,
-                variants=[{"name": "fp32"}, {"name": "fp16", "precision": "fp16"}],
+                variants=[
+                    {"name": "fp32"},
+                    {"name": "fp16", "precision": "fp16"},
+                    {
+                        "name": "fp16-norms",
+                        "precision": "fp16",
+                        "keep_float": [
+                            "SimplifiedLayerNormalization",
+                            "SkipSimplifiedLayerNormalization",
+                        ],
+                    },
+                ],
                 latency={"enabled": False},
             )
         ),
@@ -594,5 +605,15 @@ def test_an_fp16_variant_rounds_like_half_precision_pytorch(built: Any, checkpoi
         (half.run_dir / "models" / v / "weights.onnx.data").stat().st_size for v in ("fp16", "fp32")
     ]
     assert 0.45 < weights[0] / weights[1] < 0.6
+    # keep_float: the normalisations (and the residual stream they carry) in float32, through
+    # a Cast on each side of each.
+    norms = contender(half, "fp16-norms")
+    assert norms.graph["float16"]["kept_float"] == {
+        "SimplifiedLayerNormalization": 1,
+        "SkipSimplifiedLayerNormalization": 2 * LAYERS,
+    }
+    assert norms.graph["float16"]["casts"] > fp16.graph["float16"]["casts"]
+    assert norms.accuracy["nonfinite_outputs"] == 0
+    assert 0 < norms.accuracy["mean_abs_error"] < floor["bf16"]["mean_abs_error"]
     assert any("float16 graphs on ort-cpu" in n for n in half.report.notes)
     assert "| fp16 |" in (half.run_dir / "report.md").read_text()
