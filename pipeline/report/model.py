@@ -251,7 +251,7 @@ def build_report(manifest: Manifest) -> Report:
             f"{', '.join(cpu_half)}: float16 graphs on ort-cpu: ONNX Runtime's CPU provider has "
             "no float16 kernels for most ops and runs them in float32 through Casts it inserts, "
             "so verification measured float16's rounding of weights and activations, and the "
-            "latency is not a float16 speed (the graph is the form for a GPU: target ort-cuda)"
+            "latency is not a float16 speed (the graph is the form for a GPU)"
         )
     notes += _floor_notes(manifest, floor.stats if floor is not None else {})
     if reference is not None and reference.stats.get("truncated"):

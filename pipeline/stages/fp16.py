@@ -112,6 +112,8 @@ def half_stats(model: Any, keep_float: Sequence[str]) -> dict[str, Any]:
 
 class Fp16Stage(Stage[Fp16Config]):
     name = "fp16"
+    #: 2: a bool cast through float16 to float32 is cast once (RemoveCastPairs).
+    version = 2
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
         require_model_file("fp16", inputs["model"].path)
