@@ -117,7 +117,8 @@ class OrtRunner:
             )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        #: Inputs declared float16 (a decoder's float16 KV cache): float feeds are cast to them.
+        #: Inputs declared float16 (a decoder's float16 KV cache): a float32 feed is cast to
+        #: float16 (a float16 one, as :meth:`run` returns the cache, passes as it is).
         self.half_inputs = {
             i.name for i in self.session.get_inputs() if i.type == "tensor(float16)"
         }
@@ -174,7 +175,9 @@ class OrtRunner:
         else:
             # One call: binding it first would only add work.
             outputs = self.session.run(None, self._arrays(feed))
+        # Float outputs as float32, except float16 ones (a decoder's float16 KV cache), which
+        # go back into the next step's float16 inputs as they are: no copy either way.
         return {
-            name: np.asarray(value, dtype=np.float32)
+            name: value if value.dtype == np.float16 else np.asarray(value, dtype=np.float32)
             for name, value in zip(self.output_names, outputs, strict=True)
         }
