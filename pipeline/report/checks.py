@@ -26,13 +26,14 @@ def _by_step(stages: list[StageRecord]) -> dict[str, StageRecord]:
 #: Built-in limits of a decoder variant against PyTorch FP32, per precision. FP32 runs the same
 #: math in another runtime: its teacher-forced decisions must agree and its logits stay close.
 #: FP16 rounds every weight, activation and cached key and value: a decision may flip only at a
-#: near tie, and the logits move by float16's rounding of their scale (SmolLM2-135M: agreement
-#: 0.9995, largest error 0.096 at logits of order 10-20; PyTorch itself in fp16: 0.9966, 0.135).
+#: near tie, and perplexity moves by noise (SmolLM2-135M: agreement 0.9995, perplexity -0.03%;
+#: PyTorch itself in fp16: 0.9966, +0.01%). Its logits' absolute error scales with the logits
+#: (GPT-2's run in the hundreds, where one float16 step is 0.125), so that is no built-in limit.
 #: Quantized decoders are only checked for broken output (non-finite logits): how many tokens a
 #: product may lose is a gate in its recipe (min_token_match, max_perplexity_increase).
 DECODER_TOLERANCES: dict[str, dict[str, tuple[float, Literal["min", "max"]]]] = {
     "fp32": {"agreement": (0.99, "min"), "max_abs_error": (1e-2, "max")},
-    "fp16": {"agreement": (0.98, "min"), "max_abs_error": (0.5, "max")},
+    "fp16": {"agreement": (0.98, "min"), "perplexity_increase": (0.01, "max")},
 }
 
 
@@ -54,7 +55,7 @@ def decoder_tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[
             )
         )
         for metric, (default, kind) in DECODER_TOLERANCES.get(variant.precision, {}).items():
-            limit = overrides[metric]
+            limit = overrides.get(metric)
             checks.append(
                 check(
                     "tolerance",

@@ -248,10 +248,11 @@ def build_report(manifest: Manifest) -> Report:
     cpu_half = [c.name for c in contenders if c.precision == "fp16" and c.target == "ort-cpu"]
     if cpu_half:
         notes.append(
-            f"{', '.join(cpu_half)}: float16 graphs on ort-cpu: ONNX Runtime's CPU provider has "
-            "no float16 kernels for most ops and runs them in float32 through Casts it inserts, "
-            "so verification measured float16's rounding of weights and activations, and the "
-            "latency is not a float16 speed (the graph is the form for a GPU)"
+            f"{', '.join(cpu_half)}: float16 graphs on ort-cpu: ONNX Runtime's x86 CPU "
+            "provider has no float16 MatMul; it runs the MatMuls in float32 on the float16 weights and "
+            "inputs and rounds their outputs to float16, so verification measured float16's "
+            "rounding of weights and activations, and the latency is not a float16 speed (the "
+            "graph is the form for a GPU)"
         )
     notes += _floor_notes(manifest, floor.stats if floor is not None else {})
     if reference is not None and reference.stats.get("truncated"):
