@@ -488,10 +488,12 @@ class VariantSpec(_Strict):
     #: instead of with dynamic axes (15-20% faster on OpenVINO); an input is padded up to the
     #: smallest of them that holds it (pipeline.backends.static_shapes).
     static_shapes: bool = False
-    #: precision fp16: op types kept in float32 (default: the normalisations, reductions and
-    #: Softmax for encoders; reductions and Softmax for decoders, whose fused normalisations
-    #: accumulate in float32 already). A model whose values leave float16's range (non-finite
-    #: outputs in verification) needs the ops that carry them listed here.
+    #: precision fp16: the op types kept in float32, replacing the default list
+    #: (pipeline.stages.fp16.KEEP_FLOAT: normalisations, reductions, Pow and Softmax; for
+    #: decoders pipeline.decoders.half.DECODER_KEEP_FLOAT, the same without ONNX Runtime's
+    #: fused normalisations, which accumulate in float32 already). A model whose values leave
+    #: float16's range (non-finite outputs in verification) needs the ops that carry them
+    #: listed here besides those.
     keep_float: list[str] | None = None
 
     @field_validator("keep_float")

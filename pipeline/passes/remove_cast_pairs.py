@@ -22,6 +22,17 @@ from onnxscript.rewriter._basics import MatchResult
 from pipeline.passes.base import GraphPass, PassResult
 
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+#: Types that hold 0 and 1 exactly, as numbers (a string would hold "True").
+_NUMBERS = _FLOATS | {
+    ir.DataType.INT8,
+    ir.DataType.INT16,
+    ir.DataType.INT32,
+    ir.DataType.INT64,
+    ir.DataType.UINT8,
+    ir.DataType.UINT16,
+    ir.DataType.UINT32,
+    ir.DataType.UINT64,
+}
 
 
 class _RoundTrip(pattern.RewriteRuleClassBase):
@@ -53,6 +64,8 @@ class _BoolDetour(pattern.RewriteRuleClassBase):
         result = MatchResult()
         if x.dtype != ir.DataType.BOOL:
             return result.fail("the input is not bool")
+        if not all(ir.DataType(a.as_int()) in _NUMBERS for a in (inner, to)):
+            return result.fail("a Cast to a type that is not a number")
         return result
 
     def rewrite(self, op, x: ir.Value, to: ir.Attr, inner: ir.Attr):

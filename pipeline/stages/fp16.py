@@ -110,10 +110,14 @@ def half_stats(model: Any, keep_float: Sequence[str]) -> dict[str, Any]:
     }
 
 
+#: The float16 conversion's version (:func:`to_float16`), for the stages that run it.
+#: 2: a bool cast through float16 to float32 is cast once (RemoveCastPairs).
+CONVERSION_VERSION = 2
+
+
 class Fp16Stage(Stage[Fp16Config]):
     name = "fp16"
-    #: 2: a bool cast through float16 to float32 is cast once (RemoveCastPairs).
-    version = 2
+    version = CONVERSION_VERSION
 
     def requires(self, inputs: Mapping[str, Artifact]) -> None:
         require_model_file("fp16", inputs["model"].path)

@@ -38,6 +38,7 @@ from pipeline.backends.timing import SETTLE_AFTER_TORCH, LatencyStats
 from pipeline.calibration import read_samples
 from pipeline.errors import InputError
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
+from pipeline.stages.fp16 import CONVERSION_VERSION
 from pipeline.stages.latency import PYTORCH, TimingConfig, peak_memory, token_stream
 
 INFO_FILE = "decoder.json"
@@ -484,6 +485,7 @@ class HalfDecoderStage(Stage[HalfDecoderConfig]):
     """Float16 prefill and decode graphs with a float16 KV cache (pipeline.decoders.half)."""
 
     name = "fp16-decoder"
+    version = CONVERSION_VERSION
 
     def describe(self) -> str:
         return "convert decoder to float16"

@@ -67,3 +67,9 @@ def test_casts_that_change_values_are_kept() -> None:
     result = RemoveCastPairs()(model)
     assert result.stats["cast_pairs_removed"] == 0
     assert run(result.model, x).tolist() == [1.0, -2.0, 3.0]
+
+
+def test_a_bool_through_a_number_to_a_string_is_kept() -> None:
+    # bool -> float16 -> string writes "1"; bool -> string would write "true": not the same.
+    model = two_casts(onnx.TensorProto.BOOL, F16, onnx.TensorProto.STRING)
+    assert RemoveCastPairs()(model).stats["cast_pairs_removed"] == 0
