@@ -95,6 +95,13 @@ class ExportSpec(_Strict):
     opset: int = Field(20, ge=18, le=23)
 
 
+def _once_each(value: list[Any], problem: str) -> list[Any]:
+    """``value`` when no item repeats; else a ValueError: ``problem``, then the list."""
+    if len(set(value)) != len(value):
+        raise ValueError(f"{problem}: {value}")
+    return value
+
+
 class ShapeSpec(_Strict):
     """Shapes to verify and time; the exported graph keeps batch and sequence dynamic."""
 
@@ -104,9 +111,7 @@ class ShapeSpec(_Strict):
     @field_validator("batch", "sequence")
     @classmethod
     def _unique_sorted(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"lists a size twice: {value}")
-        return sorted(value)
+        return sorted(_once_each(value, "lists a size twice"))
 
     @field_validator("sequence")
     @classmethod
@@ -158,9 +163,7 @@ class VerifySpec(_Strict):
     @field_validator("padding")
     @classmethod
     def _unique(cls, value: list[PaddingSide]) -> list[PaddingSide]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"lists a side twice: {value}")
-        return value
+        return _once_each(value, "lists a side twice")
 
 
 class LatencySpec(_Strict):
@@ -501,8 +504,7 @@ class VariantSpec(_Strict):
     def _op_types(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return value
-        if len(set(value)) != len(value):
-            raise ValueError(f"keep_float lists an op type twice: {value}")
+        _once_each(value, "keep_float lists an op type twice")
         unknown = [op for op in value if op not in onnxruntime_op_types()]
         if unknown:
             raise ValueError(
@@ -689,9 +691,7 @@ class GenerationSpec(_Strict):
     @field_validator("floor")
     @classmethod
     def _distinct(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"floor lists a precision twice: {value}")
-        return value
+        return _once_each(value, "floor lists a precision twice")
 
 
 #: Recipe fields that only one kind of task reads (refused on the other, not ignored).

@@ -117,20 +117,10 @@ class OrtRunner:
             )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        #: Inputs declared float16 (a decoder's float16 KV cache): a float32 feed is cast to
-        #: float16 (a float16 one, as :meth:`run` returns the cache, passes as it is).
-        self.half_inputs = {
-            i.name for i in self.session.get_inputs() if i.type == "tensor(float16)"
-        }
 
     def _arrays(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         require_inputs(self.path, self.input_names, feed)
-        return {
-            name: np.ascontiguousarray(
-                feed[name], dtype=np.float16 if name in self.half_inputs else None
-            )
-            for name in self.input_names
-        }
+        return {name: np.ascontiguousarray(feed[name]) for name in self.input_names}
 
     def prepare(self, feed: dict[str, np.ndarray]) -> Bound:
         """The feed bound to the session (IOBinding), for repeated calls.
