@@ -144,11 +144,25 @@ class DataSpec(_Strict):
 
 
 class ToleranceSpec(_Strict):
-    """Overrides of the architecture's default tolerances for the built-in parity check."""
+    """Overrides of the built-in parity limits (per architecture and precision; for decoders,
+    pipeline.report.checks.DECODER_TOLERANCES). Set in ``verify.tolerance`` for every variant,
+    and in a variant's own ``tolerance`` for that variant (which wins, limit by limit)."""
 
     max_abs_error: float | None = Field(None, gt=0)
+    #: feature-extraction only: the mean cosine similarity of the embeddings.
     min_mean_cosine: Fraction | None = None
     min_agreement: Fraction | None = None
+    #: text-generation only: how much the perplexity may rise over PyTorch's (0.01 = 1%).
+    max_perplexity_increase: float | None = Field(None, ge=0)
+
+    def over(self, base: ToleranceSpec) -> ToleranceSpec:
+        """These limits where set, ``base``'s elsewhere."""
+        mine = self.model_dump(exclude_none=True)
+        return base.model_copy(update=mine)
+
+    def given(self) -> list[str]:
+        """The names of the limits set."""
+        return sorted(self.model_dump(exclude_none=True))
 
 
 def _both_sides() -> list[PaddingSide]:
@@ -498,6 +512,9 @@ class VariantSpec(_Strict):
     #: float16's range (non-finite outputs in verification) needs the ops that carry them
     #: listed here besides those.
     keep_float: list[str] | None = None
+    #: This variant's overrides of the parity limits, over ``verify.tolerance``'s: a quantized
+    #: variant can be held to a limit of its own without loosening the float variants'.
+    tolerance: ToleranceSpec | None = None
 
     @field_validator("keep_float")
     @classmethod
@@ -758,6 +775,7 @@ class Recipe(_Strict):
             g for g in (*_ENCODER_GATES, *_DECODER_GATES) if getattr(self.gates, g) is not None
         ]
         keys = self.gates.max_p50_ms if isinstance(self.gates.max_p50_ms, dict) else {}
+        self._tolerances_apply()
         if self.model.task != GENERATION:
             # Compared with the defaults, not the fields given: a dumped recipe lists them all.
             if self.generation != GenerationSpec():
@@ -820,11 +838,7 @@ class Recipe(_Strict):
             name
             for name in ("padding", "batch_size")
             if getattr(self.verify, name) != getattr(default, name)
-        ] + (
-            ["tolerance.min_mean_cosine"]
-            if self.verify.tolerance.min_mean_cosine is not None
-            else []
-        )
+        ]
         if encoder_only:
             raise ValueError(
                 f"verify: {encoder_only} do not apply to text-generation (the prompts are "
@@ -867,6 +881,31 @@ class Recipe(_Strict):
             if unknown:
                 raise ValueError(f"gates.variants: {unknown} are not variants (variants: {names})")
         return self
+
+    def _tolerances_apply(self) -> None:
+        """A limit the task's verification has no figure for is refused, not ignored."""
+        figure = {
+            "min_mean_cosine": (self.model.task == "feature-extraction", "feature-extraction"),
+            "max_perplexity_increase": (self.generates, "text-generation"),
+        }
+        owners = [("verify.tolerance", self.verify.tolerance)] + [
+            (f"variants: {v.name}: tolerance", v.tolerance) for v in self.variants if v.tolerance
+        ]
+        for where, spec in owners:
+            for limit in spec.given():
+                applies, task = figure.get(limit, (True, ""))
+                if not applies:
+                    raise ValueError(
+                        f"{where}: {limit} applies to task {task} only (this recipe's task: "
+                        f"{self.model.task})"
+                    )
+
+    def tolerance_for(self, variant: VariantSpec) -> ToleranceSpec:
+        """The parity limits a variant is held to besides the built-in ones: its own
+        ``tolerance``, then ``verify.tolerance``, limit by limit."""
+        if variant.tolerance is None:
+            return self.verify.tolerance
+        return variant.tolerance.over(self.verify.tolerance)
 
     @property
     def generates(self) -> bool:

@@ -216,6 +216,22 @@ def _int8(quantize: dict) -> dict:
             {"variants": [{"name": "a", "precision": "fp16", "keep_float": ["Pow", "Pow"]}]},
             "keep_float lists an op type twice",
         ),
+        (
+            {"verify": {"tolerance": {"max_perplexity_increase": 0.01}}},
+            "verify.tolerance: max_perplexity_increase applies to task text-generation only "
+            "(this recipe's task: feature-extraction)",
+        ),
+        (
+            {
+                "model": {"task": "sequence-classification"},
+                "variants": [{"name": "a", "tolerance": {"min_mean_cosine": 0.99}}],
+            },
+            "variants: a: tolerance: min_mean_cosine applies to task feature-extraction only",
+        ),
+        (
+            {"variants": [{"name": "a", "tolerance": {"max_abs_error": 0}}]},
+            "greater than 0",
+        ),
         (_int8({"budget": {}}), "set at least one of min_mean_cosine"),
         (_int8({"budget": {"min_mean_cosine": 1.5}}), "budget.min_mean_cosine"),
     ],
@@ -435,3 +451,20 @@ def test_keep_float_reaches_the_fp16_stage() -> None:
     assert steps["fp16[a]"].stage.config.keep_float == KEEP_FLOAT
     # Sorted: the same set in another order is the same conversion (and cache key).
     assert steps["fp16[b]"].stage.config.keep_float == ("Gelu", "Softmax")
+
+
+def test_a_variants_tolerance_wins_limit_by_limit() -> None:
+    recipe = parse_recipe(
+        {
+            "verify": {"tolerance": {"min_agreement": 0.9, "max_abs_error": 0.5}},
+            "variants": [
+                {"name": "a"},
+                {"name": "b", "precision": "int8", "tolerance": {"min_agreement": 0.8}},
+            ],
+        }
+    )
+    a, b = recipe.variants
+    assert recipe.tolerance_for(a) == recipe.verify.tolerance
+    held = recipe.tolerance_for(b)
+    assert (held.min_agreement, held.max_abs_error, held.min_mean_cosine) == (0.8, 0.5, None)
+    assert held.given() == ["max_abs_error", "min_agreement"]

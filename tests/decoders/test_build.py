@@ -309,6 +309,43 @@ def test_gates_on_token_match_and_perplexity_fail_the_build(built: Any, checkpoi
     assert not [n for n in again.report.notes if "gates.min_token_match" in n]
 
 
+def test_a_variants_own_tolerance_is_checked_on_any_precision(built: Any, checkpoint: Path) -> None:
+    """A quantized decoder has no built-in accuracy limit; one set in its own ``tolerance``
+    is checked, for it alone, over ``verify.tolerance``'s."""
+    outcome, artifacts = built
+    error = contender(outcome, "int4").accuracy["max_abs_error"]
+    assert error > 0
+    variants = recipe_data(checkpoint)["variants"]
+    variants[2] = {**variants[2], "tolerance": {"max_abs_error": error / 2}}
+    again = build(
+        parse_recipe(
+            recipe_data(
+                checkpoint,
+                variants=variants,
+                verify={"tolerance": {"max_perplexity_increase": 0.5}},
+            )
+        ),
+        BuildOptions(artifacts=artifacts, run_id="held"),
+    )
+    assert all(s.cached for s in again.manifest.stages)  # limits re-judge, nothing re-runs
+    limits = {
+        (c.variant, c.metric): c.limit for c in again.report.checks if c.source == "tolerance"
+    }
+    assert limits == {
+        ("fp32", "nonfinite_outputs"): 0,
+        ("fp32", "agreement"): 0.99,
+        ("fp32", "max_abs_error"): 1e-2,
+        ("fp32", "perplexity_increase"): 0.5,
+        ("int8", "nonfinite_outputs"): 0,
+        ("int8", "perplexity_increase"): 0.5,
+        ("int4", "nonfinite_outputs"): 0,
+        ("int4", "max_abs_error"): error / 2,
+        ("int4", "perplexity_increase"): 0.5,
+    }
+    failed = [(c.variant, c.metric) for c in again.report.checks if not c.passed]
+    assert failed == [("int4", "max_abs_error")]
+
+
 def test_the_cli_builds_and_compares_decoder_runs(
     built: Any, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -406,6 +443,10 @@ def test_the_reference_is_reproducible(built: Any, checkpoint: Path, tmp_path: P
             "keep_grid: applies to method weight-only",
         ),
         ({"verify": {"padding": ["right"]}}, "do not apply to text-generation"),
+        (
+            {"verify": {"tolerance": {"min_mean_cosine": 0.9}}},
+            "verify.tolerance: min_mean_cosine applies to task feature-extraction only",
+        ),
     ],
 )
 def test_decoder_recipe_mistakes_are_named(change: dict[str, Any], message: str) -> None:

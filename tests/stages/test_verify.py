@@ -250,3 +250,30 @@ def test_label_names_win_over_ids_and_ids_are_range_checked(tmp_path: Path) -> N
         _labels([Sample("a", 5)], info, tmp_path)
     with pytest.raises(InputError, match="'POSITIVE' is not one of the model's labels"):
         _labels([Sample("a", "POSITIVE")], info, tmp_path)
+
+
+def test_a_variants_own_tolerance_wins_for_it_alone(
+    checkpoint, recipe_for, shared_artifacts: Path
+) -> None:
+    from pipeline.report.checks import tolerance_checks
+
+    variants = [{"name": "fp32"}, {"name": "strict"}]
+    outcome = build(
+        recipe_for(checkpoint("bert"), latency={"enabled": False}, variants=variants),
+        BuildOptions(artifacts=shared_artifacts),
+    )
+    error = outcome.manifest.stage("verify[strict]").stats["max_abs_error"]
+    assert 0 < error < 1e-4
+    held = recipe_for(
+        checkpoint("bert"),
+        latency={"enabled": False},
+        verify={"tolerance": {"min_agreement": 0.5}},
+        variants=[{"name": "fp32"}, {"name": "strict", "tolerance": {"max_abs_error": error / 2}}],
+    )
+    checks = {(c.variant, c.metric): c for c in tolerance_checks(held, outcome.manifest.stages)}
+    assert checks["strict", "max_abs_error"].limit == error / 2
+    assert not checks["strict", "max_abs_error"].passed
+    assert checks["fp32", "max_abs_error"].limit == 1e-4  # the architecture's, for the other
+    assert checks["fp32", "max_abs_error"].passed
+    assert checks["strict", "agreement"].limit == checks["fp32", "agreement"].limit == 0.5
+    assert [key for key, c in checks.items() if not c.passed] == [("strict", "max_abs_error")]
