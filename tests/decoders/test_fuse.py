@@ -93,6 +93,29 @@ def test_fused_graphs_generate_pytorchs_tokens_on_a_padded_batch(
         assert np.abs(got - plain).max() < 1e-5
 
 
+def test_fused_graphs_are_compared_with_the_unfused_ones_step_by_step(
+    fused: tuple[Any, Path, dict[str, Any]],
+) -> None:
+    """The check that decides whether a fusion is kept: the fused graphs' logits against the
+    unfused graphs', relative to the logits' scale, at every step."""
+    from pipeline.decoders.fuse import _RTOL, _compare, _logits, _sample
+
+    _, root, _ = fused
+    sample = _sample(VOCAB)
+    reference = _logits(root / "export", sample, "all")
+    assert len(reference) == 2  # the prefill, then one decode step with the cache
+    assert _compare(reference, root / "fused", sample, "all") is None
+    scale = max(1.0, float(np.abs(reference[1]).max()))
+    off = [reference[0], reference[1] + 10 * _RTOL * scale]
+    problem = _compare(off, root / "fused", sample, "all")
+    assert problem is not None and problem.startswith("its logits differ from the unfused graph's")
+    assert problem.endswith("at step 1")
+    assert float(problem.split(" by ")[1].split()[0]) == pytest.approx(10 * _RTOL * scale, rel=1e-2)
+    broken = [np.full_like(reference[0], np.nan), reference[1]]
+    problem = _compare(broken, root / "fused", sample, "all")
+    assert problem is not None and problem.endswith("by nan at step 0")
+
+
 def test_a_rotary_table_too_short_for_the_positions_is_dropped_with_its_reason(
     tmp_path: Path,
 ) -> None:
