@@ -8,7 +8,8 @@
 * ``attention``: the whole attention of a layer (head reshapes, rotary, cache concat, the
   key/value heads repeated for grouped queries, softmax(QK^T)V) into one ``GroupQueryAttention``
   that also writes the new cache. A rotary model needs ``rotary`` fused first; GPT-2's
-  attention, without rotary, becomes GroupQueryAttention with as many key/value heads as heads.
+  attention, without rotary, becomes GroupQueryAttention with as many key/value heads as heads;
+  Qwen3's per-head query and key normalisations stay before it (the op has none).
 * ``pack``: the MatMuls reading one value (q/k/v, gate/up) into one MatMul and a Split, so
   each layer reads its input twice, not five times; groups with a projection quantize.exclude
   names stay apart (:func:`pack_projections`).
@@ -86,10 +87,10 @@ COUNTED = {
     "pack": (PACKED,),
 }
 
-#: Model types whose layout the tests cover, with rotary attention in every layer. Others are
-#: fused too, and checked by running, but their counts are not held to an expectation (Qwen3's
-#: query/key norms, SmolLM3's layers without rotary, scaled rotary variants would not match).
-ROTARY_MODEL_TYPES = frozenset({"llama", "qwen2"})
+#: Model types whose layout the tests cover, with rotary attention in every layer (Qwen3's
+#: query and key heads normalised before it). Others are fused too, and checked by running, but
+#: their counts are not held to an expectation (SmolLM3's layers without rotary, for one).
+ROTARY_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 KNOWN_MODEL_TYPES = ROTARY_MODEL_TYPES | {"gpt2"}
 
 #: Positions the precomputed cos/sin table may hold (2 x 16 MB at head size 64 and float32);
@@ -201,8 +202,11 @@ def _attention_rules() -> list[Any]:
         queries, whose output nothing reads; ``reshaped``: a no-op Reshape before the heads are
         merged (the decode graph has it); ``rotary``: queries and keys pass a RotaryEmbedding
         (not in GPT-2); ``repeated``: the key/value heads are repeated for grouped queries
-        (transformers repeats nothing when there are as many as query heads). One rule per
-        form: onnxscript cannot return values behind a choice.
+        (transformers repeats nothing when there are as many as query heads); ``normed``: each
+        query and key head is RMS-normalised before the rotation (Qwen3's q_norm / k_norm, a
+        SimplifiedLayerNormalization over the head size; GroupQueryAttention has none, so it
+        stays, on the [batch, sequence, heads, size] view). One rule per form: onnxscript cannot
+        return values behind a choice.
         """
 
         def __init__(
@@ -211,12 +215,13 @@ def _attention_rules() -> list[Any]:
             reshaped: bool,
             rotary: bool,
             repeated: bool,
+            normed: bool,
             lengths: dict[Any, Any],
         ) -> None:
-            form = "".join(str(int(f)) for f in (zeroed, reshaped, rotary, repeated))
+            form = "".join(str(int(f)) for f in (zeroed, reshaped, rotary, repeated, normed))
             super().__init__(f"LeftPaddedAttention{form}", remove_nodes=False)
             self.zeroed, self.reshaped = zeroed, reshaped
-            self.rotary, self.repeated = rotary, repeated
+            self.rotary, self.repeated, self.normed = rotary, repeated, normed
             # The mask -> (seqlens_k, total_sequence_length), built once per graph.
             self.lengths = lengths
 
@@ -234,12 +239,20 @@ def _attention_rules() -> list[Any]:
             mask,
             rows,
             merged_shape,
+            query_scale,
+            key_scale,
         ):
-            def heads(x, name):
+            def heads(x, name, scale=None):
                 split = op.Reshape(x, pattern.ANY_VALUE, _outputs=[name])
+                if scale is not None:
+                    split = op.SimplifiedLayerNormalization(
+                        split, scale, _allow_other_attributes=True, _outputs=[f"{name}_normed"]
+                    )
                 return op.Transpose(split, perm=[0, 2, 1, 3])
 
-            q, k = heads(query, "query_heads"), heads(key, "key_heads")
+            normed = self.normed
+            q = heads(query, "query_heads", query_scale if normed else None)
+            k = heads(key, "key_heads", key_scale if normed else None)
             if self.rotary:
                 q = op.RotaryEmbedding(
                     q, position_ids, cos, sin, _domain="com.microsoft", _outputs=["query_rotary"]
@@ -283,9 +296,17 @@ def _attention_rules() -> list[Any]:
             attention,
             query_rotary=None,
             key_rotary=None,
+            query_heads_normed=None,
+            key_heads_normed=None,
             **_,
         ):
             result = pattern.MatchResult()
+            for normed in (query_heads_normed, key_heads_normed):
+                if normed is not None and normed.producer().attributes.get_int("axis", -1) not in (
+                    -1,
+                    3,
+                ):
+                    return result.fail("a head normalisation is not over the head size", normed)
             num_heads = _ir_utils.get_dim(query_heads, 2)
             kv_heads = _ir_utils.get_dim(key_heads, 2)
             head_size = _ir_utils.get_dim(query_heads, 3)
@@ -336,12 +357,17 @@ def _attention_rules() -> list[Any]:
                 self.lengths[mask] = (seqlens, width)
             seqlens, width = self.lengths[mask]
             q, k = query, key
+            if self.normed:
+                # The normalised heads, merged back to [batch, sequence, hidden].
+                merge = op.Constant(value_ints=[0, 0, -1])
+                q = op.Reshape(v["query_heads_normed"], merge)
+                k = op.Reshape(v["key_heads_normed"], merge)
             if self.rotary:
                 # RotaryEmbedding takes [batch, sequence, hidden] with num_heads as well.
                 interleaved = v["query_rotary"].producer().attributes.get_int("interleaved", 0)
                 table = (v["position_ids"], v["cos"], v["sin"], interleaved)
-                q = _rotate(op, query, *table, num_heads)
-                k = _rotate(op, key, *table, kv_heads)
+                q = _rotate(op, q, *table, num_heads)
+                k = _rotate(op, k, *table, kv_heads)
             attributes = {"num_heads": num_heads, "kv_num_heads": kv_heads}
             scale = v["attention"].producer().attributes.get_float("scale", None)
             if scale is not None:
@@ -371,11 +397,12 @@ def _attention_rules() -> list[Any]:
 
     lengths: dict[Any, Any] = {}
     return [
-        LeftPaddedAttention.rule(zeroed, reshaped, rotary, repeated, lengths)
+        LeftPaddedAttention.rule(zeroed, reshaped, rotary, repeated, normed, lengths)
         for rotary in (True, False)
         for repeated in (True, False)
         for zeroed in (True, False)
         for reshaped in (True, False)
+        for normed in (False, True)
     ]
 
 

@@ -358,8 +358,8 @@ class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
     made for the architecture (``expected``), and any fusion dropped with its reason."""
 
     name = "optimize-decoder"
-    #: 2: GPT-2's attention (no rotary) fused too.
-    version = 2
+    #: 2: GPT-2's attention (no rotary) fused too; 3: Qwen3's (query and key heads normalised).
+    version = 3
 
     def describe(self) -> str:
         return f"optimize decoder ({', '.join(self.config.fusions) or 'no fusions'})"

@@ -1,7 +1,7 @@
 """Decoder fusions: normalisations, rotary embeddings and attention fused, counted, run against
 PyTorch.
 
-Tiny random-weight GPT-2, Llama and Qwen2 models (tests/decoders/test_generation.py): each
+Tiny random-weight GPT-2, Llama, Qwen2 and Qwen3 models (tests/decoders/test_generation.py): each
 family's fused graphs must hold the ops its architecture should give and generate PyTorch's
 tokens on a left-padded batch; a fusion ONNX Runtime cannot run is dropped, with its reason.
 """
@@ -23,7 +23,7 @@ from tests.decoders.test_generation import VOCAB, prompts, tiny
 FUSIONS = ("skip-layernorm", "rotary", "attention", "pack")
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2", "qwen3"])
 def fused(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Any, Path, dict[str, Any]]:
@@ -50,8 +50,10 @@ def test_each_family_gets_the_fused_ops_its_architecture_should(
     for graph in ("prefill", "decode"):
         ops = result["fused_ops"][graph]
         if rotary:
-            # RMSNorm: the first normalisation has no residual before it.
-            assert ops["SimplifiedLayerNormalization"] == 1
+            # RMSNorm: the first normalisation has no residual before it; Qwen3 normalises
+            # each query and key head too (two per layer, on the heads' own view).
+            heads = 2 * layers if model.config.model_type == "qwen3" else 0
+            assert ops["SimplifiedLayerNormalization"] == 1 + heads
             assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
             assert ops["RotaryEmbedding"] == 2 * layers
             # One op per layer takes the cache in and gives the new one out.
@@ -206,8 +208,9 @@ def test_unknown_architectures_expect_nothing() -> None:
         "pack": 6,
     }
     assert expected_ops("gpt2", 3) == {"skip-layernorm": 6, "attention": 3}
+    assert expected_ops("qwen3", 3) == expected_ops("llama", 3)
     # Untested layouts are fused and run-checked, but not held to counts.
-    assert expected_ops("qwen3", 3) == {}
+    assert expected_ops("smollm3", 3) == {}
 
 
 def test_excluded_projections_are_not_packed(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Decoders: prefill/decode export, greedy generation with the cache, padded batches, vs PyTorch.
 
-Tiny random-weight GPT-2, Llama (grouped-query attention) and Qwen2 models; every claim is
+Tiny random-weight GPT-2, Llama (grouped-query attention), Qwen2 and Qwen3 models; every claim is
 checked against PyTorch's own ``generate`` on the same prompts.
 """
 
@@ -29,6 +29,8 @@ def tiny(family: str) -> Any:
         LlamaForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     torch.manual_seed(0)
@@ -46,10 +48,14 @@ def tiny(family: str) -> Any:
     }
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if family == "qwen3":
+        # Qwen3 RMS-normalises each query and key head (q_norm, k_norm); its head size is set
+        # apart from the hidden size (default 128).
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8)).eval()
     return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2", "qwen3"])
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Any, Path]:
@@ -152,10 +158,17 @@ def test_quantized_decoders_generate_close_to_pytorch(
     figures = compare_generation(OrtGenerator(tmp_path / method), reference, ids, mask)
     spread = float(np.std(np.concatenate(reference.logits)))
     if method in ("int8", "int8-weight"):
-        # A random tiny model's logits are flat: a near tie may flip (Qwen2, 8-bit weights:
-        # one token of 48), and the continuation follows it.
-        assert figures["token_match"] >= 0.95
+        # A random tiny model's logits are flat: a near tie may flip (Qwen3, 8-bit weights: one
+        # prompt of 4 at its 9th token), and the continuation follows it. Teacher-forced, a flip
+        # costs its own step only.
+        assert figures["agreement"] >= 0.95
         assert figures["mean_abs_error"] < 0.02 * spread
+        for row, step in enumerate(figures["first_divergence"]):
+            if step is not None:
+                # Where the texts part, PyTorch's own top two were within twice the variant's
+                # error of each other (until then both saw the same tokens).
+                second, first = np.sort(reference.logits[step][row])[-2:]
+                assert first - second <= 2 * figures["max_abs_error"]
     else:
         # 4-bit weights of a random tiny model: an error of a tenth of the logits' spread.
         assert 0 < figures["mean_abs_error"] < 0.2 * spread
