@@ -283,21 +283,35 @@ def decoder_static_section(d: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def gpt2_fusions_section(d: dict[str, Any]) -> list[str]:
-    """GPT-2-small decode steps, fused against as exported."""
+FAMILY_TITLES = {
+    "gpt2": "GPT-2 small architecture",
+    "qwen3": "Qwen3-0.6B architecture",
+}
+
+
+def family_fusions_section(d: dict[str, Any]) -> list[str]:
+    """A decoder family at a real size (random weights): decode steps, fused against as
+    exported."""
     made = ", ".join(f"{op} {n}" for op, n in d["fused_ops"].items())
+    family = d.get("architecture", "gpt2")
+    size = f", {d['parameters'] / 1e6:.0f}M parameters" if "parameters" in d else ""
     lines = [
-        f"## Decoder fusions: GPT-2 small architecture, random weights ({d['threads']} threads)",
+        f"## Decoder fusions: {FAMILY_TITLES.get(family, family)}, random weights "
+        f"({d['threads']} threads)",
         "",
-        f"Produced by `{d['command']}`. The decoder variants' default fusions on GPT-2-small "
-        f"(decode graph: {made}; dropped: {d['fallback'] or 'none'}); decode step p50, "
+        f"Produced by `{d['command']}`. The decoder variants' default fusions"
+        f"{size} (decode graph: {made}; dropped: {d['fallback'] or 'none'}); decode step p50, "
         "interleaved; logits compared with the unfused graphs' teacher-forced, on 32 steps of a "
         "batch whose last row is left-padded by 5 tokens.",
         "",
         "| graphs | decode-b1 ms | decode-b8 ms | max logit difference b1 / b8 | agreement b1 / b8 |",
         "|---|---|---|---|---|",
     ]
-    labels = {"unfused": "as exported (optimize: none)", "tforge": "tforge fusions"}
+    labels = {
+        "unfused": "as exported (optimize: none)",
+        "tforge": "tforge fusions",
+        "no-attention": "tforge fusions but attention",
+    }
     return [*lines, *_fused_rows(d["results"], labels), ""]
 
 
@@ -565,7 +579,8 @@ def render(results: dict[str, Any]) -> str:
         ("decoder_fusions", decoder_build_section),
         ("decoder_fusion_peer", decoder_fusion_peer_section),
         ("decoder_static", decoder_static_section),
-        ("gpt2_fusions", gpt2_fusions_section),
+        ("gpt2_fusions", family_fusions_section),
+        ("qwen3_fusions", family_fusions_section),
     ):
         if results.get(key):
             lines += section(results[key])
