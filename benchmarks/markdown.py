@@ -312,6 +312,8 @@ def family_fusions_section(d: dict[str, Any]) -> list[str]:
         "tforge": "tforge fusions",
         "no-attention": "tforge fusions but attention",
     }
+    if d.get("fallback_no_attention"):
+        lines[2] += f" Dropped without attention: {d['fallback_no_attention']}."
     return [*lines, *_fused_rows(d["results"], labels), ""]
 
 

@@ -9,7 +9,8 @@
   key/value heads repeated for grouped queries, softmax(QK^T)V) into one ``GroupQueryAttention``
   that also writes the new cache. A rotary model needs ``rotary`` fused first; GPT-2's
   attention, without rotary, becomes GroupQueryAttention with as many key/value heads as heads;
-  Qwen3's per-head query and key normalisations stay before it (the op has none).
+  Qwen3's per-head query and key normalisations stay before it (the op has none), which needs
+  ``skip-layernorm`` too (it turns them into the SimplifiedLayerNormalization the rule reads).
 * ``pack``: the MatMuls reading one value (q/k/v, gate/up) into one MatMul and a Split, so
   each layer reads its input twice, not five times; groups with a projection quantize.exclude
   names stay apart (:func:`pack_projections`).
@@ -89,11 +90,13 @@ COUNTED = {
 
 #: Model types whose layout the tests cover, with rotary attention in every layer (Qwen3's
 #: query and key heads normalised before it). Others are fused too, and checked by running, but
-#: their counts are not held to an expectation (SmolLM3's layers without rotary, for one).
+#: their counts are not held to an expectation (SmolLM3's layers without rotary, for one). A
+#: scaled rotary embedding that multiplies cos/sin (YaRN's attention scaling) matches no rotary
+#: rule: such a checkpoint keeps rotary and attention unfused, and the report says why.
 ROTARY_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 KNOWN_MODEL_TYPES = ROTARY_MODEL_TYPES | {"gpt2"}
 
-#: Positions the precomputed cos/sin table may hold (2 x 16 MB at head size 64 and float32);
+#: Positions the precomputed cos/sin table may hold (2 x 8.4 MB at head size 64 and float32);
 #: a model declaring more keeps its rotary embedding unfused.
 MAX_TABLE_POSITIONS = 65536
 
@@ -547,7 +550,8 @@ def fuse_graph(
             raise ValueError(
                 f"the attention rule took {matched['group_query_attention']} layers and left "
                 f"{left}: a layer's attention has another form (a rotary model's needs the "
-                "rotary fusion)"
+                "rotary fusion; one that normalises its query and key heads, as Qwen3 does, "
+                "the skip-layernorm fusion too)"
             )
     if "pack" in fusions:
         packed, apart = pack_projections(model, separated(separate))
@@ -653,6 +657,8 @@ def fuse_decoder(
     the rules' matches per graph. Each candidate set is written to a temporary folder beside ``out`` and run;
     the kept one becomes ``out``, and nothing else is left beside it.
     """
+    import onnx
+
     sample = _sample(vocab_size)
     reference = _logits(source, sample, session_optimization)
     fallback: dict[str, str] = {}
@@ -671,6 +677,11 @@ def fuse_decoder(
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
     matches: dict[Path, dict[str, dict[str, int]]] = {}
+    # A model with a rotary embedding computes cos/sin in the graph (GPT-2 has none to fuse).
+    rotates = any(
+        node.op_type == "Cos"
+        for node in onnx.load(str(source / DECODE), load_external_data=False).graph.node
+    )
 
     def attempt(chosen: Sequence[str]) -> tuple[Path, str | None]:
         work = Path(tempfile.mkdtemp(dir=scratch)) / "model"
@@ -679,6 +690,11 @@ def fuse_decoder(
         # The rewriter raises whatever a rule or onnx_ir raises on a graph it did not expect.
         except Exception as error:
             return work, f"the rewriter failed: {first_line(error)}"
+        if "rotary" in chosen and rotates and not matches[work]["decode"].get("rotary_table"):
+            return work, (
+                "no rotary rule matched its rotary embedding (a scaled form that multiplies "
+                "cos/sin, as YaRN's attention scaling, has none)"
+            )
         return work, _compare(reference, work, sample, session_optimization)
 
     try:

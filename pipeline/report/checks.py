@@ -29,8 +29,9 @@ def _by_step(stages: list[StageRecord]) -> dict[str, StageRecord]:
 #: near tie, and perplexity moves by noise (SmolLM2-135M: agreement 0.9995, perplexity -0.03%;
 #: PyTorch itself in fp16: 0.9966, +0.01%). Its logits' absolute error scales with the logits
 #: (GPT-2's run in the hundreds, where one float16 step is 0.125), so that is no built-in limit.
-#: Quantized decoders are only checked for broken output (non-finite logits): how many tokens a
-#: product may lose is a gate in its recipe (min_token_match, max_perplexity_increase).
+#: Quantized decoders have no built-in limit but finite logits: how many tokens a product may
+#: lose is a gate in its recipe (min_token_match, max_perplexity_increase), or a limit it sets
+#: in ``verify.tolerance`` (every variant) or a variant's own ``tolerance``.
 DECODER_TOLERANCES: dict[str, dict[str, tuple[float, Literal["min", "max"]]]] = {
     "fp32": {"agreement": (0.99, "min"), "max_abs_error": (1e-2, "max")},
     "fp16": {"agreement": (0.98, "min"), "perplexity_increase": (0.01, "max")},

@@ -98,8 +98,9 @@ def test_fused_graphs_generate_pytorchs_tokens_on_a_padded_batch(
 def test_fused_graphs_are_compared_with_the_unfused_ones_step_by_step(
     fused: tuple[Any, Path, dict[str, Any]],
 ) -> None:
-    """The check that decides whether a fusion is kept: the fused graphs' logits against the
-    unfused graphs', relative to the logits' scale, at every step."""
+    """The comparison that decides whether a fusion is kept (``_compare``): the fused graphs'
+    logits against given unfused logits, relative to their scale, at every step; here fed
+    references altered on purpose."""
     from pipeline.decoders.fuse import _RTOL, _compare, _logits, _sample
 
     _, root, _ = fused
@@ -145,6 +146,41 @@ def test_without_a_maximum_position_rotary_is_not_attempted(tmp_path: Path) -> N
     result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, None, VOCAB)
     assert "no maximum position" in result["fallback"]["rotary"]
     assert result["kept"] == ["skip-layernorm", "pack"]
+
+
+def test_a_scaled_rotary_embedding_is_left_unfused_with_its_reason(tmp_path: Path) -> None:
+    """YaRN multiplies cos/sin by an attention scaling: no rotary rule matches it. Rotary and
+    attention are dropped, saying why, not kept with nothing fused."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    base = tiny("qwen3").config.to_dict()
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    config = Qwen3Config(**{**base, "rope_parameters": {**base["rope_parameters"], **yarn}})
+    model = Qwen3ForCausalLM(config).eval()
+    assert model.model.rotary_emb.attention_scaling > 1
+    graphs = export_decoder(model, tmp_path / "export")
+    result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, 128, VOCAB)
+    assert result["kept"] == ["skip-layernorm", "pack"]
+    assert "no rotary rule matched its rotary embedding" in result["fallback"]["rotary"]
+    assert "needs the rotary fusion" in result["fallback"]["attention"]
+    assert "RotaryEmbedding" not in result["fused_ops"]["decode"]
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, 8)
+    tokens = OrtGenerator(tmp_path / "fused").generate(ids, mask, 8).tokens
+    assert (tokens == reference.tokens).all()
+
+
+def test_qwen3s_attention_needs_its_head_normalisations_fused(tmp_path: Path) -> None:
+    """The attention rule reads Qwen3's query/key normalisations as the
+    SimplifiedLayerNormalization that skip-layernorm makes: without it, attention is dropped
+    and the reason names it."""
+    graphs = export_decoder(tiny("qwen3"), tmp_path / "export")
+    result = fuse_decoder(graphs.folder, tmp_path / "fused", ("rotary", "attention"), 128, VOCAB)
+    assert result["kept"] == ["rotary"]
+    assert "the skip-layernorm fusion too" in result["fallback"]["attention"]
+    assert result["fused_ops"]["decode"] == {"RotaryEmbedding": 4}
 
 
 @pytest.mark.parametrize(("family", "fused"), [("gpt2", True), ("llama", False)])

@@ -50,8 +50,9 @@ def tiny(family: str) -> Any:
         return LlamaForCausalLM(LlamaConfig(**common)).eval()
     if family == "qwen3":
         # Qwen3 RMS-normalises each query and key head (q_norm, k_norm); its head size is set
-        # apart from the hidden size (default 128).
-        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8)).eval()
+        # apart from the hidden size, and its queries are wider than it (Qwen3-0.6B: 16 x 128
+        # against 1024), as here: 4 x 16 against 32.
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)).eval()
     return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
 
 
