@@ -714,6 +714,8 @@ class GenerationSpec(_Strict):
 #: Recipe fields that only one kind of task reads (refused on the other, not ignored).
 _ENCODER_GATES = ("min_mean_cosine", "min_worst_cosine", "min_task_metric")
 _DECODER_GATES = ("min_token_match", "max_perplexity_increase")
+#: Gates on the pooled embeddings' cosine, which only feature-extraction verification measures.
+_COSINE_GATES = ("min_mean_cosine", "min_worst_cosine")
 
 #: The graph fusions built for decoders, in the order they run (pipeline.decoders.fuse).
 DECODER_FUSIONS = ("skip-layernorm", "rotary", "attention", "pack")
@@ -799,6 +801,13 @@ class Recipe(_Strict):
             wrong += [f"max_p50_ms.{k}" for k in keys if "-" in k]
             if wrong:
                 raise ValueError(f"gates {wrong} apply to task text-generation only")
+            cosine = [g for g in gates if g in _COSINE_GATES]
+            if cosine and self.model.task != "feature-extraction":
+                raise ValueError(
+                    f"gates {cosine} apply to task feature-extraction only (the cosine of "
+                    f"pooled embeddings); a {self.model.task} model is gated on agreement "
+                    "and min_task_metric"
+                )
             return self
         for variant in self.variants:
             problem = None

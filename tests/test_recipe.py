@@ -229,6 +229,10 @@ def _int8(quantize: dict) -> dict:
             "variants: a: tolerance: min_mean_cosine applies to task feature-extraction only",
         ),
         (
+            {"model": {"task": "token-classification"}, "gates": {"min_worst_cosine": 0.9}},
+            "gates ['min_worst_cosine'] apply to task feature-extraction only",
+        ),
+        (
             {"variants": [{"name": "a", "tolerance": {"max_abs_error": 0}}]},
             "greater than 0",
         ),

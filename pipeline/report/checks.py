@@ -89,7 +89,6 @@ def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
         figures = steps[f"verify[{label}]"].stats
         default = family.tolerances[variant.precision]
         override = recipe.tolerance_for(variant)
-        max_abs = override.max_abs_error or default.max_abs_error
         checks.append(
             check(
                 "tolerance",
@@ -100,22 +99,17 @@ def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
                 "max",
             )
         )
-        checks.append(
-            check("tolerance", label, "max_abs_error", figures["max_abs_error"], max_abs, "max")
-        )
+        metrics: list[tuple[str, str, Literal["min", "max"]]] = [
+            ("max_abs_error", "max_abs_error", "max")
+        ]
         if "mean_cosine" in figures:  # feature-extraction
-            limit = (
-                override.min_mean_cosine
-                if override.min_mean_cosine is not None
-                else default.min_mean_cosine
-            )
-            checks.append(
-                check("tolerance", label, "mean_cosine", figures["mean_cosine"], limit, "min")
-            )
-        limit = (
-            override.min_agreement if override.min_agreement is not None else default.min_agreement
-        )
-        checks.append(check("tolerance", label, "agreement", figures["agreement"], limit, "min"))
+            metrics.append(("mean_cosine", "min_mean_cosine", "min"))
+        metrics.append(("agreement", "min_agreement", "min"))
+        for metric, field, kind in metrics:
+            # The recipe's limit where it sets one, else the architecture's.
+            limit = getattr(override, field)
+            limit = getattr(default, field) if limit is None else limit
+            checks.append(check("tolerance", label, metric, figures[metric], limit, kind))
     return checks
 
 

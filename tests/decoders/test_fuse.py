@@ -119,6 +119,18 @@ def test_fused_graphs_are_compared_with_the_unfused_ones_step_by_step(
     assert problem is not None and problem.endswith("by nan at step 0")
 
 
+def _rotary_dropped(model: Any, result: dict[str, Any], folder: Path) -> None:
+    """Rotary and the attention that needs it dropped, the other fusions kept, and the graphs
+    in ``folder`` generating PyTorch's tokens."""
+    assert result["kept"] == ["skip-layernorm", "pack"]
+    assert "needs the rotary fusion" in result["fallback"]["attention"]
+    assert "RotaryEmbedding" not in result["fused_ops"]["decode"]
+    assert result["fused_ops"]["decode"]["SkipSimplifiedLayerNormalization"] == 4
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, 6)
+    assert (OrtGenerator(folder).generate(ids, mask, 6).tokens == reference.tokens).all()
+
+
 def test_a_rotary_table_too_short_for_the_positions_is_dropped_with_its_reason(
     tmp_path: Path,
 ) -> None:
@@ -127,16 +139,8 @@ def test_a_rotary_table_too_short_for_the_positions_is_dropped_with_its_reason(
     # 4 positions cannot hold the check's sample (7 prompt tokens + 2 steps): ONNX Runtime's
     # RotaryEmbedding refuses a position past its table, so the fusion must fall back.
     result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, 4, VOCAB)
-    assert result["kept"] == ["skip-layernorm", "pack"]
     assert "ONNX Runtime could not run it" in result["fallback"]["rotary"]
-    assert "needs the rotary fusion" in result["fallback"]["attention"]
-    assert "RotaryEmbedding" not in result["fused_ops"]["decode"]
-    assert result["fused_ops"]["decode"]["SkipSimplifiedLayerNormalization"] == 4
-    ids, mask = prompts()
-    reference = greedy_reference(model, ids, mask, 6)
-    assert (
-        OrtGenerator(tmp_path / "fused").generate(ids, mask, 6).tokens == reference.tokens
-    ).all()
+    _rotary_dropped(model, result, tmp_path / "fused")
     # Nothing half-written beside the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "fused"]
 
@@ -162,14 +166,8 @@ def test_a_scaled_rotary_embedding_is_left_unfused_with_its_reason(tmp_path: Pat
     assert model.model.rotary_emb.attention_scaling > 1
     graphs = export_decoder(model, tmp_path / "export")
     result = fuse_decoder(graphs.folder, tmp_path / "fused", FUSIONS, 128, VOCAB)
-    assert result["kept"] == ["skip-layernorm", "pack"]
     assert "no rotary rule matched its rotary embedding" in result["fallback"]["rotary"]
-    assert "needs the rotary fusion" in result["fallback"]["attention"]
-    assert "RotaryEmbedding" not in result["fused_ops"]["decode"]
-    ids, mask = prompts()
-    reference = greedy_reference(model, ids, mask, 8)
-    tokens = OrtGenerator(tmp_path / "fused").generate(ids, mask, 8).tokens
-    assert (tokens == reference.tokens).all()
+    _rotary_dropped(model, result, tmp_path / "fused")
 
 
 def test_qwen3s_attention_needs_its_head_normalisations_fused(tmp_path: Path) -> None:
