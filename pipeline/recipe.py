@@ -529,7 +529,7 @@ class VariantSpec(_Strict):
                 "case-sensitive, e.g. SkipSimplifiedLayerNormalization, Softmax; tforge "
                 "inspect lists a model's)"
             )
-        return value
+        return sorted(value)  # one stage config (one conversion) per set, in any order
 
     @model_validator(mode="before")
     @classmethod

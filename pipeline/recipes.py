@@ -203,7 +203,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                 Step(
                     f"fp16[{variant.name}]",
                     Fp16Stage(
-                        Fp16Config(keep_float=tuple(sorted(variant.keep_float)))
+                        Fp16Config(keep_float=tuple(variant.keep_float))
                         if variant.keep_float is not None
                         else Fp16Config()
                     ),
@@ -418,7 +418,7 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
                         HalfDecoderConfig(
                             keep_float=DECODER_KEEP_FLOAT
                             if variant.keep_float is None
-                            else tuple(sorted(variant.keep_float))
+                            else tuple(variant.keep_float)
                         )
                     ),
                     {"model": graphs},

@@ -253,9 +253,8 @@ def _attention_rules() -> list[Any]:
                     )
                 return op.Transpose(split, perm=[0, 2, 1, 3])
 
-            normed = self.normed
-            q = heads(query, "query_heads", query_scale if normed else None)
-            k = heads(key, "key_heads", key_scale if normed else None)
+            q = heads(query, "query_heads", query_scale if self.normed else None)
+            k = heads(key, "key_heads", key_scale if self.normed else None)
             if self.rotary:
                 q = op.RotaryEmbedding(
                     q, position_ids, cos, sin, _domain="com.microsoft", _outputs=["query_rotary"]
@@ -305,10 +304,8 @@ def _attention_rules() -> list[Any]:
         ):
             result = pattern.MatchResult()
             for normed in (query_heads_normed, key_heads_normed):
-                if normed is not None and normed.producer().attributes.get_int("axis", -1) not in (
-                    -1,
-                    3,
-                ):
+                axis = None if normed is None else normed.producer().attributes.get_int("axis", -1)
+                if axis not in (None, -1, 3):
                     return result.fail("a head normalisation is not over the head size", normed)
             num_heads = _ir_utils.get_dim(query_heads, 2)
             kv_heads = _ir_utils.get_dim(key_heads, 2)
@@ -538,6 +535,12 @@ def fuse_graph(
         matched["rotary_embedding"] = fuse_rotary_embedding(model)
         table = pattern.RewriteRuleSet([_rotary_rule(max_positions)])
         matched["rotary_table"] = _fusion_utils.apply_fusion_rules(table)(model)
+        if not matched["rotary_table"] and any(n.op_type == "Cos" for n in model.graph):
+            # The graph computes cos/sin (GPT-2's has none to fuse), and no rule took them.
+            raise ValueError(
+                "no rotary rule matched its rotary embedding (a scaled form that multiplies "
+                "cos/sin, as YaRN's attention scaling, has none)"
+            )
     if "attention" in fusions:
         # SDPA (onnxscript's intermediate op) first, then the rule that consumes it.
         matched["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
@@ -657,8 +660,6 @@ def fuse_decoder(
     the rules' matches per graph. Each candidate set is written to a temporary folder beside ``out`` and run;
     the kept one becomes ``out``, and nothing else is left beside it.
     """
-    import onnx
-
     sample = _sample(vocab_size)
     reference = _logits(source, sample, session_optimization)
     fallback: dict[str, str] = {}
@@ -677,11 +678,6 @@ def fuse_decoder(
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
     matches: dict[Path, dict[str, dict[str, int]]] = {}
-    # A model with a rotary embedding computes cos/sin in the graph (GPT-2 has none to fuse).
-    rotates = any(
-        node.op_type == "Cos"
-        for node in onnx.load(str(source / DECODE), load_external_data=False).graph.node
-    )
 
     def attempt(chosen: Sequence[str]) -> tuple[Path, str | None]:
         work = Path(tempfile.mkdtemp(dir=scratch)) / "model"
@@ -690,11 +686,6 @@ def fuse_decoder(
         # The rewriter raises whatever a rule or onnx_ir raises on a graph it did not expect.
         except Exception as error:
             return work, f"the rewriter failed: {first_line(error)}"
-        if "rotary" in chosen and rotates and not matches[work]["decode"].get("rotary_table"):
-            return work, (
-                "no rotary rule matched its rotary embedding (a scaled form that multiplies "
-                "cos/sin, as YaRN's attention scaling, has none)"
-            )
         return work, _compare(reference, work, sample, session_optimization)
 
     try:

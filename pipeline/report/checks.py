@@ -14,7 +14,7 @@ from pipeline.artifacts import StageRecord
 from pipeline.budget import FIGURES as BUDGET_FIGURES
 from pipeline.manifest import Check, check
 from pipeline.passes import FUSED_OPS
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, ToleranceSpec
 from pipeline.recipes import graph_label
 from pipeline.stages.latency import PYTORCH
 
@@ -32,46 +32,55 @@ def _by_step(stages: list[StageRecord]) -> dict[str, StageRecord]:
 #: Quantized decoders have no built-in limit but finite logits: how many tokens a product may
 #: lose is a gate in its recipe (min_token_match, max_perplexity_increase), or a limit it sets
 #: in ``verify.tolerance`` (every variant) or a variant's own ``tolerance``.
-DECODER_TOLERANCES: dict[str, dict[str, tuple[float, Literal["min", "max"]]]] = {
-    "fp32": {"agreement": (0.99, "min"), "max_abs_error": (1e-2, "max")},
-    "fp16": {"agreement": (0.98, "min"), "perplexity_increase": (0.01, "max")},
+DECODER_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"agreement": 0.99, "max_abs_error": 1e-2},
+    "fp16": {"agreement": 0.98, "perplexity_increase": 0.01},
+}
+
+#: A verified figure -> the tolerance field (pipeline.recipe.ToleranceSpec) that sets its
+#: limit, and the limit's kind.
+LIMITS: dict[str, tuple[str, Literal["min", "max"]]] = {
+    "max_abs_error": ("max_abs_error", "max"),
+    "mean_cosine": ("min_mean_cosine", "min"),
+    "agreement": ("min_agreement", "min"),
+    "perplexity_increase": ("max_perplexity_increase", "max"),
 }
 
 
-#: A decoder figure, the tolerance field that overrides its limit, and the limit's kind.
-DECODER_LIMITS: tuple[tuple[str, str, Literal["min", "max"]], ...] = (
-    ("agreement", "min_agreement", "min"),
-    ("max_abs_error", "max_abs_error", "max"),
-    ("perplexity_increase", "max_perplexity_increase", "max"),
-)
+def _limit_checks(
+    label: str,
+    figures: dict[str, Any],
+    metrics: tuple[str, ...],
+    override: ToleranceSpec,
+    defaults: dict[str, float],
+) -> list[Check]:
+    """No non-finite output, then each of ``metrics`` against the recipe's limit where it sets
+    one, else the built-in one in ``defaults``; a metric with neither is not checked (a
+    quantized decoder's agreement, unless the recipe holds it to one)."""
+    checks = [
+        check("tolerance", label, "nonfinite_outputs", figures["nonfinite_outputs"], 0, "max")
+    ]
+    for metric in metrics:
+        field, kind = LIMITS[metric]
+        limit = getattr(override, field)
+        if limit is None:
+            limit = defaults.get(metric)
+        if limit is not None:
+            checks.append(check("tolerance", label, metric, figures.get(metric), limit, kind))
+    return checks
 
 
 def decoder_tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
     steps = _by_step(stages)
     checks = []
     for variant in recipe.variants:
-        figures = steps[f"verify[{variant.name}]"].stats
-        override = recipe.tolerance_for(variant)
-        defaults = DECODER_TOLERANCES.get(variant.precision, {})
-        checks.append(
-            check(
-                "tolerance",
-                variant.name,
-                "nonfinite_outputs",
-                figures["nonfinite_outputs"],
-                0,
-                "max",
-            )
+        checks += _limit_checks(
+            variant.name,
+            steps[f"verify[{variant.name}]"].stats,
+            ("agreement", "max_abs_error", "perplexity_increase"),
+            recipe.tolerance_for(variant),
+            DECODER_TOLERANCES.get(variant.precision, {}),
         )
-        # A limit the recipe sets is checked even where the precision has no built-in one
-        # (a quantized variant held to an agreement of its own).
-        for metric, field, kind in DECODER_LIMITS:
-            limit = getattr(override, field)
-            if limit is None and metric in defaults:
-                limit = defaults[metric][0]
-            if limit is not None:
-                value = figures.get(metric)
-                checks.append(check("tolerance", variant.name, metric, value, limit, kind))
     return checks
 
 
@@ -88,28 +97,18 @@ def tolerance_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
     for label, variant in verified:
         figures = steps[f"verify[{label}]"].stats
         default = family.tolerances[variant.precision]
-        override = recipe.tolerance_for(variant)
-        checks.append(
-            check(
-                "tolerance",
-                label,
-                "nonfinite_outputs",
-                figures["nonfinite_outputs"],
-                0,
-                "max",
-            )
+        cosine = ("mean_cosine",) if "mean_cosine" in figures else ()  # feature-extraction
+        checks += _limit_checks(
+            label,
+            figures,
+            ("max_abs_error", *cosine, "agreement"),
+            recipe.tolerance_for(variant),
+            {
+                "max_abs_error": default.max_abs_error,
+                "mean_cosine": default.min_mean_cosine,
+                "agreement": default.min_agreement,
+            },
         )
-        metrics: list[tuple[str, str, Literal["min", "max"]]] = [
-            ("max_abs_error", "max_abs_error", "max")
-        ]
-        if "mean_cosine" in figures:  # feature-extraction
-            metrics.append(("mean_cosine", "min_mean_cosine", "min"))
-        metrics.append(("agreement", "min_agreement", "min"))
-        for metric, field, kind in metrics:
-            # The recipe's limit where it sets one, else the architecture's.
-            limit = getattr(override, field)
-            limit = getattr(default, field) if limit is None else limit
-            checks.append(check("tolerance", label, metric, figures[metric], limit, kind))
     return checks
 
 
