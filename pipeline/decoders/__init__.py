@@ -1,6 +1,6 @@
-"""Decoder-only language models (GPT-2, Llama, Qwen2, Qwen3 families): export into a prefill
-and a decode graph with the KV cache as explicit inputs and outputs, greedy generation through
-them, and verification against PyTorch (per-step logits, greedy tokens).
+"""Decoder-only language models (GPT-2, Llama, Qwen2, Qwen3, Phi, GPT-NeoX families): export
+into a prefill and a decode graph with the KV cache as explicit inputs and outputs, greedy
+generation through them, and verification against PyTorch (per-step logits, greedy tokens).
 """
 
 from pipeline.decoders.export import DecoderGraphs, export_decoder

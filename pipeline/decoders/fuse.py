@@ -11,6 +11,9 @@
   attention, without rotary, becomes GroupQueryAttention with as many key/value heads as heads;
   Qwen3's per-head query and key normalisations stay before it (the op has none), which needs
   ``skip-layernorm`` too (it turns them into the SimplifiedLayerNormalization the rule reads).
+  Phi and GPT-NeoX rotate only the first dimensions of each head: the queries and keys go
+  through one RotaryEmbedding each with ``rotary_embedding_dim``; GPT-NeoX's projection packs
+  q, k and v head by head, and is split into q, k and v first (:func:`_heads_first_split_rule`).
 * ``pack``: the MatMuls reading one value (q/k/v, gate/up) into one MatMul and a Split, so
   each layer reads its input twice, not five times; groups with a projection quantize.exclude
   names stay apart (:func:`pack_projections`).
@@ -94,7 +97,10 @@ COUNTED = {
 #: scaled rotary embedding that multiplies cos/sin (YaRN's attention scaling) matches no rotary
 #: rule: such a checkpoint keeps rotary and attention unfused, and the report says why.
 ROTARY_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
-KNOWN_MODEL_TYPES = ROTARY_MODEL_TYPES | {"gpt2"}
+#: Model types that rotate part of each head and run attention and MLP side by side from one
+#: residual (Phi-1.5/Phi-2, GPT-NeoX/Pythia).
+PARALLEL_MODEL_TYPES = frozenset({"phi", "gpt_neox"})
+KNOWN_MODEL_TYPES = ROTARY_MODEL_TYPES | PARALLEL_MODEL_TYPES | {"gpt2"}
 
 #: Positions the precomputed cos/sin table may hold (2 x 8.4 MB at head size 64 and float32);
 #: a model declaring more keeps its rotary embedding unfused.
@@ -105,16 +111,27 @@ _RTOL = 1e-3
 
 
 def expected_ops(model_type: str, layers: int) -> dict[str, int]:
-    """How many fused ops each fusion should make in each graph, for a known model type.
+    """How many fused ops each fusion should make in each graph, for a known model type (the
+    report holds the graphs to at least these).
 
     Two residual normalisations per layer (of the 2 x layers + 1 normalisations, the first of an
     RMSNorm model has no residual before it; GPT-2's has the position embedding's); one
     RotaryEmbedding for the queries and one for the keys per layer (none in GPT-2), one
     GroupQueryAttention, and two packed MatMuls (q/k/v, gate/up; GPT-2 exports its projections
     packed already).
+
+    A parallel layer (Phi, GPT-NeoX) adds one residual per layer, taken by the normalisation
+    after it: one per layer (the first layer's has none; the final one's has). Phi's q, k, v
+    and fc1 read one normalisation: one packed MatMul per layer; GPT-NeoX's q/k/v is one
+    projection already and its MLP reads its own normalisation: nothing to pack.
     """
     if model_type not in KNOWN_MODEL_TYPES:
         return {}
+    if model_type in PARALLEL_MODEL_TYPES:
+        expected = {"skip-layernorm": layers, "rotary": 2 * layers, "attention": layers}
+        if model_type == "phi":
+            expected["pack"] = layers
+        return expected
     expected = {"skip-layernorm": 2 * layers, "attention": layers}
     if model_type in ROTARY_MODEL_TYPES:
         expected["rotary"] = 2 * layers
@@ -123,9 +140,18 @@ def expected_ops(model_type: str, layers: int) -> dict[str, int]:
 
 
 def _rotate(
-    op: Any, x: Any, positions: Any, cos: Any, sin: Any, interleaved: int, heads: int
+    op: Any,
+    x: Any,
+    positions: Any,
+    cos: Any,
+    sin: Any,
+    interleaved: int,
+    heads: int,
+    width: int | None = None,
 ) -> Any:
-    """ONNX Runtime's RotaryEmbedding of ``x`` at ``positions`` from a cos/sin table."""
+    """ONNX Runtime's RotaryEmbedding of ``x`` at ``positions`` from a cos/sin table; with
+    ``width``, only each head's first ``width`` dimensions (partial rotary)."""
+    partial = {} if width is None else {"rotary_embedding_dim": width}
     return op.RotaryEmbedding(
         x,
         positions,
@@ -134,7 +160,32 @@ def _rotate(
         interleaved=interleaved,
         num_heads=heads,
         _domain="com.microsoft",
+        **partial,
     )
+
+
+def _rotary_width(rotated: Any) -> int | None:
+    """How many dimensions of each head the RotaryEmbedding making ``rotated`` turns: twice
+    its cos table's width (None when the table is not a constant)."""
+    table = rotated.producer().inputs[2]
+    if table is None or table.const_value is None or len(table.const_value.shape) != 2:
+        return None
+    return 2 * int(table.const_value.shape[1])
+
+
+def _head_slice(value: Any) -> tuple[int, int] | None:
+    """(start, end) of ``value``, a step-1 Slice of the last of four axes with constant
+    bounds; None when it is not one."""
+    from onnxscript.rewriter import _ir_utils
+
+    node = value.producer()
+    if node is None or node.op_type != "Slice" or len(node.inputs) != 5:
+        return None
+    bounds = [_ir_utils.get_singleton_value(i) for i in node.inputs[1:]]
+    if any(b is None for b in bounds):
+        return None
+    start, end, axis, step = (int(b) for b in bounds)
+    return (start, end) if axis in (-1, 3) and step == 1 else None
 
 
 def _rotary_rule(max_positions: int) -> Any:
@@ -194,6 +245,55 @@ def _rotary_rule(max_positions: int) -> Any:
     return RotaryTableFusion.rule()
 
 
+def _heads_first_split_rule() -> Any:
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    class HeadsFirstSplit(pattern.RewriteRuleClassBase):
+        """GPT-NeoX's packed projection, split into heads before q, k and v -> q, k and v
+        each split into heads as the attention rule reads them.
+
+        GPT-NeoX views its query_key_value output as [batch, sequence, heads, 3 x size] (each
+        head's query, key and value side by side), moves the heads forward and splits the
+        last axis in three. The rewrite splits the same view first, so each of q, k, v is a
+        [batch, sequence, hidden] tensor, then reshapes it into heads: exact (the same
+        elements, moved), and the attention rule's form. The heads reshape is dead once
+        GroupQueryAttention takes the [batch, sequence, hidden] tensors.
+        """
+
+        def pattern(self, op, packed, shape):
+            view = op.Reshape(packed, shape, _outputs=["view"])
+            heads = op.Transpose(view, perm=[0, 2, 1, 3])
+            return op.Split(heads, _allow_other_attributes=True, _outputs=["q", "k", "v"])
+
+        def check(self, context, view, q, **_):
+            result = pattern.MatchResult()
+            split = q.producer()
+            # In three equal parts along the size axis: num_outputs, no split sizes.
+            axis = split.attributes.get_int("axis", 0)
+            if axis not in (3, -1) or split.attributes.get_int("num_outputs", 0) != 3:
+                return result.fail("the heads are not split in three along their size", q)
+            if len(split.inputs) > 1 and split.inputs[1] is not None:
+                return result.fail("the split has sizes of its own", q)
+            heads = _ir_utils.get_dim(view, 2)
+            width = _ir_utils.get_dim(view, 3)
+            if not (isinstance(heads, int) and isinstance(width, int) and width % 3 == 0):
+                return result.fail("the packed heads' count and width are not static", view)
+            return result
+
+        def rewrite(self, op, packed, shape, view, **_):
+            heads = _ir_utils.get_dim(view, 2)
+            size = _ir_utils.get_dim(view, 3) // 3
+            parts = op.Split(op.Reshape(packed, shape), axis=3, num_outputs=3, _outputs=3)
+            merge = op.Constant(value_ints=[0, 0, -1])
+            split = op.Constant(value_ints=[0, 0, heads, size])
+            return tuple(
+                op.Transpose(op.Reshape(op.Reshape(part, merge), split), perm=[0, 2, 1, 3])
+                for part in parts
+            )
+
+    return HeadsFirstSplit.rule()
+
+
 def _attention_rules() -> list[Any]:
     import onnx_ir as ir
     from onnxscript.rewriter import _ir_utils, pattern
@@ -208,8 +308,11 @@ def _attention_rules() -> list[Any]:
         (transformers repeats nothing when there are as many as query heads); ``normed``: each
         query and key head is RMS-normalised before the rotation (Qwen3's q_norm / k_norm, a
         SimplifiedLayerNormalization over the head size; GroupQueryAttention has none, so it
-        stays, on the [batch, sequence, heads, size] view). One rule per form: onnxscript cannot
-        return values behind a choice.
+        stays, on the [batch, sequence, heads, size] view); ``partial``: only the first
+        dimensions of each head are rotated (Phi's and GPT-NeoX's partial rotary: a Slice of
+        the head rotated, concatenated with the rest; ONNX Runtime's RotaryEmbedding does this
+        itself given ``rotary_embedding_dim``). One rule per form: onnxscript cannot return
+        values behind a choice.
         """
 
         def __init__(
@@ -219,12 +322,15 @@ def _attention_rules() -> list[Any]:
             rotary: bool,
             repeated: bool,
             normed: bool,
+            partial: bool,
             lengths: dict[Any, Any],
         ) -> None:
-            form = "".join(str(int(f)) for f in (zeroed, reshaped, rotary, repeated, normed))
+            flags = (zeroed, reshaped, rotary, repeated, normed, partial)
+            form = "".join(str(int(f)) for f in flags)
             super().__init__(f"LeftPaddedAttention{form}", remove_nodes=False)
             self.zeroed, self.reshaped = zeroed, reshaped
             self.rotary, self.repeated, self.normed = rotary, repeated, normed
+            self.partial = partial
             # The mask -> (seqlens_k, total_sequence_length), built once per graph.
             self.lengths = lengths
 
@@ -253,15 +359,25 @@ def _attention_rules() -> list[Any]:
                     )
                 return op.Transpose(split, perm=[0, 2, 1, 3])
 
+            def rotated(x, name):
+                if not self.rotary:
+                    return x
+                if not self.partial:
+                    return op.RotaryEmbedding(
+                        x, position_ids, cos, sin, _domain="com.microsoft", _outputs=[name]
+                    )
+                # Slice(x, starts, ends, axes, steps): checked to be [:rotary], [rotary:].
+                any4 = [pattern.ANY_VALUE] * 4
+                part = op.Slice(x, *any4, _outputs=[f"{name}_part"])
+                rest = op.Slice(x, *any4, _outputs=[f"{name}_rest"])
+                turned = op.RotaryEmbedding(
+                    part, position_ids, cos, sin, _domain="com.microsoft", _outputs=[name]
+                )
+                return op.Concat(turned, rest, axis=-1)
+
             q = heads(query, "query_heads", query_scale if self.normed else None)
             k = heads(key, "key_heads", key_scale if self.normed else None)
-            if self.rotary:
-                q = op.RotaryEmbedding(
-                    q, position_ids, cos, sin, _domain="com.microsoft", _outputs=["query_rotary"]
-                )
-                k = op.RotaryEmbedding(
-                    k, position_ids, cos, sin, _domain="com.microsoft", _outputs=["key_rotary"]
-                )
+            q, k = rotated(q, "query_rotary"), rotated(k, "key_rotary")
             v = heads(value, "value_heads")
             # The cache: the past concatenated with the new keys (the prefill has no past).
             keys = pattern.OrValue([op.Concat(past_key, k, axis=-2), k])
@@ -300,7 +416,7 @@ def _attention_rules() -> list[Any]:
             key_rotary=None,
             query_heads_normed=None,
             key_heads_normed=None,
-            **_,
+            **v,
         ):
             result = pattern.MatchResult()
             for normed in (query_heads_normed, key_heads_normed):
@@ -336,6 +452,16 @@ def _attention_rules() -> list[Any]:
                 k_attrs = key_rotary.producer().attributes
                 if q_attrs.get_int("interleaved", 0) != k_attrs.get_int("interleaved", 0):
                     return result.fail("queries and keys rotate differently", query_rotary)
+            if self.partial:
+                width = _rotary_width(query_rotary)
+                if width is None or width >= head_size:
+                    return result.fail("the rotated part is not narrower than a head", query_rotary)
+                for name in ("query_rotary", "key_rotary"):
+                    rest = _head_slice(v[f"{name}_rest"])
+                    if _head_slice(v[f"{name}_part"]) != (0, width) or not (
+                        rest and rest[0] == width and rest[1] >= head_size
+                    ):
+                        return result.fail(f"a head is not split at {width}", v[f"{name}_part"])
             return result
 
         def rewrite(self, op, **v):
@@ -366,8 +492,9 @@ def _attention_rules() -> list[Any]:
                 # RotaryEmbedding takes [batch, sequence, hidden] with num_heads as well.
                 interleaved = v["query_rotary"].producer().attributes.get_int("interleaved", 0)
                 table = (v["position_ids"], v["cos"], v["sin"], interleaved)
-                q = _rotate(op, q, *table, num_heads)
-                k = _rotate(op, k, *table, kv_heads)
+                turned = _rotary_width(v["query_rotary"]) if self.partial else None
+                q = _rotate(op, q, *table, num_heads, turned)
+                k = _rotate(op, k, *table, kv_heads, turned)
             attributes = {"num_heads": num_heads, "kv_num_heads": kv_heads}
             scale = v["attention"].producer().attributes.get_float("scale", None)
             if scale is not None:
@@ -397,8 +524,8 @@ def _attention_rules() -> list[Any]:
 
     lengths: dict[Any, Any] = {}
     return [
-        LeftPaddedAttention.rule(zeroed, reshaped, rotary, repeated, normed, lengths)
-        for rotary in (True, False)
+        LeftPaddedAttention.rule(zeroed, reshaped, rotary, repeated, normed, partial, lengths)
+        for rotary, partial in ((True, False), (True, True), (False, False))
         for repeated in (True, False)
         for zeroed in (True, False)
         for reshaped in (True, False)
@@ -543,6 +670,8 @@ def fuse_graph(
             )
     if "attention" in fusions:
         # SDPA (onnxscript's intermediate op) first, then the rule that consumes it.
+        split = pattern.RewriteRuleSet([_heads_first_split_rule()])
+        matched["heads_first_split"] = _fusion_utils.apply_fusion_rules(split)(model)
         matched["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
         rules = pattern.RewriteRuleSet(_attention_rules())
         matched["group_query_attention"] = _fusion_utils.apply_fusion_rules(rules)(model)

@@ -358,8 +358,9 @@ class OptimizeDecoderStage(Stage[OptimizeDecoderConfig]):
     made for the architecture (``expected``), and any fusion dropped with its reason."""
 
     name = "optimize-decoder"
-    #: 2: GPT-2's attention (no rotary) fused too; 3: Qwen3's (query and key heads normalised).
-    version = 3
+    #: 2: GPT-2's attention (no rotary) fused too; 3: Qwen3's (query and key heads normalised);
+    #: 4: Phi's and GPT-NeoX's (partial rotary; GPT-NeoX's q/k/v packed by head).
+    version = 4
 
     def describe(self) -> str:
         return f"optimize decoder ({', '.join(self.config.fusions) or 'no fusions'})"

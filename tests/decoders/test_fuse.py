@@ -1,9 +1,10 @@
 """Decoder fusions: normalisations, rotary embeddings and attention fused, counted, run against
 PyTorch.
 
-Tiny random-weight GPT-2, Llama, Qwen2 and Qwen3 models (tests/decoders/test_generation.py): each
-family's fused graphs must hold the ops its architecture should give and generate PyTorch's
-tokens on a left-padded batch; a fusion ONNX Runtime cannot run is dropped, with its reason.
+Tiny random-weight GPT-2, Llama, Qwen2, Qwen3, Phi and GPT-NeoX models
+(tests/decoders/test_generation.py): each family's fused graphs must hold the ops its
+architecture should give and generate PyTorch's tokens on a left-padded batch; a fusion ONNX
+Runtime cannot run is dropped, with its reason.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import pytest
 from pipeline.decoders import OrtGenerator, compare_generation, export_decoder, greedy_reference
 from pipeline.decoders.fuse import PACKED, expected_ops, fuse_decoder
 from pipeline.sensitivity import module_name
-from tests.decoders.test_generation import VOCAB, prompts, tiny
+from tests.decoders.test_generation import FAMILIES, VOCAB, prompts, tiny
 
 FUSIONS = ("skip-layernorm", "rotary", "attention", "pack")
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def fused(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Any, Path, dict[str, Any]]:
@@ -39,17 +40,38 @@ def test_each_family_gets_the_fused_ops_its_architecture_should(
 ) -> None:
     model, root, result = fused
     layers = model.config.num_hidden_layers
-    expected = expected_ops(model.config.model_type, layers)
+    family = model.config.model_type
+    expected = expected_ops(family, layers)
     assert result["fallback"] == {}
-    rotary = model.config.model_type != "gpt2"
-    assert expected == {
-        "skip-layernorm": 2 * layers,
-        "attention": layers,
-        **({"rotary": 2 * layers, "pack": 2 * layers} if rotary else {}),
-    }
+    rotary = family != "gpt2"
+    parallel = family in ("phi", "gpt_neox")
+    if parallel:
+        # One residual normalisation per layer; Phi packs q/k/v with fc1, GPT-NeoX has nothing
+        # to pack (its q/k/v come packed, its MLP reads its own norm).
+        assert expected == {
+            "skip-layernorm": layers,
+            "rotary": 2 * layers,
+            "attention": layers,
+            **({"pack": layers} if family == "phi" else {}),
+        }
+    else:
+        assert expected == {
+            "skip-layernorm": 2 * layers,
+            "attention": layers,
+            **({"rotary": 2 * layers, "pack": 2 * layers} if rotary else {}),
+        }
     for graph in ("prefill", "decode"):
         ops = result["fused_ops"][graph]
-        if rotary:
+        if parallel:
+            # LayerNorm: the first layer's norms (one in Phi, two in GPT-NeoX) have no residual
+            # before them, and of GPT-NeoX's two later ones only one can take it.
+            assert ops == {
+                "SkipLayerNormalization": layers,
+                "RotaryEmbedding": 2 * layers,
+                "GroupQueryAttention": layers,
+                **({PACKED: layers} if family == "phi" else {}),
+            }
+        elif rotary:
             # RMSNorm: the first normalisation has no residual before it; Qwen3 normalises
             # each query and key head too (two per layer, on the heads' own view).
             heads = 2 * layers if model.config.model_type == "qwen3" else 0
@@ -69,6 +91,15 @@ def test_each_family_gets_the_fused_ops_its_architecture_should(
         assert len(nodes.node) < len(unfused.graph.node)
         gone = ("Neg", "Sqrt", "Reciprocal", "Softmax", "Transpose") if rotary else ("Softmax",)
         assert not any(n.op_type in gone for n in nodes.node)
+        if parallel:
+            # Each head's rotated part: a half (Phi) or a quarter (GPT-NeoX) of its 8.
+            width = {"phi": 4, "gpt_neox": 2}[family]
+            turned = [
+                next(a.i for a in n.attribute if a.name == "rotary_embedding_dim")
+                for n in nodes.node
+                if n.op_type == "RotaryEmbedding"
+            ]
+            assert turned == [width] * 2 * layers
         attention = [n for n in nodes.node if n.op_type == "GroupQueryAttention"]
         # The cache tensors are the op's own outputs, under their stable names.
         assert {o for n in attention for o in n.output[1:]} == {
@@ -243,6 +274,7 @@ def test_unknown_architectures_expect_nothing() -> None:
     }
     assert expected_ops("gpt2", 3) == {"skip-layernorm": 6, "attention": 3}
     assert expected_ops("qwen3", 3) == expected_ops("llama", 3)
+    assert expected_ops("phi", 3) == {"skip-layernorm": 3, "rotary": 6, "attention": 3, "pack": 3}
     # Untested layouts are fused and run-checked, but not held to counts.
     assert expected_ops("smollm3", 3) == {}
 
@@ -297,9 +329,9 @@ def test_float16_decoders_generate_close_to_pytorch(
     weights = [i for i in decode.initializer if len(i.dims) == 2]
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
     if graphs == "fused":
-        # Fused normalisations and attention take float16 as they are; only GPT-2's GELU keeps
-        # its cube (Pow) in float32.
-        gelu = {"Pow": layers} if model.config.model_type == "gpt2" else {}
+        # Fused normalisations and attention take float16 as they are; only the tanh GELU of
+        # GPT-2 and Phi keeps its cube (Pow) in float32.
+        gelu = {"Pow": layers} if model.config.model_type in ("gpt2", "phi") else {}
         assert stats["decode"]["kept_float"] == gelu
     else:
         # The exported graph's Softmax (and RMSNorm's Pow and ReduceMean) stay float32.

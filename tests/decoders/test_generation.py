@@ -1,7 +1,8 @@
 """Decoders: prefill/decode export, greedy generation with the cache, padded batches, vs PyTorch.
 
-Tiny random-weight GPT-2, Llama (grouped-query attention), Qwen2 and Qwen3 models; every claim is
-checked against PyTorch's own ``generate`` on the same prompts.
+Tiny random-weight GPT-2, Llama (grouped-query attention), Qwen2, Qwen3, Phi and GPT-NeoX models
+(the last two rotate part of each head); every claim is checked against PyTorch's own
+``generate`` on the same prompts.
 """
 
 from __future__ import annotations
@@ -53,10 +54,43 @@ def tiny(family: str) -> Any:
         # apart from the hidden size, and its queries are wider than it (Qwen3-0.6B: 16 x 128
         # against 1024), as here: 4 x 16 against 32.
         return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)).eval()
+    if family in ("phi", "gpt_neox"):
+        return _partial_rotary(family, common)
     return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2", "qwen3"])
+def _rotated(part: float) -> dict[str, Any]:
+    """Rotary parameters turning ``part`` of each head (transformers 5's form)."""
+    return {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": part}
+
+
+def _partial_rotary(family: str, common: dict[str, int]) -> Any:
+    """Phi (Phi-1.5, Phi-2) and GPT-NeoX (Pythia) rotate part of each head (a half, a
+    quarter), run attention and MLP side by side from one residual, and use LayerNorm with
+    biases. GPT-NeoX packs q, k and v by head (its query_key_value) and has as many key/value
+    heads as heads. Their norms and biases start as ones and zeros: drawn here, so that no two
+    norms are the same (two equal LayerNorms of one input would be merged as one)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PhiConfig, PhiForCausalLM
+
+    if family == "phi":
+        model = PhiForCausalLM(PhiConfig(**common, rope_parameters=_rotated(0.5)))
+    else:
+        sizes = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**sizes, rope_parameters=_rotated(0.25)))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
+            elif name.endswith("bias"):
+                parameter.copy_(0.02 * torch.randn_like(parameter))
+    return model.eval()
+
+
+FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "phi", "gpt_neox"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Any, Path]:
