@@ -7,6 +7,9 @@ exported.
 * ``qwen3``: Qwen3-0.6B's configuration (28 layers, hidden 1024, 16 query and 8 key/value heads
   of 128, vocabulary 151,936; 596M parameters). Each query and key head is RMS-normalised before
   the rotation; that normalisation stays before GroupQueryAttention.
+* ``pythia``: Pythia-160M's configuration (GPT-NeoX: 12 layers, hidden 768, 12 heads of 64,
+  vocabulary 50,304; 162M parameters). A quarter of each head is rotated, q/k/v come from one
+  projection packed by head, and attention and MLP run side by side from one residual.
 
 The exported graphs are fused as a decoder variant's default ``optimize: ort`` does, and
 with every fusion but ``attention`` (what fusing the attention adds), and a decode step of
@@ -17,6 +20,7 @@ latency is the architecture's, the logit comparison the fusions' arithmetic.
 
     python -m benchmarks.family_fusions --family gpt2
     python -m benchmarks.family_fusions --family qwen3
+    python -m benchmarks.family_fusions --family pythia
 """
 
 from __future__ import annotations
@@ -48,14 +52,39 @@ def qwen3_0_6b() -> Any:
         num_key_value_heads=8,
         head_dim=128,
         max_position_embeddings=4096,
-        rope_theta=1000000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     )
     return Qwen3ForCausalLM(config).eval()
 
 
-FAMILIES = {"gpt2": gpt2_small, "qwen3": qwen3_0_6b}
+def pythia_160m() -> Any:
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    # Pythia-160M's config.json.
+    config = GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+        },
+        max_position_embeddings=2048,
+        use_parallel_residual=True,
+        layer_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    return GPTNeoXForCausalLM(config).eval()
+
+
+FAMILIES = {"gpt2": gpt2_small, "qwen3": qwen3_0_6b, "pythia": pythia_160m}
 
 
 def main() -> None:

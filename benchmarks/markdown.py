@@ -286,6 +286,7 @@ def decoder_static_section(d: dict[str, Any]) -> list[str]:
 FAMILY_TITLES = {
     "gpt2": "GPT-2 small architecture",
     "qwen3": "Qwen3-0.6B architecture",
+    "gpt_neox": "Pythia-160M architecture (GPT-NeoX)",
 }
 
 
@@ -583,6 +584,7 @@ def render(results: dict[str, Any]) -> str:
         ("decoder_static", decoder_static_section),
         ("gpt2_fusions", family_fusions_section),
         ("qwen3_fusions", family_fusions_section),
+        ("pythia_fusions", family_fusions_section),
     ):
         if results.get(key):
             lines += section(results[key])
