@@ -29,6 +29,8 @@ WEIGHTS = "weights.onnx.data"
 #: Tensors smaller than this stay inside their graph.
 _INLINE_BYTES = 1024
 _ALIGN = 4096
+#: The inputs the generation runner feeds, beside the cache (``past.N.key``/``value``).
+FED = frozenset({"input_ids", "attention_mask", "position_ids"})
 _CACHE = re.compile(r"^(?:(input|output)\.)?cache\.layers\.(\d+)\.(keys|values)$")
 
 
@@ -78,6 +80,19 @@ def _rename(path: Path, graph: str) -> tuple[str, ...]:
             renamed += 1
     if renamed == 0:
         raise ExportError(f"{path.name} has no KV-cache inputs or outputs: not a decoder export")
+    other = [
+        v.name or ""
+        for v in model.graph.inputs
+        if v.name not in FED and not (v.name or "").startswith("past.")
+    ]
+    if other:
+        # Gemma 2/3's sliding-window cache layers: each also carries its window as a tensor,
+        # and keeps only the window's last tokens, so layers' caches differ in length.
+        raise ExportError(
+            f"{path.name} takes inputs the generation runner does not feed: {', '.join(other[:3])}",
+            "sliding-window cache layers (Gemma 2 and 3) are not supported; use a model whose "
+            "cache layers all grow with the text",
+        )
     # Written beside, then moved over: the loaded model still reads its weights lazily from
     # the original data file.
     staging = path.parent / ".rename"

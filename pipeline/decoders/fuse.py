@@ -2,7 +2,7 @@
 
 * ``skip-layernorm``: RMSNorm into ``SimplifiedLayerNormalization`` and, with the residual add
   before it, ``SkipSimplifiedLayerNormalization`` (Llama, Qwen2); LayerNorm with its residual
-  add into ``SkipLayerNormalization`` (GPT-2). onnxscript's rules.
+  add into ``SkipLayerNormalization`` (GPT-2, Phi, GPT-NeoX). onnxscript's rules.
 * ``rotary``: the rotary position embedding of queries and keys into ONNX Runtime's
   ``RotaryEmbedding``, which reads cos/sin from a table indexed by ``position_ids``.
 * ``attention``: the whole attention of a layer (head reshapes, rotary, cache concat, the
@@ -14,8 +14,8 @@
   Phi and GPT-NeoX rotate only the first dimensions of each head: the queries and keys go
   through one RotaryEmbedding each with ``rotary_embedding_dim``; GPT-NeoX's projection packs
   q, k and v head by head, and is split into q, k and v first (:func:`_heads_first_split_rule`).
-* ``pack``: the MatMuls reading one value (q/k/v, gate/up) into one MatMul and a Split, so
-  each layer reads its input twice, not five times; groups with a projection quantize.exclude
+* ``pack``: the MatMuls reading one value (q/k/v, gate/up; Phi's q/k/v and fc1) into one
+  MatMul and a Split, so a Llama layer reads its input twice, not five times; groups with a projection quantize.exclude
   names stay apart (:func:`pack_projections`).
 
 Why our own rules, beside onnxscript's:
@@ -91,16 +91,19 @@ COUNTED = {
     "pack": (PACKED,),
 }
 
-#: Model types whose layout the tests cover, with rotary attention in every layer (Qwen3's
-#: query and key heads normalised before it). Others are fused too, and checked by running, but
-#: their counts are not held to an expectation (SmolLM3's layers without rotary, for one). A
-#: scaled rotary embedding that multiplies cos/sin (YaRN's attention scaling) matches no rotary
-#: rule: such a checkpoint keeps rotary and attention unfused, and the report says why.
-ROTARY_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
+#: The model types whose layout the tests cover hold their counts to an expectation: these
+#: with rotary attention in every layer, attention then MLP (Qwen3's query and key heads
+#: normalised before it); the parallel ones below; GPT-2. Others are fused too, and checked by
+#: running, but their counts are not held to an expectation (SmolLM3's layers without rotary,
+#: for one). A scaled rotary embedding that multiplies cos/sin (YaRN's attention scaling)
+#: matches no rotary rule: such a checkpoint keeps rotary and attention unfused, and the report
+#: says why.
+SEQUENTIAL_ROTARY_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 #: Model types that rotate part of each head and run attention and MLP side by side from one
-#: residual (Phi-1.5/Phi-2, GPT-NeoX/Pythia).
+#: residual (Phi-1.5/Phi-2, GPT-NeoX/Pythia; a GPT-NeoX with ``use_parallel_residual: false``
+#: has a second residual normalisation per layer, above the expectation, which is a minimum).
 PARALLEL_MODEL_TYPES = frozenset({"phi", "gpt_neox"})
-KNOWN_MODEL_TYPES = ROTARY_MODEL_TYPES | PARALLEL_MODEL_TYPES | {"gpt2"}
+KNOWN_MODEL_TYPES = SEQUENTIAL_ROTARY_MODEL_TYPES | PARALLEL_MODEL_TYPES | {"gpt2"}
 
 #: Positions the precomputed cos/sin table may hold (2 x 8.4 MB at head size 64 and float32);
 #: a model declaring more keeps its rotary embedding unfused.
@@ -133,7 +136,7 @@ def expected_ops(model_type: str, layers: int) -> dict[str, int]:
             expected["pack"] = layers
         return expected
     expected = {"skip-layernorm": 2 * layers, "attention": layers}
-    if model_type in ROTARY_MODEL_TYPES:
+    if model_type in SEQUENTIAL_ROTARY_MODEL_TYPES:
         expected["rotary"] = 2 * layers
         expected["pack"] = 2 * layers
     return expected
@@ -147,11 +150,11 @@ def _rotate(
     sin: Any,
     interleaved: int,
     heads: int,
-    width: int | None = None,
+    rotary_dim: int | None = None,
 ) -> Any:
     """ONNX Runtime's RotaryEmbedding of ``x`` at ``positions`` from a cos/sin table; with
-    ``width``, only each head's first ``width`` dimensions (partial rotary)."""
-    partial = {} if width is None else {"rotary_embedding_dim": width}
+    ``rotary_dim``, only each head's first ``rotary_dim`` dimensions (partial rotary)."""
+    partial = {} if rotary_dim is None else {"rotary_embedding_dim": rotary_dim}
     return op.RotaryEmbedding(
         x,
         positions,
@@ -164,18 +167,20 @@ def _rotate(
     )
 
 
-def _rotary_width(rotated: Any) -> int | None:
+def _rotary_dim(rotated: Any) -> int | None:
     """How many dimensions of each head the RotaryEmbedding making ``rotated`` turns: twice
     its cos table's width (None when the table is not a constant)."""
-    table = rotated.producer().inputs[2]
-    if table is None or table.const_value is None or len(table.const_value.shape) != 2:
+    from onnxscript.rewriter import _ir_utils
+
+    table = _ir_utils.get_numpy_value(rotated.producer().inputs[2])
+    if table is None or table.ndim != 2:
         return None
-    return 2 * int(table.const_value.shape[1])
+    return 2 * int(table.shape[1])
 
 
 def _head_slice(value: Any) -> tuple[int, int] | None:
-    """(start, end) of ``value``, a step-1 Slice of the last of four axes with constant
-    bounds; None when it is not one."""
+    """(start, end) of ``value``, a step-1 Slice of axis 3 (or -1) with constant bounds; None
+    when it is not one (the attention pattern gives it four axes)."""
     from onnxscript.rewriter import _ir_utils
 
     node = value.producer()
@@ -270,10 +275,9 @@ def _heads_first_split_rule() -> Any:
             split = q.producer()
             # In three equal parts along the size axis: num_outputs, no split sizes.
             axis = split.attributes.get_int("axis", 0)
+            # (The pattern's Split has one input: one with sizes does not match.)
             if axis not in (3, -1) or split.attributes.get_int("num_outputs", 0) != 3:
                 return result.fail("the heads are not split in three along their size", q)
-            if len(split.inputs) > 1 and split.inputs[1] is not None:
-                return result.fail("the split has sizes of its own", q)
             heads = _ir_utils.get_dim(view, 2)
             width = _ir_utils.get_dim(view, 3)
             if not (isinstance(heads, int) and isinstance(width, int) and width % 3 == 0):
@@ -284,10 +288,10 @@ def _heads_first_split_rule() -> Any:
             heads = _ir_utils.get_dim(view, 2)
             size = _ir_utils.get_dim(view, 3) // 3
             parts = op.Split(op.Reshape(packed, shape), axis=3, num_outputs=3, _outputs=3)
-            merge = op.Constant(value_ints=[0, 0, -1])
-            split = op.Constant(value_ints=[0, 0, heads, size])
+            merged = op.Constant(value_ints=[0, 0, heads * size])
+            heads_shape = op.Constant(value_ints=[0, 0, heads, size])
             return tuple(
-                op.Transpose(op.Reshape(op.Reshape(part, merge), split), perm=[0, 2, 1, 3])
+                op.Transpose(op.Reshape(op.Reshape(part, merged), heads_shape), perm=[0, 2, 1, 3])
                 for part in parts
             )
 
@@ -416,7 +420,7 @@ def _attention_rules() -> list[Any]:
             key_rotary=None,
             query_heads_normed=None,
             key_heads_normed=None,
-            **v,
+            **pattern_values,
         ):
             result = pattern.MatchResult()
             for normed in (query_heads_normed, key_heads_normed):
@@ -453,15 +457,17 @@ def _attention_rules() -> list[Any]:
                 if q_attrs.get_int("interleaved", 0) != k_attrs.get_int("interleaved", 0):
                     return result.fail("queries and keys rotate differently", query_rotary)
             if self.partial:
-                width = _rotary_width(query_rotary)
-                if width is None or width >= head_size:
-                    return result.fail("the rotated part is not narrower than a head", query_rotary)
+                # The rest may be empty: a partial factor of 1 still slices (at the head size).
+                rotary_dim = _rotary_dim(query_rotary)
+                if rotary_dim is None or rotary_dim > head_size:
+                    return result.fail("the rotated part is not within a head", query_rotary)
                 for name in ("query_rotary", "key_rotary"):
-                    rest = _head_slice(v[f"{name}_rest"])
-                    if _head_slice(v[f"{name}_part"]) != (0, width) or not (
-                        rest and rest[0] == width and rest[1] >= head_size
+                    rest = _head_slice(pattern_values[f"{name}_rest"])
+                    part = pattern_values[f"{name}_part"]
+                    if _head_slice(part) != (0, rotary_dim) or not (
+                        rest and rest[0] == rotary_dim and rest[1] >= head_size
                     ):
-                        return result.fail(f"a head is not split at {width}", v[f"{name}_part"])
+                        return result.fail(f"a head is not split at {rotary_dim}", part)
             return result
 
         def rewrite(self, op, **v):
@@ -492,9 +498,11 @@ def _attention_rules() -> list[Any]:
                 # RotaryEmbedding takes [batch, sequence, hidden] with num_heads as well.
                 interleaved = v["query_rotary"].producer().attributes.get_int("interleaved", 0)
                 table = (v["position_ids"], v["cos"], v["sin"], interleaved)
-                turned = _rotary_width(v["query_rotary"]) if self.partial else None
-                q = _rotate(op, q, *table, num_heads, turned)
-                k = _rotate(op, k, *table, kv_heads, turned)
+                rotary_dim = _rotary_dim(v["query_rotary"]) if self.partial else None
+                if rotary_dim == _ir_utils.get_dim(v["query_heads"], 3):
+                    rotary_dim = None  # the whole head
+                q = _rotate(op, q, *table, num_heads, rotary_dim)
+                k = _rotate(op, k, *table, kv_heads, rotary_dim)
             attributes = {"num_heads": num_heads, "kv_num_heads": kv_heads}
             scale = v["attention"].producer().attributes.get_float("scale", None)
             if scale is not None:

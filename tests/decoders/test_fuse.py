@@ -275,6 +275,7 @@ def test_unknown_architectures_expect_nothing() -> None:
     assert expected_ops("gpt2", 3) == {"skip-layernorm": 6, "attention": 3}
     assert expected_ops("qwen3", 3) == expected_ops("llama", 3)
     assert expected_ops("phi", 3) == {"skip-layernorm": 3, "rotary": 6, "attention": 3, "pack": 3}
+    assert expected_ops("gpt_neox", 3) == {"skip-layernorm": 3, "rotary": 6, "attention": 3}
     # Untested layouts are fused and run-checked, but not held to counts.
     assert expected_ops("smollm3", 3) == {}
 
@@ -344,3 +345,92 @@ def test_float16_decoders_generate_close_to_pytorch(
     assert figures["token_match"] >= 0.95
     # float16's 11-bit significand: an error far below the logits' spread, but not none.
     assert 0 < figures["mean_abs_error"] < 2e-3 * spread, (figures, spread)
+
+
+def _ir_model(nodes: list[Any], inputs: list[Any], outputs: list[str]) -> Any:
+    """An onnx_ir model of ``nodes`` (opset 21), shapes inferred, and its ONNX bytes."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = ir.serde.deserialize_model(proto)
+    common_passes.ShapeInferencePass()(model)
+    return model, proto.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("axis", "parts", "rewritten"), [(3, 3, True), (-1, 3, True), (2, 3, False), (3, 4, False)]
+)
+def test_heads_first_split_is_exact_and_only_where_it_applies(
+    axis: int, parts: int, rewritten: bool
+) -> None:
+    """GPT-NeoX's q/k/v packed head by head (a [batch, sequence, heads, 3 x size] view, heads
+    moved forward, then split in three) -> split first, then each part made heads: the same
+    values. A split along another axis, or in other than three, is left as it is."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from onnxscript.rewriter import _fusion_utils, pattern
+
+    from pipeline.decoders.fuse import _heads_first_split_rule
+
+    heads, width = 3, 12
+    names = [f"part{i}" for i in range(parts)]
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], value_ints=[0, 0, heads, width]),
+        helper.make_node("Reshape", ["packed", "shape"], ["view"]),
+        helper.make_node("Transpose", ["view"], ["heads"], perm=[0, 2, 1, 3]),
+        helper.make_node("Split", ["heads"], names, axis=axis, num_outputs=parts),
+        *(helper.make_node("Identity", [n], [f"out{i}"]) for i, n in enumerate(names)),
+    ]
+    packed = helper.make_tensor_value_info("packed", TensorProto.FLOAT, [2, 5, heads * width])
+    outputs = [f"out{i}" for i in range(parts)]
+    model, before = _ir_model(nodes, [packed], outputs)
+    rules = pattern.RewriteRuleSet([_heads_first_split_rule()])
+    assert _fusion_utils.apply_fusion_rules(rules)(model) == int(rewritten)
+    after = ir.serde.serialize_model(model).SerializeToString()
+    feed = {"packed": np.random.default_rng(0).standard_normal((2, 5, 36)).astype(np.float32)}
+    runs = [
+        ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(outputs, feed)
+        for m in (before, after)
+    ]
+    for want, got in zip(*runs, strict=True):
+        assert want.shape == got.shape and np.array_equal(want, got)
+    # Rewritten: the Split reads the [batch, sequence, heads, 3 x size] view itself.
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert (split.inputs[0].producer().op_type == "Reshape") == rewritten
+
+
+def test_a_head_slice_is_read_only_from_constant_unit_step_bounds_on_the_last_axis() -> None:
+    """The partial-rotary check's reading of a Slice: (start, end) where the bounds are
+    constants on axis 3 (or -1) with step 1, else nothing."""
+    from onnx import TensorProto, helper
+
+    from pipeline.decoders.fuse import _head_slice
+
+    def sliced(start: int, end: int, axis: int, step: int, dynamic: bool = False) -> Any:
+        bounds = {"s": start, "e": end, "a": axis, "p": step}
+        nodes = [
+            helper.make_node("Constant", [], [k], value_ints=[v])
+            for k, v in bounds.items()
+            if not (dynamic and k == "s")
+        ]
+        nodes.append(helper.make_node("Slice", ["x", "s", "e", "a", "p"], ["y"]))
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 8])]
+        if dynamic:
+            inputs.append(helper.make_tensor_value_info("s", TensorProto.INT64, [1]))
+        model, _ = _ir_model(nodes, inputs, ["y"])
+        return next(n for n in model.graph if n.op_type == "Slice").outputs[0]
+
+    assert _head_slice(sliced(0, 4, 3, 1)) == (0, 4)
+    assert _head_slice(sliced(4, 2**62, -1, 1)) == (4, 2**62)
+    assert _head_slice(sliced(0, 4, 2, 1)) is None
+    assert _head_slice(sliced(0, 4, 3, 2)) is None
+    assert _head_slice(sliced(0, 4, 3, 1, dynamic=True)) is None

@@ -284,6 +284,32 @@ def test_export_refuses_a_used_folder_and_leaves_nothing_behind(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # no temporary folder left
 
 
+def test_sliding_window_cache_layers_are_refused_with_a_clear_error(tmp_path: Path) -> None:
+    """Gemma 3's sliding-window layers export an extra input per layer (the window) and keep
+    only the window's last tokens: refused at export, naming them, nothing left behind."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from pipeline.errors import ExportError
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        sliding_window=64,
+    )
+    with pytest.raises(ExportError, match="sliding-window cache layers") as error:
+        export_decoder(Gemma3ForCausalLM(config).eval(), tmp_path / "out")
+    assert "input.cache.layers.0._sliding_window_tensor" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_reference_takes_the_argmax_even_when_it_ends_the_text(
     exported: tuple[Any, Path],
 ) -> None:
