@@ -59,6 +59,22 @@ def qwen3_0_6b() -> Any:
     return Qwen3ForCausalLM(config).eval()
 
 
+def distinct_norms(model: Any) -> Any:
+    """``model`` with its norm weights and its biases drawn (seeded by the caller), as training
+    leaves them, instead of ones and zeros: two equal LayerNorms of one input (GPT-NeoX's
+    attention and MLP norms, as initialised) would be merged into one, a graph no trained
+    model gives."""
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
+            elif name.endswith("bias"):
+                parameter.copy_(0.02 * torch.randn_like(parameter))
+    return model
+
+
 def pythia_160m() -> Any:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -81,7 +97,7 @@ def pythia_160m() -> Any:
         layer_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
-    return GPTNeoXForCausalLM(config).eval()
+    return distinct_norms(GPTNeoXForCausalLM(config)).eval()
 
 
 FAMILIES = {"gpt2": gpt2_small, "qwen3": qwen3_0_6b, "pythia": pythia_160m}

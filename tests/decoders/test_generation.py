@@ -68,23 +68,18 @@ def _partial_rotary(family: str, common: dict[str, int]) -> Any:
     """Phi (Phi-1.5, Phi-2) and GPT-NeoX (Pythia) rotate part of each head (a half, a
     quarter), run attention and MLP side by side from one residual, and use LayerNorm with
     biases. GPT-NeoX packs q, k and v by head (its query_key_value) and has as many key/value
-    heads as heads. Their norms and biases start as ones and zeros: drawn here, so that no two
-    norms are the same (two equal LayerNorms of one input would be merged as one)."""
-    import torch
+    heads as heads. Their norms and biases start as ones and zeros: drawn, so that no two norms
+    are the same (two equal LayerNorms of one input would be merged as one)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PhiConfig, PhiForCausalLM
+
+    from benchmarks.family_fusions import distinct_norms
 
     if family == "phi":
         model = PhiForCausalLM(PhiConfig(**common, rope_parameters=_rotated(0.5)))
     else:
         sizes = {k: v for k, v in common.items() if k != "num_key_value_heads"}
         model = GPTNeoXForCausalLM(GPTNeoXConfig(**sizes, rope_parameters=_rotated(0.25)))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
-            elif name.endswith("bias"):
-                parameter.copy_(0.02 * torch.randn_like(parameter))
-    return model.eval()
+    return distinct_norms(model).eval()
 
 
 FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "phi", "gpt_neox"]
