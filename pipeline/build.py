@@ -36,7 +36,7 @@ from pipeline.errors import InputError, RecipeError
 from pipeline.manifest import InputRecord, Manifest
 from pipeline.progress import NullProgress, Progress
 from pipeline.recipe import Recipe, check_name
-from pipeline.recipes import Plan, decoder_pipeline, encoder_pipeline
+from pipeline.recipes import Plan, decoder_method, decoder_pipeline, encoder_pipeline
 from pipeline.report import build_report, render_all
 from pipeline.report.checks import evaluate
 from pipeline.report.compare import Thresholds, confirm_latency
@@ -114,12 +114,20 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         for spec in (v.quantize.calibration, v.quantize.ranges_spec())
         if spec is not None
     ]
+    # A quantized decoder's sensitivity is measured on the first calibration texts.
+    decoder_quantized = recipe.model.task == "text-generation" and any(
+        decoder_method(v) for v in recipe.variants
+    )
     if counts:
         calibration = data.calibration or shipped_data("calibration")
         # Drawn now as the stage will: a short or broken file fails before the export.
         draw_samples(
             calibration, kind="calibration", count=max(counts), seed=0, text_field=data.text_field
         )
+        inputs["calibration"] = Artifact.of("calibration", calibration)
+    elif decoder_quantized:
+        calibration = data.calibration or shipped_data("calibration")
+        read_samples(calibration, kind="calibration", text_field=data.text_field, limit=1)
         inputs["calibration"] = Artifact.of("calibration", calibration)
     elif data.calibration is not None:
         read_samples(data.calibration, kind="calibration", text_field=data.text_field, limit=1)

@@ -437,9 +437,14 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             exclude=tuple(sorted(q.exclude)),
             compute=q.compute if method != "int8" else "int8",
             keep_grid=q.keep_grid,
+            text_field=data.text_field,
         )
         steps.append(
-            Step(f"quantize[{variant.name}]", QuantizeDecoderStage(config), {"model": graphs})
+            Step(
+                f"quantize[{variant.name}]",
+                QuantizeDecoderStage(config),
+                {"model": graphs, **checkpoint, "calibration": "input:calibration"},
+            )
         )
         models[variant.name] = f"quantize[{variant.name}].model"
     for variant in recipe.variants:

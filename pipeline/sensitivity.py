@@ -32,7 +32,7 @@ from __future__ import annotations
 import ast
 import math
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,30 @@ def _quantize_activation(x: np.ndarray, low: float, high: float, symmetric: bool
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """Block-wise quantization (ONNX Runtime's MatMulNBits): each weight column in symmetric
+    blocks of ``size`` input channels at ``bits``; with ``inputs``, the activations too, each
+    row in symmetric 8-bit blocks of ``size`` (its int8-product path, accuracy level 4)."""
+
+    bits: int
+    size: int
+    inputs: bool
+
+
+def quantize_blocks(x: np.ndarray, bits: int, size: int) -> np.ndarray:
+    """``x`` rounded in symmetric blocks of ``size`` along its last axis (one scale per block:
+    its largest magnitude over the largest level, 7 at 4 bits, 127 at 8), back in float."""
+    top = 2.0 ** (bits - 1) - 1
+    width = x.shape[-1]
+    padded = -width % size
+    blocks = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded)]).reshape(*x.shape[:-1], -1, size)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax / top, 1.0)
+    rounded = np.clip(np.round(blocks / scale), -top, top) * scale
+    return rounded.reshape(*x.shape[:-1], -1)[..., :width]
+
+
 def matmul_sensitivity(
     model_path: Path,
     feeds: Iterable[dict[str, np.ndarray]],
@@ -102,10 +126,15 @@ def matmul_sensitivity(
     reduce_range: bool,
     table: CalibrationTable | None = None,
     threads: int = 1,
+    blocks: Blocks | None = None,
+    skip: Collection[str] = (),
 ) -> list[NodeSensitivity]:
-    """SQNR of each weight MatMul, most sensitive (lowest SQNR) first.
+    """SQNR of each weight MatMul (but those named in ``skip``), most sensitive (lowest SQNR)
+    first.
 
-    ``table`` None means dynamic quantization (each batch's own activation range).
+    ``table`` None means dynamic quantization (each batch's own activation range); ``blocks``
+    block-wise weights instead of per-channel ones (``per_channel``, ``reduce_range`` and
+    ``table`` then do not apply).
     """
     import onnx
     from onnx import numpy_helper
@@ -118,7 +147,10 @@ def matmul_sensitivity(
     nodes = [
         n
         for n in model.graph.node
-        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights
+        if n.op_type == "MatMul"
+        and len(n.input) == 2
+        and n.input[1] in weights
+        and n.name not in skip
     ]
     if not nodes:
         return []
@@ -129,7 +161,10 @@ def matmul_sensitivity(
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     float_w = {n.name: numpy_helper.to_array(weights[n.input[1]]).astype(np.float64) for n in nodes}
     quantized_w = {
+        # Weights are [in, out]: a block runs along the input channels of one column.
         name: _quantize_weight(weight, per_channel, reduce_range)
+        if blocks is None
+        else quantize_blocks(weight.T, blocks.bits, blocks.size).T
         for name, weight in float_w.items()
     }
     signal = dict.fromkeys(quantized_w, 0.0)
@@ -146,13 +181,15 @@ def matmul_sensitivity(
                 if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
                     x = x[mask.astype(bool)]
                 x = x.reshape(-1, x.shape[-1])
-                if table is None:
-                    low, high, symmetric = float(x.min()), float(x.max()), False
+                if blocks is not None:
+                    rounded = quantize_blocks(x, 8, blocks.size) if blocks.inputs else x
+                elif table is None:
+                    rounded = _quantize_activation(x, float(x.min()), float(x.max()), False)
                 else:
                     low, high = table.ranges.get(node.input[0], (float(x.min()), float(x.max())))
-                    symmetric = table.symmetric
+                    rounded = _quantize_activation(x, low, high, table.symmetric)
                 exact = x @ float_w[node.name]
-                approx = _quantize_activation(x, low, high, symmetric) @ quantized_w[node.name]
+                approx = rounded @ quantized_w[node.name]
                 signal[node.name] += float(np.square(exact).sum())
                 noise[node.name] += float(np.square(exact - approx).sum())
     result = [

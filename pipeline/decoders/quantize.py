@@ -48,11 +48,12 @@ def gemm_to_matmul(model: Any) -> int:
             nodes.append(node)
             continue
         product = f"{node.output[0]}_matmul"
-        nodes.append(
-            helper.make_node(
-                "MatMul", [node.input[0], node.input[1]], [product], name=f"{node.name}_MatMul"
-            )
+        matmul = helper.make_node(
+            "MatMul", [node.input[0], node.input[1]], [product], name=f"{node.name}_MatMul"
         )
+        # The exporter's scopes: the MatMul keeps its module name (quantize.exclude, reports).
+        matmul.metadata_props.extend(node.metadata_props)
+        nodes.append(matmul)
         if len(node.input) > 2 and node.input[2]:
             nodes.append(
                 helper.make_node(
@@ -299,3 +300,67 @@ def quantize_decoder(
     # Both graphs were quantized alike: their weights are the same bytes, stored once.
     stats["shared"] = share_weights(out)
     return stats
+
+
+def decoder_sensitivity(
+    source: Path,
+    feeds: list[dict[str, Any]],
+    method: Method,
+    block_size: int = 32,
+    exclude: tuple[str, ...] = (),
+    compute: str = "int8",
+    threads: int = 1,
+) -> list[Any]:
+    """Each weight MatMul the method quantizes, by its local SQNR on the prefill graph over
+    ``feeds`` (ids, mask, positions of left-padded prompts; padding rows left out), most
+    sensitive first: the method's rounding of that one product's weights (and activations where
+    it rounds them) against the float product (``pipeline.sensitivity``). The graph is prepared
+    as the quantizer prepares it: GPT-2's Gemms as MatMuls, a tied LM head untied; excluded
+    nodes are left out. A packed node (q/k/v, gate/up) is named by its first projection's
+    module, and says how many it packs (``layers.0.self_attn.q_proj +2 packed``).
+    """
+    import tempfile
+    from dataclasses import replace
+
+    import onnx
+
+    from pipeline.sensitivity import Blocks, matmul_sensitivity
+    from pipeline.stages.export import load_onnx
+
+    model = load_onnx(source / PREFILL)
+    gemm_to_matmul(model)
+    matmuls = _weight_matmuls(model)
+    kept, _ = excluded(matmuls, exclude)
+    untie(model, [n for n in matmuls if n.name not in kept])
+    names = {i.name for i in model.graph.input}
+    # A packed MatMul's output is split into its projections' outputs.
+    splits = {n.input[0]: len(n.output) for n in model.graph.node if n.op_type == "Split"}
+    packs = {
+        n.name: splits[n.output[0]]
+        for n in matmuls
+        if n.name.endswith(".packed") and n.output[0] in splits
+    }
+    blocks = (
+        None
+        if method == "int8"
+        else Blocks(8 if method == "int8-weight" else 4, block_size, compute == "int8")
+    )
+    with tempfile.TemporaryDirectory(prefix="decoder-sensitivity-") as work:
+        path = Path(work) / PREFILL
+        onnx.save(model, str(path), save_as_external_data=True, location=PREFILL + ".data")
+        del model
+        ranked = matmul_sensitivity(
+            path,
+            ({k: v for k, v in feed.items() if k in names} for feed in feeds),
+            per_channel=True,
+            reduce_range=False,
+            threads=threads,
+            blocks=blocks,
+            skip=set(kept),
+        )
+    return [
+        replace(s, module=f"{s.module} +{packs[s.node] - 1} packed")
+        if s.node in packs and s.module
+        else s
+        for s in ranked
+    ]

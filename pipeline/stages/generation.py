@@ -423,13 +423,64 @@ class QuantizeDecoderConfig(StageConfig):
     compute: str = "int8"
     #: Weight-only: weights on a block grid are stored on it exactly.
     keep_grid: bool = False
+    #: Calibration texts (the first ones) and tokens of each the sensitivity is measured on.
+    sensitivity_samples: int = 16
+    sensitivity_tokens: int = 64
+    text_field: str = "text"
+
+
+#: Prompts per prefill run of the sensitivity measurement.
+SENSITIVITY_BATCH = 4
 
 
 class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
+    """Quantized prefill and decode graphs; stats: what was quantized and kept float, and
+    (unless the weights are kept on their own grid, which is exact) the most sensitive weight
+    MatMuls by local SQNR on calibration text (``pipeline.decoders.quantize.decoder_sensitivity``).
+    """
+
     name = "quantize-decoder"
     #: 2: a tied LM head is untied and quantized; 3: weights stored once for both graphs;
-    #: 4: kept-float nodes named by node; 5: weights already on a grid are found (keep_grid).
-    version = 5
+    #: 4: kept-float nodes named by node; 5: weights already on a grid are found (keep_grid);
+    #: 6: per-MatMul sensitivity; GPT-2's rewritten Gemms keep their module names.
+    version = 6
+
+    def sensitivity(self, ctx: BuildContext, inputs: Mapping[str, Artifact]) -> list[Any]:
+        """The most sensitive weight MatMuls, as the report lists them."""
+        from pipeline.decoders.generate import positions
+        from pipeline.decoders.quantize import decoder_sensitivity
+        from pipeline.stages.quantize import SHOWN
+
+        cfg = self.config
+        _, tokenizer = loaded_decoder(ctx, inputs["checkpoint"].path)
+        texts = [
+            s.text
+            for s in read_samples(
+                inputs["calibration"].path,
+                kind="calibration",
+                text_field=cfg.text_field,
+                limit=cfg.sensitivity_samples,
+            )
+        ]
+        feeds = []
+        for start in range(0, len(texts), SENSITIVITY_BATCH):
+            ids, mask = encode_left_padded(
+                tokenizer, texts[start : start + SENSITIVITY_BATCH], cfg.sensitivity_tokens
+            )
+            feeds.append(
+                {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+            )
+        with ctx.progress.task(f"{cfg.method} sensitivity per MatMul", total=1) as advance:
+            ranked = decoder_sensitivity(
+                inputs["model"].path,
+                feeds,
+                cfg.method,  # type: ignore[arg-type]
+                cfg.block_size,
+                cfg.exclude,
+                cfg.compute,
+            )
+            advance(1)
+        return [s.as_dict() for s in ranked[:SHOWN]]
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         from pipeline.decoders.quantize import quantize_decoder
@@ -473,7 +524,12 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 if cfg.keep_grid
                 else {}
             )
-            | ({"grid_found": decode["grid"]["found"]} if decode["grid"].get("found") else {}),
+            | ({"grid_found": decode["grid"]["found"]} if decode["grid"].get("found") else {})
+            | (
+                {"sensitivity": self.sensitivity(ctx, inputs)}
+                if not cfg.keep_grid and cfg.sensitivity_samples
+                else {}
+            ),
         )
 
 

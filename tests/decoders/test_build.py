@@ -232,6 +232,35 @@ def test_quantized_variants_quantize_what_they_say(built: Any) -> None:
     assert int4.size_bytes < int8.size_bytes < contender(outcome, "fp32").size_bytes
 
 
+def test_quantized_variants_list_their_most_sensitive_matmuls(built: Any) -> None:
+    """Each quantized variant ranks its quantized MatMuls by local SQNR on calibration text
+    (the excluded LM head is not among them), and the report shows the ranking."""
+    outcome, _ = built
+    ranked = {
+        name: contender(outcome, name).quantization["sensitivity"] for name in ("int8", "int4")
+    }
+    assert len(ranked["int8"]) == WEIGHT_MATMULS - 1
+    assert len(ranked["int4"]) == WEIGHT_MATMULS
+    for entries in ranked.values():
+        figures = [e["sqnr_db"] for e in entries]
+        assert figures == sorted(figures) and all(np.isfinite(figures))
+        assert all(e["module"] for e in entries)
+    assert "lm_head" not in {e["module"] for e in ranked["int8"]}
+    # The tiny Llama's packed groups: q/k/v and gate/up, named by their first projection.
+    packed = sorted(e["module"] for e in ranked["int4"] if "packed" in e["module"])
+    assert packed == sorted(
+        f"layers.{layer}.{first}"
+        for layer in range(LAYERS)
+        for first in ("self_attn.q_proj +2 packed", "mlp.gate_proj +1 packed")
+    )
+    # 4-bit blocks (with 8-bit inputs) lose far more of each product than 8-bit channels: about
+    # 6 dB a bit.
+    assert max(e["sqnr_db"] for e in ranked["int4"]) < min(e["sqnr_db"] for e in ranked["int8"])
+    markdown = (outcome.run_dir / "report.md").read_text()
+    assert "The most sensitive nodes (by SQNR)" in markdown
+    assert ranked["int4"][0]["module"] in markdown
+
+
 def test_latency_has_prefill_and_decode_per_shape_and_memory(built: Any) -> None:
     outcome, _ = built
     report = outcome.report

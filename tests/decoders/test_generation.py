@@ -220,6 +220,11 @@ def test_gemm_rewrite_is_exact(tmp_path: Path) -> None:
     before = ort.InferenceSession(str(folder / "prefill.onnx")).run(["logits"], feed)[0]
     after = ort.InferenceSession(str(tmp_path / "rewritten.onnx")).run(["logits"], feed)[0]
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)
+    # Each MatMul keeps its Gemm's module name, so quantize.exclude can name GPT-2's modules.
+    from pipeline.sensitivity import module_name
+
+    modules = [module_name(n) for n in graph.graph.node if n.name.endswith("_MatMul")]
+    assert len(modules) == 8 and "transformer.h.0.mlp.c_proj" in modules
 
 
 def test_sampling_with_a_seed_matches_pytorch_and_differs_from_greedy(
