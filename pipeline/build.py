@@ -42,7 +42,7 @@ from pipeline.report.checks import evaluate
 from pipeline.report.compare import Thresholds, confirm_latency
 from pipeline.report.model import Report
 from pipeline.stages.base import BuildContext, Step
-from pipeline.stages.generation import DecoderInfo
+from pipeline.stages.generation import SENSITIVITY_SAMPLES, DecoderInfo
 from pipeline.stages.load import CheckpointInfo, checkpoint_artifact, resolve_source
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,10 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         for spec in (v.quantize.calibration, v.quantize.ranges_spec())
         if spec is not None
     ]
-    # A quantized decoder's sensitivity is measured on the first calibration texts.
+    # A quantized decoder's sensitivity is measured on the first calibration texts (not for
+    # weights kept on their own grid).
     decoder_quantized = recipe.model.task == "text-generation" and any(
-        decoder_method(v) for v in recipe.variants
+        decoder_method(v) and not (v.quantize and v.quantize.keep_grid) for v in recipe.variants
     )
     if counts:
         calibration = data.calibration or shipped_data("calibration")
@@ -127,7 +128,9 @@ def resolve_inputs(recipe: Recipe) -> dict[str, Artifact]:
         inputs["calibration"] = Artifact.of("calibration", calibration)
     elif decoder_quantized:
         calibration = data.calibration or shipped_data("calibration")
-        read_samples(calibration, kind="calibration", text_field=data.text_field, limit=1)
+        read_samples(
+            calibration, kind="calibration", text_field=data.text_field, limit=SENSITIVITY_SAMPLES
+        )
         inputs["calibration"] = Artifact.of("calibration", calibration)
     elif data.calibration is not None:
         read_samples(data.calibration, kind="calibration", text_field=data.text_field, limit=1)

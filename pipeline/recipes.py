@@ -26,6 +26,7 @@ from pipeline.stages.compile import CompileConfig, CompileStage
 from pipeline.stages.export import ExportConfig, ExportStage
 from pipeline.stages.fp16 import Fp16Config, Fp16Stage
 from pipeline.stages.generation import (
+    SENSITIVITY_SAMPLES,
     ExportDecoderConfig,
     ExportDecoderStage,
     GenerationFloorConfig,
@@ -437,13 +438,20 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             exclude=tuple(sorted(q.exclude)),
             compute=q.compute if method != "int8" else "int8",
             keep_grid=q.keep_grid,
-            text_field=data.text_field,
+            # Grid weights are exact: no sensitivity is measured, so no calibration text is read.
+            sensitivity_samples=0 if q.keep_grid else SENSITIVITY_SAMPLES,
+            text_field="text" if q.keep_grid else data.text_field,
+        )
+        measured = (
+            {}
+            if q.keep_grid
+            else {"checkpoint": "input:checkpoint", "calibration": "input:calibration"}
         )
         steps.append(
             Step(
                 f"quantize[{variant.name}]",
                 QuantizeDecoderStage(config),
-                {"model": graphs, **checkpoint, "calibration": "input:calibration"},
+                {"model": graphs, **measured},
             )
         )
         models[variant.name] = f"quantize[{variant.name}].model"

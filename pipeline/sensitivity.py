@@ -1,4 +1,4 @@
-"""Per-node INT8 sensitivity: how much error quantizing each weight MatMul adds on its own.
+"""Per-node sensitivity: how much error quantizing each weight MatMul adds on its own.
 
 Two measures, a cheap local one and an end-to-end one.
 
@@ -7,7 +7,10 @@ For every MatMul with a constant weight, the float graph is run on real batches 
 MatMul's activation input exposed as an extra output. Each node's output is then computed
 twice in NumPy, ``X @ W`` and ``Q(X) @ Q(W)`` with the same quantization the variant uses
 (weights symmetric INT8 per channel or per tensor; activations per batch for dynamic INT8, or
-from the calibration table for static), over real (non-padding) tokens only. The result is the
+from the calibration table for static; for a decoder's weight-only variants, MatMulNBits' weight
+blocks and, with int8 products, its 8-bit input blocks), over real (non-padding) tokens only.
+Dynamic INT8 takes each batch's range over its real tokens, where ONNX Runtime takes each call's
+over the whole tensor. The result is the
 node's signal-to-quantization-noise ratio, SQNR = 10 log10(|XW|^2 / |XW - Q(X)Q(W)|^2) in dB:
 low means the node loses much when quantized.
 
@@ -97,25 +100,44 @@ def _quantize_activation(x: np.ndarray, low: float, high: float, symmetric: bool
 @dataclass(frozen=True)
 class Blocks:
     """Block-wise quantization (ONNX Runtime's MatMulNBits): each weight column in symmetric
-    blocks of ``size`` input channels at ``bits``; with ``inputs``, the activations too, each
-    row in symmetric 8-bit blocks of ``size`` (its int8-product path, accuracy level 4)."""
+    blocks of ``size`` input channels at ``bits`` (:func:`quantize_blocks`); with ``inputs``,
+    the activations too, each row in symmetric 8-bit blocks of ``size`` (its int8-product path,
+    accuracy level 4: :func:`int8_input_blocks`)."""
 
     bits: int
     size: int
     inputs: bool
 
 
+def _blocked(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` as blocks of ``size`` along its last axis (the last block padded with zeros)."""
+    padded = -x.shape[-1] % size
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded)]).reshape(*x.shape[:-1], -1, size)
+
+
+def _unblocked(blocks: np.ndarray, width: int) -> np.ndarray:
+    return blocks.reshape(*blocks.shape[:-2], -1)[..., :width]
+
+
 def quantize_blocks(x: np.ndarray, bits: int, size: int) -> np.ndarray:
-    """``x`` rounded in symmetric blocks of ``size`` along its last axis (one scale per block:
-    its largest magnitude over the largest level, 7 at 4 bits, 127 at 8), back in float."""
-    top = 2.0 ** (bits - 1) - 1
-    width = x.shape[-1]
-    padded = -width % size
-    blocks = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded)]).reshape(*x.shape[:-1], -1, size)
+    """``x`` rounded as ONNX Runtime's MatMulNBits quantizer rounds symmetric weight blocks,
+    along its last axis, back in float: each block's largest-magnitude value, sign included,
+    maps to the lowest level (-8 at 4 bits, -128 at 8) and the rest to [-8, 7] ([-128, 127])."""
+    levels = 2.0 ** (bits - 1)
+    blocks = _blocked(x, size)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)
+    scale = np.where(extreme != 0, extreme / -levels, 1.0)
+    rounded = np.clip(np.round(blocks / scale), -levels, levels - 1) * scale
+    return _unblocked(rounded, x.shape[-1])
+
+
+def int8_input_blocks(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` rounded as MatMulNBits' int8 products (accuracy level 4) round its input, back in
+    float: symmetric 8-bit blocks along the last axis, each block's largest magnitude at 127."""
+    blocks = _blocked(x, size)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)
-    scale = np.where(amax > 0, amax / top, 1.0)
-    rounded = np.clip(np.round(blocks / scale), -top, top) * scale
-    return rounded.reshape(*x.shape[:-1], -1)[..., :width]
+    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    return _unblocked(np.clip(np.round(blocks / scale), -127, 127) * scale, x.shape[-1])
 
 
 def matmul_sensitivity(
@@ -159,12 +181,15 @@ def matmul_sensitivity(
     for name in exposed:
         if name not in present:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    float_w = {n.name: numpy_helper.to_array(weights[n.input[1]]).astype(np.float64) for n in nodes}
+    # Held in float32 (a decoder's weights twice over), multiplied in float64.
+    float_w = {n.name: numpy_helper.to_array(weights[n.input[1]]).astype(np.float32) for n in nodes}
     quantized_w = {
         # Weights are [in, out]: a block runs along the input channels of one column.
-        name: _quantize_weight(weight, per_channel, reduce_range)
-        if blocks is None
-        else quantize_blocks(weight.T, blocks.bits, blocks.size).T
+        name: (
+            _quantize_weight(weight.astype(np.float64), per_channel, reduce_range)
+            if blocks is None
+            else quantize_blocks(weight.T.astype(np.float64), blocks.bits, blocks.size).T
+        ).astype(np.float32)
         for name, weight in float_w.items()
     }
     signal = dict.fromkeys(quantized_w, 0.0)
@@ -180,16 +205,19 @@ def matmul_sensitivity(
                 x = np.asarray(outputs[node.input[0]], dtype=np.float64)
                 if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
                     x = x[mask.astype(bool)]
+                elif mask is not None and x.ndim == 2 and x.shape[0] == mask.size:
+                    # Flattened [batch x sequence, features] (GPT-2's projections).
+                    x = x[mask.reshape(-1).astype(bool)]
                 x = x.reshape(-1, x.shape[-1])
                 if blocks is not None:
-                    rounded = quantize_blocks(x, 8, blocks.size) if blocks.inputs else x
+                    rounded = int8_input_blocks(x, blocks.size) if blocks.inputs else x
                 elif table is None:
                     rounded = _quantize_activation(x, float(x.min()), float(x.max()), False)
                 else:
                     low, high = table.ranges.get(node.input[0], (float(x.min()), float(x.max())))
                     rounded = _quantize_activation(x, low, high, table.symmetric)
-                exact = x @ float_w[node.name]
-                approx = rounded @ quantized_w[node.name]
+                exact = x @ float_w[node.name].astype(np.float64)
+                approx = rounded @ quantized_w[node.name].astype(np.float64)
                 signal[node.name] += float(np.square(exact).sum())
                 noise[node.name] += float(np.square(exact - approx).sum())
     result = [

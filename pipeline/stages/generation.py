@@ -423,13 +423,16 @@ class QuantizeDecoderConfig(StageConfig):
     compute: str = "int8"
     #: Weight-only: weights on a block grid are stored on it exactly.
     keep_grid: bool = False
-    #: Calibration texts (the first ones) and tokens of each the sensitivity is measured on.
-    sensitivity_samples: int = 16
+    #: Calibration texts (the first ones) and tokens of each the sensitivity is measured on
+    #: (0: not measured; the step then takes no checkpoint or calibration input).
+    sensitivity_samples: int = 0
     sensitivity_tokens: int = 64
     text_field: str = "text"
 
 
-#: Prompts per prefill run of the sensitivity measurement.
+#: Calibration texts a quantized decoder's sensitivity is measured on, in prompts per prefill
+#: run (the calibration file is checked for as many before the build starts).
+SENSITIVITY_SAMPLES = 16
 SENSITIVITY_BATCH = 4
 
 
@@ -525,11 +528,7 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 else {}
             )
             | ({"grid_found": decode["grid"]["found"]} if decode["grid"].get("found") else {})
-            | (
-                {"sensitivity": self.sensitivity(ctx, inputs)}
-                if not cfg.keep_grid and cfg.sensitivity_samples
-                else {}
-            ),
+            | ({"sensitivity": self.sensitivity(ctx, inputs)} if cfg.sensitivity_samples else {}),
         )
 
 

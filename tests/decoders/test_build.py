@@ -242,9 +242,7 @@ def test_quantized_variants_list_their_most_sensitive_matmuls(built: Any) -> Non
     assert len(ranked["int8"]) == WEIGHT_MATMULS - 1
     assert len(ranked["int4"]) == WEIGHT_MATMULS
     for entries in ranked.values():
-        figures = [e["sqnr_db"] for e in entries]
-        assert figures == sorted(figures) and all(np.isfinite(figures))
-        assert all(e["module"] for e in entries)
+        assert all(np.isfinite(e["sqnr_db"]) and e["module"] for e in entries)
     assert "lm_head" not in {e["module"] for e in ranked["int8"]}
     # The tiny Llama's packed groups: q/k/v and gate/up, named by their first projection.
     packed = sorted(e["module"] for e in ranked["int4"] if "packed" in e["module"])

@@ -227,6 +227,31 @@ def test_gemm_rewrite_is_exact(tmp_path: Path) -> None:
     assert len(modules) == 8 and "transformer.h.0.mlp.c_proj" in modules
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_sensitivity_leaves_padding_out(exported: tuple[Any, Path], method: str) -> None:
+    """A quantized decoder's sensitivity ranking reads real tokens only: a left-padded batch
+    gives what its prompts give fed one by one, unpadded. (Block rounding sums over tokens
+    alike; dynamic INT8 takes its range per feed, so it is compared on one padded prompt.)"""
+    from pipeline.decoders.quantize import decoder_sensitivity
+
+    _, folder = exported
+    ids, mask = prompts()
+    rows = list(range(len(ids))) if method == "int4" else [1]
+    assert not mask[rows].all()  # padding in the batch
+
+    def feed(i: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
+        return {"input_ids": i, "attention_mask": m, "position_ids": positions(m)}
+
+    padded = [feed(ids[rows], mask[rows])]
+    alone = [feed(ids[r : r + 1, mask[r] == 1], mask[r : r + 1, mask[r] == 1]) for r in rows]
+    first = {s.node: s.sqnr_db for s in decoder_sensitivity(folder, padded, method, 16)}
+    second = {s.node: s.sqnr_db for s in decoder_sensitivity(folder, alone, method, 16)}
+    assert first.keys() == second.keys() and len(first) >= 4
+    for node, figure in first.items():
+        # The same tokens' activations, to float rounding (a rounding flip moves a figure).
+        assert figure == pytest.approx(second[node], abs=1e-3), node
+
+
 def test_sampling_with_a_seed_matches_pytorch_and_differs_from_greedy(
     exported: tuple[Any, Path],
 ) -> None:

@@ -246,29 +246,3 @@ def test_a_build_keeps_the_grid_and_generates_pytorchs_tokens(
     # The variant that rounded them is told that the weights had a grid of their own.
     hints = [n for n in outcome.report.notes if "already lie on 4-bit block grids" in n]
     assert [h.split(":")[0] for h in hints] == ["int4"]
-
-
-def test_block_rounding_keeps_each_blocks_largest_value_and_scales_with_the_bits() -> None:
-    """The sensitivity measurement's block rounding (pipeline.sensitivity.quantize_blocks):
-    symmetric blocks along the last axis, a width that is no multiple of the block included."""
-    from pipeline.sensitivity import quantize_blocks
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((5, 40))
-    x[:, 16:32] = 0.0  # a block of zeros stays zeros (no division by a zero scale)
-    errors = {}
-    for bits in (4, 8):
-        rounded = quantize_blocks(x, bits, 16)
-        assert rounded.shape == x.shape
-        assert np.all(rounded[:, 16:32] == 0)
-        # Each block's largest magnitude is a level itself, so it comes back as it was.
-        for start in (0, 32):
-            block = slice(start, start + 16)
-            top = np.abs(x[:, block]).argmax(axis=1)
-            rows = np.arange(5)
-            np.testing.assert_allclose(rounded[:, block][rows, top], x[:, block][rows, top])
-        step = np.abs(x[:, :16]).max(axis=1, keepdims=True) / (2 ** (bits - 1) - 1)
-        assert np.all(np.abs(rounded[:, :16] - x[:, :16]) <= step / 2 + 1e-12)
-        errors[bits] = float(np.abs(rounded - x).mean())
-    # 4 more bits: about 16 times finer steps.
-    assert 10 < errors[4] / errors[8] < 25
