@@ -195,11 +195,11 @@ class ExportDecoderStage(Stage[ExportDecoderConfig]):
         )
 
 
-def evaluation_texts(path: Path, text_field: str, count: int) -> list[str]:
-    """The first ``count`` texts of an evaluation file."""
-    return [
-        s.text for s in read_samples(path, kind="evaluation", text_field=text_field, limit=count)
-    ]
+def evaluation_texts(
+    path: Path, text_field: str, count: int, kind: str = "evaluation"
+) -> list[str]:
+    """The first ``count`` texts of an evaluation (or ``kind``) file."""
+    return [s.text for s in read_samples(path, kind=kind, text_field=text_field, limit=count)]
 
 
 def encode_left_padded(
@@ -456,15 +456,9 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
 
         cfg = self.config
         _, tokenizer = loaded_decoder(ctx, inputs["checkpoint"].path)
-        texts = [
-            s.text
-            for s in read_samples(
-                inputs["calibration"].path,
-                kind="calibration",
-                text_field=cfg.text_field,
-                limit=cfg.sensitivity_samples,
-            )
-        ]
+        texts = evaluation_texts(
+            inputs["calibration"].path, cfg.text_field, cfg.sensitivity_samples, "calibration"
+        )
         feeds = []
         for start in range(0, len(texts), SENSITIVITY_BATCH):
             ids, mask = encode_left_padded(

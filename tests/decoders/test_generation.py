@@ -21,6 +21,18 @@ from pipeline.decoders.generate import positions
 VOCAB = 211
 
 
+#: Every tiny decoder's sizes: 2 layers of width 32, 4 query and 2 key/value heads.
+SIZES = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 128,
+}
+
+
 def tiny(family: str) -> Any:
     import torch
     from transformers import (
@@ -38,25 +50,16 @@ def tiny(family: str) -> Any:
     if family == "gpt2":
         config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128)
         return GPT2LMHeadModel(config).eval()
-    common = {
-        "num_hidden_layers": 2,
-        "hidden_size": 32,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 128,
-    }
     if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+        return LlamaForCausalLM(LlamaConfig(**SIZES)).eval()
     if family == "qwen3":
         # Qwen3 RMS-normalises each query and key head (q_norm, k_norm); its head size is set
         # apart from the hidden size, and its queries are wider than it (Qwen3-0.6B: 16 x 128
         # against 1024), as here: 4 x 16 against 32.
-        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)).eval()
+        return Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16)).eval()
     if family in ("phi", "gpt_neox"):
-        return _partial_rotary(family, common)
-    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+        return _partial_rotary(family)
+    return Qwen2ForCausalLM(Qwen2Config(**SIZES)).eval()
 
 
 def _rotated(part: float) -> dict[str, Any]:
@@ -64,7 +67,7 @@ def _rotated(part: float) -> dict[str, Any]:
     return {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": part}
 
 
-def _partial_rotary(family: str, common: dict[str, int]) -> Any:
+def _partial_rotary(family: str) -> Any:
     """Phi (Phi-1.5, Phi-2) and GPT-NeoX (Pythia) rotate part of each head (a half, a
     quarter), run attention and MLP side by side from one residual, and use LayerNorm with
     biases. GPT-NeoX packs q, k and v by head (its query_key_value) and has as many key/value
@@ -75,9 +78,9 @@ def _partial_rotary(family: str, common: dict[str, int]) -> Any:
     from benchmarks.family_fusions import distinct_norms
 
     if family == "phi":
-        model = PhiForCausalLM(PhiConfig(**common, rope_parameters=_rotated(0.5)))
+        model = PhiForCausalLM(PhiConfig(**SIZES, rope_parameters=_rotated(0.5)))
     else:
-        sizes = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+        sizes = {k: v for k, v in SIZES.items() if k != "num_key_value_heads"}
         model = GPTNeoXForCausalLM(GPTNeoXConfig(**sizes, rope_parameters=_rotated(0.25)))
     return distinct_norms(model).eval()
 
@@ -318,17 +321,7 @@ def test_sliding_window_cache_layers_are_refused_with_a_clear_error(tmp_path: Pa
     from pipeline.errors import ExportError
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        sliding_window=64,
-    )
+    config = Gemma3TextConfig(**SIZES, head_dim=16, sliding_window=64)
     with pytest.raises(ExportError, match="sliding-window cache layers") as error:
         export_decoder(Gemma3ForCausalLM(config).eval(), tmp_path / "out")
     assert "input.cache.layers.0._sliding_window_tensor" in str(error.value)
