@@ -141,7 +141,7 @@ def int8_input_blocks(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def matmul_sensitivity(
-    model_path: Path,
+    model_path: Path | Any,
     feeds: Iterable[dict[str, np.ndarray]],
     *,
     per_channel: bool,
@@ -164,7 +164,8 @@ def matmul_sensitivity(
     from pipeline.backends.onnxruntime_backend import OrtRunner
     from pipeline.stages.export import load_onnx
 
-    model = load_onnx(model_path)
+    # A path, or an ``onnx.ModelProto`` already in memory (changed in place).
+    model = load_onnx(model_path) if isinstance(model_path, Path) else model_path
     weights = {init.name: init for init in model.graph.initializer}
     nodes = [
         n

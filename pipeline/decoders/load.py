@@ -53,10 +53,8 @@ def resolve_decoder(source: str) -> Path:
     return path.resolve()
 
 
-def load_decoder(source: str | Path) -> tuple[Any, Any]:
-    """(model in eval mode, float32; tokenizer padding on the left) for ``source``: a
-    ``package:`` name, a checkpoint folder or a GGUF file."""
-    import torch
+def _located(source: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(folder, from_pretrained keyword arguments) for ``source``."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -64,16 +62,16 @@ def load_decoder(source: str | Path) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"local_files_only": True}
     path = resolve_decoder(source) if isinstance(source, str) else source
     if path.is_file():
-        folder, kwargs["gguf_file"] = path.parent, path.name
-    else:
-        folder = path
+        return path.parent, {**kwargs, "gguf_file": path.name}
+    return path, kwargs
+
+
+def _loading(source: str | Path, load: Any) -> Any:
+    """``load()``, its errors as the user's: a missing package or not a causal LM."""
     try:
         # GGUF dequantization draws its own progress bar; the build shows its own progress.
         with contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, **kwargs
-            ).eval()
+            return load()
     except ImportError as error:
         raise InputError(
             f"{source}: loading it needs a package that is missing ({first_line(error)})",
@@ -81,7 +79,35 @@ def load_decoder(source: str | Path) -> tuple[Any, Any]:
         ) from None
     except (OSError, ValueError) as error:
         raise InputError(f"{source}: not a causal language model ({first_line(error)})") from None
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    """The tokenizer of ``source``, padding on the left (and with EOS as its pad token when it
+    has none), without the model."""
+    import transformers
+
+    folder, kwargs = _located(source)
+    tokenizer = _loading(
+        source, lambda: transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_decoder(source: str | Path) -> tuple[Any, Any]:
+    """(model in eval mode, float32; tokenizer padding on the left) for ``source``: a
+    ``package:`` name, a checkpoint folder or a GGUF file."""
+    import torch
+    import transformers
+
+    tokenizer = load_tokenizer(source)
+    folder, kwargs = _located(source)
+    model = _loading(
+        source,
+        lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, **kwargs
+        ).eval(),
+    )
     return model, tokenizer

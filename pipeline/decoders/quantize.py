@@ -319,10 +319,7 @@ def decoder_sensitivity(
     nodes are left out. A packed node (q/k/v, gate/up) is named by its first projection's
     module, and says how many it packs (``layers.0.self_attn.q_proj +2 packed``).
     """
-    import tempfile
     from dataclasses import replace
-
-    import onnx
 
     from pipeline.sensitivity import Blocks, matmul_sensitivity
     from pipeline.stages.export import load_onnx
@@ -345,19 +342,15 @@ def decoder_sensitivity(
         if method == "int8"
         else Blocks(8 if method == "int8-weight" else 4, block_size, compute == "int8")
     )
-    with tempfile.TemporaryDirectory(prefix="decoder-sensitivity-") as work:
-        path = Path(work) / PREFILL
-        onnx.save(model, str(path), save_as_external_data=True, location=PREFILL + ".data")
-        del model
-        ranked = matmul_sensitivity(
-            path,
-            ({k: v for k, v in feed.items() if k in names} for feed in feeds),
-            per_channel=True,
-            reduce_range=False,
-            threads=threads,
-            blocks=blocks,
-            skip=set(kept),
-        )
+    ranked = matmul_sensitivity(
+        model,
+        ({k: v for k, v in feed.items() if k in names} for feed in feeds),
+        per_channel=True,
+        reduce_range=False,
+        threads=threads,
+        blocks=blocks,
+        skip=set(kept),
+    )
     return [
         replace(s, module=f"{s.module} +{packs[s.node] - 1} packed")
         if s.node in packs and s.module

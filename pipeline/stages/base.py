@@ -44,6 +44,9 @@ class BuildContext:
     artifacts_root: Path | None = None
     _memo: dict[tuple[str, str], Any] = field(default_factory=dict)
 
+    def has_memo(self, kind: str, key: str) -> bool:
+        return (kind, key) in self._memo
+
     def memo(self, kind: str, key: str, factory: Callable[[], Any]) -> Any:
         """``factory()`` once per (kind, key) per build, e.g. the PyTorch model of a checkpoint."""
         slot = (kind, key)

@@ -83,6 +83,16 @@ def loaded_decoder(ctx: BuildContext, path: Path, threads: int | None = None) ->
     return loaded
 
 
+def loaded_tokenizer(ctx: BuildContext, path: Path) -> Any:
+    """The tokenizer of a decoder checkpoint: the loaded model's when this build has it, else
+    the tokenizer alone (a quantize step whose reference step was cached needs no model)."""
+    from pipeline.decoders.load import load_tokenizer
+
+    if ctx.has_memo("decoder", str(path)):
+        return loaded_decoder(ctx, path)[1]
+    return ctx.memo("tokenizer", str(path), lambda: load_tokenizer(path))
+
+
 class LoadDecoderConfig(StageConfig):
     task: str
 
@@ -455,7 +465,7 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
         from pipeline.stages.quantize import SHOWN
 
         cfg = self.config
-        _, tokenizer = loaded_decoder(ctx, inputs["checkpoint"].path)
+        tokenizer = loaded_tokenizer(ctx, inputs["checkpoint"].path)
         texts = evaluation_texts(
             inputs["calibration"].path, cfg.text_field, cfg.sensitivity_samples, "calibration"
         )
