@@ -97,6 +97,27 @@ def hardware() -> dict[str, Any]:
     }
 
 
+#: x86 instructions that multiply unsigned by signed 8-bit values into 32-bit sums directly.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_products_saturate(flags: list[str] | None = None) -> bool:
+    """Whether ONNX Runtime's CPU INT8 products can saturate on this machine.
+
+    Without VNNI, its x86 kernels multiply unsigned 8-bit activations by signed 8-bit weights
+    with VPMADDUBSW, which adds each pair of products into a saturating 16-bit sum: two
+    products of 255 x 127 overflow it, and large activations meet large weights in every
+    Transformer. ONNX Runtime's documentation advises 7-bit weights (``reduce_range``) on
+    such CPUs; on them tforge's own INT8 tests lose 5-20 points of agreement with 8-bit
+    weights (tiny decoders: token match 0.81-0.92 against 1.0) and none with 7-bit ones.
+    ``flags``: the CPU's (default: this machine's, from /proc/cpuinfo).
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False  # ARM's dot-product instructions sum into 32 bits
+    have = set(flags if flags is not None else _cpuinfo().get("flags", "").split())
+    return "avx2" in have and not have & set(VNNI_FLAGS)
+
+
 def default_threads() -> int:
     """Intra-op threads when the recipe does not say: one per usable physical core."""
     hw = hardware()

@@ -165,6 +165,10 @@ class ToleranceSpec(_Strict):
         return sorted(self.model_dump(exclude_none=True))
 
 
+FloorPrecision = Literal["fp16", "bf16"]
+FLOOR_PRECISIONS: tuple[FloorPrecision, ...] = ("fp16", "bf16")
+
+
 def _both_sides() -> list[PaddingSide]:
     return ["right", "left"]
 
@@ -173,11 +177,22 @@ class VerifySpec(_Strict):
     batch_size: PositiveInt = 8
     padding: list[PaddingSide] = Field(default_factory=lambda: _both_sides(), min_length=1)
     tolerance: ToleranceSpec = Field(default_factory=ToleranceSpec)
+    #: PyTorch itself cast to these precisions (the whole model), verified on the same batches
+    #: like a variant and reported beside the variants: what any 16-bit deployment of the model
+    #: gives up, the scale an FP16 variant's error reads against. A build with GPU variants runs
+    #: it on the GPU, with PyTorch FP32 on the GPU added. ``[]`` skips it. (Decoders:
+    #: generation.floor.)
+    floor: list[FloorPrecision] = Field(default_factory=lambda: list(FLOOR_PRECISIONS))
 
     @field_validator("padding")
     @classmethod
     def _unique(cls, value: list[PaddingSide]) -> list[PaddingSide]:
         return _once_each(value, "lists a side twice")
+
+    @field_validator("floor")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return _once_each(value, "floor lists a precision twice")
 
 
 class LatencySpec(_Strict):
@@ -351,8 +366,10 @@ class QuantizeSpec(_Strict):
     keep_grid: bool = False
     #: One scale per output channel of each weight matrix.
     per_channel: bool = True
-    #: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate.
-    reduce_range: bool = False
+    #: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate. Unset: on
+    #: ort-cpu where this CPU's products saturate (pipeline.environment.int8_products_saturate),
+    #: else 8-bit.
+    reduce_range: bool | None = None
     #: Node names kept in float (see `tforge inspect` of the float model). Decoders also take
     #: PyTorch module names and shell patterns of them (``lm_head``, ``*.down_proj``).
     exclude: list[str] = Field(default_factory=list)
@@ -681,10 +698,6 @@ class GateSpec(_Strict):
         return value
 
 
-FloorPrecision = Literal["fp16", "bf16"]
-FLOOR_PRECISIONS: tuple[FloorPrecision, ...] = ("fp16", "bf16")
-
-
 class GenerationSpec(_Strict):
     """How a text-generation model is verified: greedy continuations of evaluation prompts."""
 
@@ -852,6 +865,11 @@ class Recipe(_Strict):
             raise ValueError(
                 f"verify: {encoder_only} do not apply to text-generation (the prompts are "
                 "left-padded in generation.batch_size batches)"
+            )
+        if self.verify.floor != default.floor:
+            raise ValueError(
+                "verify.floor does not apply to text-generation; set generation.floor (PyTorch "
+                "cast to 16 bits, verified by generation like a variant)"
             )
         wrong = [g for g in gates if g in _ENCODER_GATES]
         wrong += [f"max_p50_ms.{k}" for k in keys if "-" not in k]

@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.backends.runners import GPU_TARGETS
 from pipeline.backends.tensorrt_backend import derive_profile
 from pipeline.decoders.half import DECODER_KEEP_FLOAT
+from pipeline.environment import int8_products_saturate
 from pipeline.recipe import (
     DECODER_FUSIONS,
     CalibrationSpec,
@@ -24,6 +26,7 @@ from pipeline.stages.calibrate import CalibrateConfig, CalibrateStage
 from pipeline.stages.channels import ChannelsConfig, ChannelsStage
 from pipeline.stages.compile import CompileConfig, CompileStage
 from pipeline.stages.export import ExportConfig, ExportStage
+from pipeline.stages.floor import FloorConfig, FloorStage, floor_precisions
 from pipeline.stages.fp16 import Fp16Config, Fp16Stage
 from pipeline.stages.generation import (
     SENSITIVITY_SAMPLES,
@@ -139,6 +142,14 @@ def nncf_draw(recipe: Recipe, spec: CalibrationSpec) -> dict[str, Any]:
     }
 
 
+def reduce_range(variant: VariantSpec, q: QuantizeSpec) -> bool:
+    """7-bit weights where the recipe asks, else where ONNX Runtime's CPU INT8 products would
+    saturate on this machine (no VNNI); not for OpenVINO, TensorRT or NNCF's own scheme."""
+    if q.reduce_range is not None:
+        return q.reduce_range
+    return variant.target == "ort-cpu" and q.quantizer != "nncf" and int8_products_saturate()
+
+
 def timing_settings(recipe: Recipe, threads: int) -> dict[str, Any]:
     """The latency stage settings every pipeline shares (see stages.latency.TimingConfig)."""
     lat = recipe.latency
@@ -154,7 +165,8 @@ def timing_settings(recipe: Recipe, threads: int) -> dict[str, Any]:
 
 
 def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
-    """load -> export -> reference -> optimize (each variant) -> verify (each) -> latency (all)."""
+    """load -> export -> reference (-> floor) -> optimize (each variant) -> verify (each) ->
+    latency (all)."""
     data = recipe.data
     checkpoint = {"checkpoint": "input:checkpoint", "info": "load.info"}
     steps = [
@@ -180,6 +192,16 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             {**checkpoint, "evaluation": "input:evaluation"},
         ),
     ]
+    gpu = any(v.target in GPU_TARGETS for v in recipe.variants)
+    if recipe.verify.floor:
+        config_f = FloorConfig(
+            precisions=floor_precisions(recipe.verify.floor, gpu),
+            device="cuda" if gpu else "cpu",
+            threads=threads,
+        )
+        steps.append(
+            Step("floor", FloorStage(config_f), {**checkpoint, "reference": "reference.reference"})
+        )
     for variant in recipe.variants:
         if variant.optimize != "none":
             # Sorted: the passes run in a fixed order, so the listed order must not change the key.
@@ -216,7 +238,7 @@ def encoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             config_q = QuantizeConfig(
                 method=q.method,
                 per_channel=q.per_channel,
-                reduce_range=q.reduce_range,
+                reduce_range=reduce_range(variant, q),
                 exclude=tuple(q.exclude),
                 budget=q.budget.limits() if q.budget is not None else None,
                 remedies=q.budget.remedy_names(q.method) if q.budget is not None else (),
@@ -438,6 +460,7 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             exclude=tuple(sorted(q.exclude)),
             compute=q.compute if method != "int8" else "int8",
             keep_grid=q.keep_grid,
+            reduce_range=method == "int8" and int8_products_saturate(),
             # Grid weights are exact: no sensitivity is measured, so no calibration text is read.
             sensitivity_samples=0 if q.keep_grid else SENSITIVITY_SAMPLES,
             text_field="text" if q.keep_grid else data.text_field,

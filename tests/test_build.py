@@ -22,6 +22,7 @@ def test_build_writes_a_complete_run_folder(checkpoint, recipe_for, tmp_path: Pa
         "load",
         "export",
         "reference",
+        "floor",
         "optimize[fp32]",
         "verify[fp32]",
         "latency",
@@ -108,9 +109,9 @@ def test_changing_a_gate_reuses_every_stage(checkpoint, recipe_for, tmp_path: Pa
 def test_dry_run_plan_reports_cache_state(checkpoint, recipe_for, tmp_path: Path) -> None:
     recipe = recipe_for(checkpoint("bert"), latency={"enabled": False})
     before = describe_plan(recipe, tmp_path)
-    assert [r.status for r in before] == ["run"] + ["run (after its inputs)"] * 4
+    assert [r.status for r in before] == ["run"] + ["run (after its inputs)"] * 5
     build(recipe, BuildOptions(artifacts=tmp_path))
-    assert [r.status for r in describe_plan(recipe, tmp_path)] == ["cached"] * 5
+    assert [r.status for r in describe_plan(recipe, tmp_path)] == ["cached"] * 6
     assert not list((tmp_path / "runs").glob(".tmp-*"))
 
 
@@ -129,8 +130,15 @@ def test_each_setting_reruns_exactly_the_stages_that_read_it(
     base = recipe_for(checkpoint("bert"))
     build(base, BuildOptions(artifacts=tmp_path))
     changes = {
-        "data.max_length": ({"data": {"max_length": 24}}, {"reference", "verify[fp32]"}),
-        "verify.padding": ({"verify": {"padding": ["left"]}}, {"reference", "verify[fp32]"}),
+        "data.max_length": (
+            {"data": {"max_length": 24}},
+            {"reference", "floor", "verify[fp32]"},
+        ),
+        "verify.padding": (
+            {"verify": {"padding": ["left"]}},
+            {"reference", "floor", "verify[fp32]"},
+        ),
+        "verify.floor": ({"verify": {"floor": ["fp16"]}}, {"floor"}),
         "latency.runs": ({"latency": {"runs": 4}}, {"latency"}),
         "shapes": ({"shapes": {"batch": [1], "sequence": [16]}}, {"latency"}),
         # At `all` the residual Adds are written as Sum (passes.residual_sum): a new graph.

@@ -71,9 +71,9 @@ def test_build_recipe_prints_table_and_caches(checkpoint, tmp_path: Path) -> Non
     code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
     assert code == 0, output
     assert "b1s16 p50 ms" in output and "fp32" in output
-    assert "(0 of 6 steps from cache)" in output
+    assert "(0 of 7 steps from cache)" in output
     code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
-    assert "(6 of 6 steps from cache)" in output
+    assert "(7 of 7 steps from cache)" in output
 
 
 def test_dry_run_and_print_recipe_do_no_work(checkpoint, tmp_path: Path) -> None:
@@ -89,6 +89,7 @@ def test_dry_run_and_print_recipe_do_no_work(checkpoint, tmp_path: Path) -> None
         "load": "run",
         "export": "run (after its inputs)",
         "reference": "run (after its inputs)",
+        "floor": "run (after its inputs)",
         "optimize[fp32]": "run (after its inputs)",
         "verify[fp32]": "run (after its inputs)",
         "latency": "run (after its inputs)",

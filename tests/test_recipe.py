@@ -472,3 +472,32 @@ def test_a_variants_tolerance_wins_limit_by_limit() -> None:
     held = recipe.tolerance_for(b)
     assert (held.min_agreement, held.max_abs_error, held.min_mean_cosine) == (0.8, 0.5, None)
     assert held.given() == ["max_abs_error", "min_agreement"]
+
+
+def test_int8_weights_are_7_bit_where_the_cpu_products_saturate(monkeypatch) -> None:
+    """x86 without VNNI adds pairs of u8 x s8 products into a saturating 16-bit sum: ort-cpu
+    INT8 then takes 7-bit weights unless the recipe says otherwise; other targets never."""
+    import pipeline.recipes
+    from pipeline.environment import int8_products_saturate
+    from pipeline.recipes import encoder_pipeline
+
+    assert int8_products_saturate(["avx2", "fma"]) is (
+        __import__("platform").machine().lower() in ("x86_64", "amd64")
+    )
+    assert not int8_products_saturate(["avx2", "avx512f", "avx512_vnni"])
+    assert not int8_products_saturate(["avx2", "avx_vnni"])
+    assert not int8_products_saturate(["avx2", "amx_int8"])
+    assert not int8_products_saturate(["sse4_2"])  # no AVX2 kernel, no VPMADDUBSW pairs
+
+    variants = [
+        {"name": "auto", "precision": "int8"},
+        {"name": "eight", "precision": "int8", "quantize": {"reduce_range": False}},
+        {"name": "static", "precision": "int8", "quantize": {"method": "static"}},
+    ]
+    recipe = parse_recipe({"variants": variants})
+    for saturates in (True, False):
+        monkeypatch.setattr(pipeline.recipes, "int8_products_saturate", lambda s=saturates: s)
+        steps = {s.id: s.stage.config for s in encoder_pipeline(recipe, 1).steps}
+        assert steps["quantize[auto]"].reduce_range is saturates
+        assert steps["quantize[static]"].reduce_range is saturates
+        assert steps["quantize[eight]"].reduce_range is False

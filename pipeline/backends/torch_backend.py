@@ -123,7 +123,9 @@ class TorchRunner:
 
     On the CPU by default; with ``device="cuda"`` (a build with GPU variants) a copy of the
     module runs on the GPU, inputs are moved there in ``prepare`` and ``call`` synchronises, so
-    its timing is comparable with the GPU variants'.
+    its timing is comparable with the GPU variants'. With ``dtype`` float16 or bfloat16, a copy
+    cast whole (weights and every activation, as ``model.to(torch.float16)`` deploys it) runs;
+    its outputs come back as float32.
     """
 
     name = "pytorch"
@@ -134,6 +136,7 @@ class TorchRunner:
         output_name: str,
         threads: int | None = None,
         device: str = "cpu",
+        dtype: str = "float32",
     ) -> None:
         import copy
 
@@ -142,8 +145,14 @@ class TorchRunner:
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = device
-        # The CPU module is shared within a build (the reference stage's); the GPU gets a copy.
-        self.module = (copy.deepcopy(module).to(device) if device != "cpu" else module).eval()
+        # The float32 CPU module is shared within a build (the reference stage's); a GPU or a
+        # cast gets a copy.
+        shared = device == "cpu" and dtype == "float32"
+        self.module = (
+            module
+            if shared
+            else copy.deepcopy(module).to(device=device, dtype=getattr(torch, dtype))
+        ).eval()
         self.output_name = output_name
 
     def prepare(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:

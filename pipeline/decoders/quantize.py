@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.decoders.export import DECODE, PREFILL, copy_companions, share_weights
+from pipeline.environment import int8_products_saturate
 from pipeline.errors import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def _quantize_graph(
     compute: str,
     keep_grid: bool,
     fitted: dict[str, Any],
+    reduce_range: bool = False,
 ) -> dict[str, Any]:
     """Quantize one graph; ``fitted`` remembers weight grids across the two graphs."""
     import onnx
@@ -222,6 +224,7 @@ def _quantize_graph(
                     str(target),
                     per_channel=True,
                     weight_type=QuantType.QInt8,
+                    reduce_range=reduce_range,
                     op_types_to_quantize=["MatMul"],
                     nodes_to_exclude=skip,
                     use_external_data_format=True,
@@ -273,6 +276,7 @@ def quantize_decoder(
     exclude: tuple[str, ...] = (),
     compute: str = "int8",
     keep_grid: bool = False,
+    reduce_range: bool | None = None,
 ) -> dict[str, Any]:
     """Quantize both graphs of the decoder in ``source`` into ``out`` (other files copied).
 
@@ -281,13 +285,24 @@ def quantize_decoder(
     ``keep_grid`` (weight-only methods): weights that already lie on a 4- or 8-bit block grid
     (dequantized GGUF weights) are stored on it exactly (``pipeline.decoders.grid``); the
     method's bits and rounding apply to the others.
+    ``reduce_range`` (int8): 7-bit weights; None: where this CPU's INT8 products saturate.
     """
+    if reduce_range is None:
+        reduce_range = method == "int8" and int8_products_saturate()
     out.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {}
     fitted: dict[str, Any] = {}
     for name in (PREFILL, DECODE):
         stats[name.removesuffix(".onnx")] = _quantize_graph(
-            source / name, out / name, method, block_size, exclude, compute, keep_grid, fitted
+            source / name,
+            out / name,
+            method,
+            block_size,
+            exclude,
+            compute,
+            keep_grid,
+            fitted,
+            reduce_range,
         )
     copy_companions(source, out)
     short = [
@@ -310,6 +325,7 @@ def decoder_sensitivity(
     exclude: tuple[str, ...] = (),
     compute: str = "int8",
     threads: int = 1,
+    reduce_range: bool = False,
 ) -> list[Any]:
     """Each weight MatMul the method quantizes, by its local SQNR on the prefill graph over
     ``feeds`` (ids, mask, positions of left-padded prompts; padding rows left out), most
@@ -346,7 +362,7 @@ def decoder_sensitivity(
         model,
         ({k: v for k, v in feed.items() if k in names} for feed in feeds),
         per_channel=True,
-        reduce_range=False,
+        reduce_range=reduce_range,
         threads=threads,
         blocks=blocks,
         skip=set(kept),

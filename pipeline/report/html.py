@@ -17,10 +17,12 @@ import html
 import io
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.report.markdown import (
+    GENERATION,
     comparison_table,
+    floor_table,
     render_comparison,
     sorted_deltas,
     summary_table,
@@ -206,19 +208,22 @@ def _accuracy_plot(report: Report, colours: dict[str, str]) -> str | None:
                 ax.annotate(
                     c.name, (lat.speedup, y), textcoords="offset points", xytext=(5, 4), fontsize=7
                 )
-            # Decoders: PyTorch itself in fp16 / bf16 (the floor) as the scale to read against.
+            # PyTorch itself in fp16 / bf16 (the floor) as the scale to read against.
             floor = report.floor or {}
-            for style, (precision, figures) in zip((":", "-."), floor.items(), strict=False):
+            drawn = False
+            for style, (precision, figures) in zip(_FLOOR_STYLES, floor.items(), strict=False):
                 level = figures.get(metric)
-                if level is not None and metric != "mean_cosine":
-                    ax.axhline(
-                        level,
-                        color="#555",
-                        linestyle=style,
-                        linewidth=1,
-                        label=f"PyTorch {precision}",
-                    )
-            if floor and metric != "mean_cosine":
+                if level is None:
+                    continue
+                ax.axhline(
+                    max(1.0 - level, _FLOOR) if metric == "mean_cosine" else level,
+                    color="#555",
+                    linestyle=style,
+                    linewidth=1,
+                    label=_floor_label(precision, figures),
+                )
+                drawn = True
+            if drawn:
                 ax.legend(fontsize=7, title="floor")
             ax.margins(x=0.2, y=0.1)
             if metric == "mean_cosine":
@@ -228,6 +233,15 @@ def _accuracy_plot(report: Report, colours: dict[str, str]) -> str | None:
             ax.set_ylabel(label)
 
     return _render(9.0 if second else 5.0, 3.6, draw)
+
+
+#: Line styles of the floor's precisions in the plots.
+_FLOOR_STYLES = (":", "-.", "--")
+
+
+def _floor_label(precision: str, figures: dict[str, Any]) -> str:
+    device = figures.get("device")
+    return f"PyTorch {precision}" + (f" ({device})" if device and device != "cpu" else "")
 
 
 def _distribution_plot(report: Report, colours: dict[str, str]) -> str | None:
@@ -248,6 +262,21 @@ def _distribution_plot(report: Report, colours: dict[str, str]) -> str | None:
                 color=colours[c.name],
                 marker=".",
                 label=c.name,
+            )
+        # Encoders: PyTorch itself cast to 16 bits, the distribution to read the variants against.
+        for style, (precision, figures) in zip(
+            _FLOOR_STYLES, (report.floor or {}).items(), strict=False
+        ):
+            quantiles = figures.get("error_quantiles")
+            if not quantiles or figures.get("error_kind") not in kinds:
+                continue
+            ax.plot(
+                [max(q, _FLOOR) for q in quantiles],
+                [100 * i / (len(quantiles) - 1) for i in range(len(quantiles))],
+                color="#555",
+                linestyle=style,
+                linewidth=1,
+                label=f"{_floor_label(precision, figures)} (floor)",
             )
         ax.set_xscale("log")
         ax.set_xlabel(f"per-text {label} vs PyTorch (log)")
@@ -319,6 +348,15 @@ def render_html(report: Report) -> str:
     )
     header, rows = summary_table(report)
     parts += ["<h2>Summary</h2>", _table(header, rows)]
+    if report.task != GENERATION and report.floor:
+        header, rows = floor_table(report)
+        parts += [
+            "<h2>Floor</h2>",
+            "<p>PyTorch itself cast whole to each precision (no compiler), measured on the same "
+            "batches against PyTorch FP32 as the variants are: what any deployment of this model "
+            "at that precision gives up.</p>",
+            _table(header, rows),
+        ]
     if report.shapes and report.contenders and report.contenders[0].latency:
         parts += [
             "<h2>Latency</h2>",

@@ -253,12 +253,57 @@ def _generation_section(report: Report) -> list[str]:
     return lines
 
 
+#: (header, figure, format) of the encoder floor's table.
+FLOOR_COLUMNS = (
+    ("max abs err", "max_abs_error", ".2e"),
+    ("mean abs err", "mean_abs_error", ".2e"),
+    ("mean cosine", "mean_cosine", ".7f"),
+    ("worst cosine", "worst_cosine", ".7f"),
+    ("agreement", "agreement", ".3f"),
+)
+
+
+def floor_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Encoders: PyTorch itself cast to each floor precision, against PyTorch FP32 (header,
+    rows); a figure the task does not measure (cosine for a classifier) is a dash."""
+    header = ["PyTorch", "device", *(name for name, _, _ in FLOOR_COLUMNS)]
+    rows = [
+        [precision, str(f.get("device", "cpu"))]
+        + [figure(f.get(key), spec) for _, key, spec in FLOOR_COLUMNS]
+        for precision, f in (report.floor or {}).items()
+    ]
+    return header, rows
+
+
+def _floor_section(report: Report) -> list[str]:
+    if report.task == GENERATION or not report.floor:
+        return []
+    header, rows = floor_table(report)
+    devices = sorted({row[1] for row in rows})
+    return [
+        "",
+        "## Floor",
+        "",
+        "PyTorch itself cast whole to each precision (no compiler), on "
+        f"{' and '.join(devices)}, measured on the same batches against PyTorch FP32 as the "
+        "variants are: what any deployment of this model at that precision gives up. Read an "
+        "FP16 variant's error against these.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def summary_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """The headline table (header, rows): accuracy, latency per shape, size and memory."""
     header = ["contender", *(name for name, _, _ in accuracy_columns(report))]
     for shape in report.shapes:
         header += [f"{shape} p50 / p90 / p99 ms", f"{shape} speed-up"]
     header += ["size MB", "peak RSS MB"]
+    gpu = any(c.device_bytes is not None for c in report.contenders)
+    if gpu:
+        header.append("GPU memory MB")
     rows = []
     for c in report.contenders:
         row = [f"{c.name} ({c.precision}, {c.target})", *accuracy_cells(report, c)]
@@ -270,6 +315,8 @@ def summary_table(report: Report) -> tuple[list[str], list[list[str]]]:
             row.append(f"{lat.p50_ms:.2f} / {lat.p90_ms:.2f} / {lat.p99_ms:.2f}")
             row.append("1.00x" if lat.speedup is None else f"{lat.speedup:.2f}x")
         row += [_mb(c.size_bytes), _mb(c.peak_rss_bytes)]
+        if gpu:
+            row.append(_mb(c.device_bytes))
         rows.append(row)
     return header, rows
 
@@ -301,12 +348,19 @@ def render_markdown(report: Report) -> str:
     if report.memory_shape:
         lines.append(
             f"Peak RSS: a fresh process that loads the contender and runs {report.memory_shape}."
+            + (
+                " GPU memory: what that process holds on the device afterwards (its "
+                "allocators' peak; the CUDA context not counted)."
+                if any(c.device_bytes is not None for c in report.contenders)
+                else ""
+            )
         )
     lines.append("")
     header, rows = summary_table(report)
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += _floor_section(report)
     lines += _generation_section(report)
     metrics = [c for c in report.contenders if c.task_metric is not None]
     if metrics:

@@ -72,6 +72,11 @@ class Contender(_Frozen):
     peak_rss_bytes: int | None = Field(
         description="Peak RSS of a fresh process that loads it and runs the memory shape."
     )
+    device_bytes: int | None = Field(
+        None,
+        description="GPU contenders: device memory a fresh process holds after loading it and "
+        "running the memory shape (its allocators' peak; the CUDA context not counted).",
+    )
     task_metric: float | None = None
     graph: dict[str, Any] | None = Field(
         None,
@@ -151,10 +156,13 @@ class Report(_Frozen):
     comparison: Comparison | None = Field(None, description="Against the baseline, when given.")
     floor: dict[str, dict[str, Any]] | None = Field(
         None,
-        description="Text-generation: PyTorch itself cast to fp16 or bf16 (generation.floor), "
-        "verified against PyTorch FP32 with the variants' accuracy figures (token_match, "
-        "sequence_match, agreement, max_abs_error, perplexity_increase...): what any 16-bit "
-        "deployment of the model gives up, the scale the variants' figures read against.",
+        description="PyTorch itself cast to fp16 or bf16 (verify.floor; text-generation: "
+        "generation.floor), keyed by precision, verified against PyTorch FP32 with the "
+        "variants' accuracy figures (encoders: max_abs_error, mean_cosine, agreement...; "
+        "text-generation: token_match, sequence_match, agreement, perplexity_increase...): "
+        "what any 16-bit deployment of the model gives up, the scale the variants' figures "
+        "read against. Encoders also record the device it ran on; a build with GPU variants "
+        "runs it on the GPU and adds fp32 there.",
     )
 
 
@@ -168,6 +176,7 @@ def build_report(manifest: Manifest) -> Report:
     shapes: list[str] = lat.get("shapes", [])
     timings = lat.get("contenders", {})
     rss = lat.get("peak_rss_bytes", {})
+    device = lat.get("device_bytes", {})
 
     def latencies(name: str) -> dict[str, Latency]:
         out = {}
@@ -204,6 +213,7 @@ def build_report(manifest: Manifest) -> Report:
                 latency=latencies(variant["name"]) if timings else {},
                 size_bytes=verify.stats.get("size_bytes") if verify else None,
                 peak_rss_bytes=rss.get(variant["name"]),
+                device_bytes=device.get(variant["name"]),
                 task_metric=accuracy.get("task_metric"),
                 graph=_graph(manifest, variant),
                 quantization=_quantization(manifest, variant["name"]),
@@ -212,12 +222,14 @@ def build_report(manifest: Manifest) -> Report:
     pytorch = Contender(
         name=PYTORCH,
         kind="pytorch",
-        target="torch-cpu",
+        # With GPU variants, PyTorch eager is timed on the GPU.
+        target=f"torch-{lat.get('pytorch_device', 'cpu')}",
         precision="fp32",
         accuracy=None,
         latency=latencies(PYTORCH) if timings else {},
         size_bytes=lat.get("size_bytes", {}).get(PYTORCH),
         peak_rss_bytes=rss.get(PYTORCH),
+        device_bytes=device.get(PYTORCH),
         task_metric=reference_metric,
     )
     notes = []
@@ -255,6 +267,7 @@ def build_report(manifest: Manifest) -> Report:
             "graph is the form for a GPU)"
         )
     notes += _floor_notes(manifest, floor.stats if floor is not None else {})
+    notes += _limit_below_floor(manifest, floor.stats if floor is not None else {})
     if reference is not None and reference.stats.get("truncated"):
         notes.append(
             f"{reference.stats['truncated']} evaluation texts were longer than {reference.stats['max_length']} tokens and were truncated."
@@ -317,6 +330,37 @@ def _floor_notes(manifest: Manifest, floor: dict[str, Any]) -> list[str]:
         and not c.passed
         and c.limit > kept[precision]
     ]
+
+
+#: Encoder accuracy figures a check may hold a variant to that the floor measures too.
+_FLOOR_FIGURES = ("max_abs_error", "mean_cosine", "worst_cosine", "agreement")
+
+
+def _limit_below_floor(manifest: Manifest, floor: dict[str, Any]) -> list[str]:
+    """An encoder variant that failed a limit that PyTorch itself, cast to 16 bits, fails
+    too: the limit asks more than the model keeps in 16 bits at all, which no compiler can
+    give back (told before the user hunts for a conversion bug)."""
+    # A TensorRT variant's ONNX graph (``name:onnx``) has its variant's precision.
+    precisions = {v["name"]: v.get("precision", "fp32") for v in manifest.recipe["variants"]}
+    notes = []
+    for check in manifest.checks:
+        if check.passed or check.metric not in _FLOOR_FIGURES or check.shape is not None:
+            continue
+        precision = precisions.get(check.variant.split(":")[0])
+        if precision not in floor:
+            continue
+        level = floor[precision].get(check.metric)
+        fails = level is None or (
+            level < check.limit if check.kind == "min" else level > check.limit
+        )
+        if fails:
+            shown = "no figure" if level is None else f"{level:.6g}"
+            notes.append(
+                f"{check.variant}: {check.source} {check.metric} {check.limit:g} is beyond "
+                f"PyTorch's own in {precision} ({shown}, the floor): the model itself does not "
+                f"keep it in {precision}; set the limit from the floor"
+            )
+    return notes
 
 
 def _graph(manifest: Manifest, variant: dict[str, Any]) -> dict[str, Any]:

@@ -38,8 +38,15 @@ from pipeline.backends.timing import SETTLE_AFTER_TORCH, LatencyStats
 from pipeline.calibration import read_samples
 from pipeline.errors import InputError
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
+from pipeline.stages.floor import FLOOR_DTYPES
 from pipeline.stages.fp16 import CONVERSION_VERSION
-from pipeline.stages.latency import PYTORCH, TimingConfig, peak_memory, token_stream
+from pipeline.stages.latency import (
+    PYTORCH,
+    TimingConfig,
+    memory_stats,
+    peak_memory,
+    token_stream,
+)
 
 INFO_FILE = "decoder.json"
 MODEL_DIR = "model"
@@ -433,6 +440,8 @@ class QuantizeDecoderConfig(StageConfig):
     compute: str = "int8"
     #: Weight-only: weights on a block grid are stored on it exactly.
     keep_grid: bool = False
+    #: int8: 7-bit weights, where this CPU's INT8 products saturate (no VNNI).
+    reduce_range: bool = False
     #: Calibration texts (the first ones) and tokens of each the sensitivity is measured on
     #: (0: not measured; the step then takes no checkpoint or calibration input).
     sensitivity_samples: int = 0
@@ -485,6 +494,7 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 cfg.block_size,
                 cfg.exclude,
                 cfg.compute,
+                reduce_range=cfg.reduce_range,
             )
             advance(1)
         return [s.as_dict() for s in ranked[:SHOWN]]
@@ -502,6 +512,7 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 cfg.exclude,
                 cfg.compute,
                 cfg.keep_grid,
+                reduce_range=cfg.reduce_range,
             )
             advance(1)
         decode = graphs["decode"]
@@ -625,10 +636,6 @@ def verified(
         if perplexity is None
         else round(perplexity / reference.perplexity - 1, 6),
     }
-
-
-#: The precisions the floor casts PyTorch to.
-FLOOR_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 class GenerationFloorConfig(StageConfig):
@@ -774,6 +781,6 @@ class GenerationLatencyStage(Stage[GenerationLatencyConfig]):
                     for name, folder in folders.items()
                 },
             }
-            stats["peak_rss_bytes"] = peak_memory(ctx, probes, feed)
+            stats.update(memory_stats(peak_memory(ctx, probes, feed)))
             stats["memory_shape"] = f"b{batch}s{sequence}, {cfg.new_tokens} new tokens"
         return StageResult(stats=stats)

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.artifacts import Artifact, size_of
-from pipeline.backends.memory import MemoryProbe, peak_rss
+from pipeline.backends.memory import Footprint, MemoryProbe, footprint
 from pipeline.backends.runners import GPU_TARGETS, model_size, runner_for
 from pipeline.backends.timing import SETTLE_AFTER_TORCH, LatencyStats, time_interleaved
 from pipeline.backends.torch_backend import TorchRunner, task_module
@@ -85,14 +85,23 @@ def timing_feed(
 
 def peak_memory(
     ctx: BuildContext, probes: Mapping[str, MemoryProbe], feed: dict[str, np.ndarray]
-) -> dict[str, int]:
-    """Each contender's peak RSS, one fresh process at a time, with progress."""
-    rss = {}
+) -> dict[str, Footprint]:
+    """Each contender's footprint, one fresh process at a time, with progress."""
+    found = {}
     with ctx.progress.task("peak memory", total=len(probes)) as advance:
         for name, probe in probes.items():
-            rss[name] = peak_rss(probe, feed)
+            found[name] = footprint(probe, feed)
             advance(1)
-    return rss
+    return found
+
+
+def memory_stats(found: Mapping[str, Footprint]) -> dict[str, Any]:
+    """``peak_rss_bytes`` per contender, and ``device_bytes`` for those probed on the GPU."""
+    stats: dict[str, Any] = {"peak_rss_bytes": {n: f.rss_bytes for n, f in found.items()}}
+    device = {n: f.device_bytes for n, f in found.items() if f.device_bytes is not None}
+    if device:
+        stats["device_bytes"] = device
+    return stats
 
 
 class TimingConfig(StageConfig):
@@ -134,6 +143,37 @@ class LatencyStage(Stage[LatencyConfig]):
             if not config[name]:
                 del config[name]
         return config
+
+    def probes(
+        self, folder: Path, info: CheckpointInfo, paths: Mapping[str, Path]
+    ) -> dict[str, MemoryProbe]:
+        """One fresh-process probe per contender: on the GPU for PyTorch and the GPU variants
+        of a build with GPU targets (host RSS and device memory), on the CPU otherwise."""
+        cfg = self.config
+        gpu = any(t in GPU_TARGETS for t in cfg.targets.values())
+        probes = {
+            PYTORCH: MemoryProbe(
+                PYTORCH,
+                str(folder),
+                cfg.threads,
+                info.task,
+                tuple(info.inputs),
+                device="cuda" if gpu else "cpu",
+            )
+        }
+        for name, path in paths.items():
+            target = cfg.targets.get(name, "ort-cpu")
+            probes[name] = MemoryProbe(
+                "tensorrt" if target == "tensorrt" else "onnxruntime",
+                str(path / MODEL_FILE),
+                cfg.threads,
+                optimization=cfg.variants[name],
+                target=target,
+                precision=cfg.precisions.get(name, "fp32"),
+                shapes=cfg.static_shapes.get(name, ()),
+                device="cuda" if target in GPU_TARGETS else "cpu",
+            )
+        return probes
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         cfg = self.config
@@ -212,28 +252,6 @@ class LatencyStage(Stage[LatencyConfig]):
         if cfg.memory:
             batch, sequence = max(cfg.shapes, key=lambda bs: bs[0] * bs[1])
             feed = timing_feed(stream, loaded.tokenizer, info.inputs, batch, sequence)
-            probes = {
-                PYTORCH: MemoryProbe(
-                    PYTORCH, str(folder), cfg.threads, info.task, tuple(info.inputs)
-                )
-            }
-            # Host memory of a fresh process: for CPU variants. A GPU variant's footprint is
-            # device memory, which this probe does not see; it is left out rather than misread.
-            probes.update(
-                {
-                    name: MemoryProbe(
-                        "onnxruntime",
-                        str(path / MODEL_FILE),
-                        cfg.threads,
-                        optimization=cfg.variants[name],
-                        target=cfg.targets.get(name, "ort-cpu"),
-                        precision=cfg.precisions.get(name, "fp32"),
-                        shapes=cfg.static_shapes.get(name, ()),
-                    )
-                    for name, path in paths.items()
-                    if cfg.targets.get(name, "ort-cpu") not in GPU_TARGETS
-                }
-            )
-            stats["peak_rss_bytes"] = peak_memory(ctx, probes, feed)
+            stats.update(memory_stats(peak_memory(ctx, self.probes(folder, info, paths), feed)))
             stats["memory_shape"] = shape_key(batch, sequence)
         return StageResult(stats=stats)

@@ -31,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from pipeline.artifacts import Artifact
 from pipeline.budget import FIGURES, BudgetResult, search, shortfall
 from pipeline.calibration.table import CalibrationTable
+from pipeline.environment import int8_products_saturate
 from pipeline.errors import PreconditionError, first_line
 from pipeline.outliers import SMOOTH_ALPHA
 from pipeline.sensitivity import (
@@ -66,8 +69,9 @@ class QuantizeConfig(StageConfig):
     method: Literal["dynamic", "static"] = "dynamic"
     #: One scale per output channel of each weight (per-tensor loses ~0.03 cosine on MiniLM).
     per_channel: bool = True
-    #: 7-bit weights, for CPUs without VNNI where 8-bit products can saturate.
-    reduce_range: bool = False
+    #: 7-bit weights; by default where this CPU's INT8 products saturate (x86 without VNNI:
+    #: pipeline.environment.int8_products_saturate).
+    reduce_range: bool = Field(default_factory=int8_products_saturate)
     #: Node names kept in float.
     exclude: tuple[str, ...] = ()
     #: Accuracy limits (pipeline.budget.FIGURES keys); None: quantize every weight MatMul.

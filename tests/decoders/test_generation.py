@@ -193,8 +193,9 @@ def test_quantized_decoders_generate_close_to_pytorch(
     if method in ("int8", "int8-weight"):
         # A random tiny model's logits are flat: a near tie may flip (Qwen3, 8-bit weights: one
         # prompt of 4 at its 9th token), and the continuation follows it. Teacher-forced, a flip
-        # costs its own step only.
-        assert figures["agreement"] >= 0.95
+        # costs its own step only: 0.95 and more with 8-bit weights, 0.9375 on the tiny Qwen3
+        # with the 7-bit weights of CPUs without VNNI.
+        assert figures["agreement"] >= 0.93
         assert figures["mean_abs_error"] < 0.02 * spread
         for row, step in enumerate(figures["first_divergence"]):
             if step is not None:

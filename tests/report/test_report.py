@@ -50,3 +50,31 @@ def test_report_schema_is_versioned_and_checked(tmp_path: Path) -> None:
         read_report(json.dumps({"schema_version": 1, "run_id": "x"}), "partial.json")
     with pytest.raises(InputError, match="is not JSON"):
         Manifest.parse("{", "m.json")
+
+
+def test_gpu_memory_is_shown_for_the_contenders_probed_on_the_gpu() -> None:
+    """A build with GPU variants: PyTorch runs on the GPU, and the device memory each GPU
+    contender holds gets its own column; CPU contenders show a dash there."""
+    path = Path(__file__).parent / "fixtures" / "manifest.json"
+    data = json.loads(path.read_text())
+    latency = next(s for s in data["stages"] if s["step"] == "latency")
+    latency["stats"].update(
+        pytorch_device="cuda",
+        memory_shape="b2s16",
+        peak_rss_bytes={"pytorch": 900_000_000, "fp32": 300_000_000},
+        device_bytes={"pytorch": 123_400_000, "fp32": 45_600_000},
+    )
+    report = build_report(Manifest.parse(json.dumps(data), "manifest"))
+    contenders = {c.name: c for c in report.contenders}
+    assert contenders["pytorch"].target == "torch-cuda"
+    assert contenders["pytorch"].device_bytes == 123_400_000
+    assert contenders["int8"].device_bytes is None
+    markdown = render_markdown(report)
+    assert "GPU memory MB |" in markdown and "the CUDA context not counted" in markdown
+    rows = {line.split("|")[1].strip(): line for line in markdown.splitlines() if "|" in line}
+    assert rows["pytorch (fp32, torch-cuda)"].rstrip().endswith("| 900.0 | 123.4 |")
+    assert rows["int8 (int8, ort-cpu)"].rstrip().endswith("| – |")
+    # A CPU build has no such column.
+    latency["stats"].pop("device_bytes")
+    cpu = build_report(Manifest.parse(json.dumps(data), "manifest"))
+    assert "GPU memory" not in render_markdown(cpu)

@@ -296,6 +296,7 @@ def test_remedies_are_searched_and_the_data_chooses(fused_bert, bert_parts, tmp_
         budget={"min_mean_cosine": 0.99999},
         remedies=("reduce_range", "per_tensor", "ffn_down_first"),
         threads=1,
+        reduce_range=False,  # as configured: 8-bit weights, whatever this CPU's default
     )
     budget = result.stats["budget"]
     tried = {r["name"]: r for r in budget["remedies"]}
@@ -378,8 +379,10 @@ def test_outlier_channels_are_multiplied_in_float(
     assert not any(MARKER in s["node"] for s in result.stats["sensitivity"])
     # The fragile node, all rounding noise before, is now an ordinary INT8 MatMul: no longer
     # the most sensitive, and wherever it is listed, far from 0 dB.
+    # (With 7-bit weights, on CPUs without VNNI, every MatMul loses ~6 dB and the node may
+    # still rank first among ordinary ones.)
     sensitivity = result.stats["sensitivity"]
-    assert sensitivity[0]["node"] != fragile
+    assert QuantizeConfig().reduce_range or sensitivity[0]["node"] != fragile
     assert all(s["sqnr_db"] > 10 for s in sensitivity if s["node"] == fragile)
     reference, mask = _hidden(tmp_path / "fragile" / MODEL_FILE, checkpoint)
 
