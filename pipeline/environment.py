@@ -108,8 +108,10 @@ def int8_products_saturate(flags: list[str] | None = None) -> bool:
     with VPMADDUBSW, which adds each pair of products into a saturating 16-bit sum: two
     products of 255 x 127 overflow it, and large activations meet large weights in every
     Transformer. ONNX Runtime's documentation advises 7-bit weights (``reduce_range``) on
-    such CPUs; on them tforge's own INT8 tests lose 5-20 points of agreement with 8-bit
-    weights (tiny decoders: token match 0.81-0.92 against 1.0) and none with 7-bit ones.
+    such CPUs. Measured on an AVX2-only AMD EPYC (BENCHMARKS.md, "INT8 weights on a CPU
+    without VNNI"): the tiny random decoders' teacher-forced agreement is 0.81-0.92 with 8-bit
+    weights and 0.94-1.0 with 7-bit ones; MiniLM is the same either way (mean cosine 0.98838
+    and 0.98810).
     ``flags``: the CPU's (default: this machine's, from /proc/cpuinfo).
     """
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):

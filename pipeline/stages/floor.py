@@ -5,7 +5,7 @@ it) and run eagerly on exactly the reference's batches, measured as a variant is
 (pipeline.stages.verify.compare_to_reference). Its figures are what any 16-bit deployment of
 this model gives up with no compiler involved: the scale an FP16 variant's error is read
 against. On MiniLM and the shipped evaluation texts, PyTorch fp16 keeps a mean cosine of
-0.999999 and bf16 0.99994 (BENCHMARKS.md, "Accuracy floor").
+0.999999 and bf16 0.99994 (BENCHMARKS.md, "Accuracy floor: PyTorch cast to 16 bits").
 
 A build with GPU variants runs the floor on the GPU, and adds PyTorch FP32 on that GPU: the
 variants are then read against PyTorch FP32 and FP16 on the same device, next to the CPU FP32
