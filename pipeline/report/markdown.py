@@ -80,6 +80,8 @@ def _int8_section(report: Report) -> list[str]:
     for c in quantized:
         q = c.quantization or {}
         how = str(q.get("method"))
+        if q.get("weight_bits") == 7:
+            how += ", 7-bit weights"
         if q.get("calibration"):
             data = q.get("calibration_data") or {}
             sign = "symmetric" if q.get("symmetric") else "asymmetric"

@@ -268,6 +268,7 @@ def build_report(manifest: Manifest) -> Report:
         )
     notes += _floor_notes(manifest, floor.stats if floor is not None else {})
     notes += _limit_below_floor(manifest, floor.stats if floor is not None else {})
+    notes += _seven_bit_notes(manifest, contenders)
     if reference is not None and reference.stats.get("truncated"):
         notes.append(
             f"{reference.stats['truncated']} evaluation texts were longer than {reference.stats['max_length']} tokens and were truncated."
@@ -329,6 +330,31 @@ def _floor_notes(manifest: Manifest, floor: dict[str, Any]) -> list[str]:
         and c.metric == "token_match"
         and not c.passed
         and c.limit > kept[precision]
+    ]
+
+
+def _seven_bit_notes(manifest: Manifest, contenders: list[Contender]) -> list[str]:
+    """INT8 variants whose 7-bit weights the build chose for this CPU (the recipe left
+    quantize.reduce_range unset): said, since the same recipe gives 8-bit weights elsewhere."""
+    unset = {
+        v["name"]
+        for v in manifest.recipe["variants"]
+        if (v.get("quantize") or {}).get("reduce_range") is None
+    }
+    chosen = [
+        c.name
+        for c in contenders
+        if c.name in unset
+        and (c.quantization or {}).get("weight_bits") == 7
+        # A budget search may choose 7-bit weights itself (its reduce_range remedy).
+        and ((c.quantization or {}).get("budget") or {}).get("remedy") != "reduce_range"
+    ]
+    if not chosen:
+        return []
+    return [
+        f"{', '.join(chosen)}: 7-bit INT8 weights, because this CPU has no VNNI: ONNX Runtime's "
+        "8-bit products would saturate in 16 bits here (quantize.reduce_range: false forces "
+        "8-bit weights; a CPU with VNNI gets them by default)"
     ]
 
 
@@ -412,6 +438,7 @@ def _quantization(manifest: Manifest, name: str) -> dict[str, Any] | None:
         return None
     keys = (
         "method",
+        "weight_bits",
         "weight_matmuls",
         "quantized_matmuls",
         "quantized_tables",

@@ -528,6 +528,7 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
                 "method": cfg.method,
                 "block_size": cfg.block_size if cfg.method != "int8" else None,
                 "compute": cfg.compute if cfg.method != "int8" else None,
+                "weight_bits": (7 if cfg.reduce_range else 8) if cfg.method == "int8" else None,
                 "weight_matmuls": decode["weight_matmuls"],
                 "quantized_matmuls": decode["quantized"],
                 "kept_float": [

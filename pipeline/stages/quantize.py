@@ -500,6 +500,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
         _copy_model_files(inputs["model"].path, target)
         stats = {
             "method": cfg.method,
+            "weight_bits": 7 if chosen.reduce_range else 8,
             **counts,
             **_described_nodes(
                 modules,

@@ -78,3 +78,24 @@ def test_gpu_memory_is_shown_for_the_contenders_probed_on_the_gpu() -> None:
     latency["stats"].pop("device_bytes")
     cpu = build_report(Manifest.parse(json.dumps(data), "manifest"))
     assert "GPU memory" not in render_markdown(cpu)
+
+
+def test_seven_bit_weights_chosen_for_the_cpu_are_said() -> None:
+    """The recipe left reduce_range unset and the build chose 7-bit weights (no VNNI): the
+    INT8 section says so and a note says why; a recipe that asked for them gets no note."""
+    path = Path(__file__).parent / "fixtures" / "manifest.json"
+    data = json.loads(path.read_text())
+    for variant in data["recipe"]["variants"]:
+        if variant.get("quantize"):
+            variant["quantize"]["reduce_range"] = None
+    for stage in data["stages"]:
+        if stage["step"].startswith("quantize["):
+            stage["stats"]["weight_bits"] = 7 if stage["step"] == "quantize[int8]" else 8
+    report = build_report(Manifest.parse(json.dumps(data), "manifest"))
+    assert next(c for c in report.contenders if c.name == "int8").quantization["weight_bits"] == 7
+    assert "**int8** (dynamic, 7-bit weights)" in render_markdown(report)
+    said = [n for n in report.notes if "7-bit INT8 weights" in n]
+    assert len(said) == 1 and said[0].startswith("int8: 7-bit INT8 weights, because this CPU")
+    data["recipe"]["variants"][1]["quantize"]["reduce_range"] = True
+    asked = build_report(Manifest.parse(json.dumps(data), "manifest"))
+    assert not [n for n in asked.notes if "7-bit INT8 weights" in n]
