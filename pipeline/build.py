@@ -61,6 +61,9 @@ class BuildOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
     #: Re-measure latency up to this many times before declaring a latency regression.
     confirm: int = 0
+    #: Leave out the variants this machine cannot build (a missing target, bf16 without
+    #: bfloat16, NNCF absent), said in the log and the report, instead of refusing the build.
+    skip_unavailable: bool = False
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,13 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     store.ensure_writable()
     store.remove_stale_temporaries()
     run_id = choose_run_id(store, options.run_id, recipe.name)
+    skipped: dict[str, str] = {}
+    if options.skip_unavailable:
+        skipped = targets.unusable_variants(recipe)
+        for name, why in skipped.items():
+            log.warning("skipping variant %s: %s", name, why)
+        if skipped:
+            recipe = recipe.without_variants(skipped)
     # Before any work: a variant whose target this machine lacks fails now, naming what is missing.
     targets.require(
         {v.target for v in recipe.variants}, {(v.target, v.precision) for v in recipe.variants}
@@ -386,6 +396,7 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
             build={
                 "seconds": clock.seconds(),
                 "peak_rss_bytes": environment.peak_rss_bytes(),
+                **({"skipped_variants": skipped} if skipped else {}),
                 **extra,
             },
         )

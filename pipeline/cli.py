@@ -332,6 +332,12 @@ def _print_comparison(comparison: Any, quiet: bool) -> None:
     show_default=True,
     help="With --baseline: re-measure latency up to N times before declaring a latency regression.",
 )
+@click.option(
+    "--skip-unavailable",
+    is_flag=True,
+    help="Leave out the variants this machine cannot build (see tforge doctor), saying why, "
+    "instead of refusing the build.",
+)
 @threshold_options
 @common_options
 def build(
@@ -346,6 +352,7 @@ def build(
     print_recipe: bool,
     baseline: Path | None,
     confirm: int,
+    skip_unavailable: bool,
     thresholds: Any,
     quiet: bool,
     verbose: int,
@@ -391,6 +398,7 @@ def build(
         baseline=load_report(baseline)[0] if baseline else None,
         thresholds=thresholds,
         confirm=max(confirm, 0),
+        skip_unavailable=skip_unavailable,
     )
     if not quiet and err.is_terminal:
         with RichProgress(err) as progress:

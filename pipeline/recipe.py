@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -947,6 +948,29 @@ class Recipe(_Strict):
         if self.generates:
             return [f"{phase}-{key}" for key in self.shapes for phase in ("prefill", "decode")]
         return self.shapes.keys()
+
+    def without_variants(self, names: Collection[str]) -> Recipe:
+        """This recipe less the named variants (validated again); refused where nothing would
+        be left to build, or to gate."""
+        kept = [v for v in self.variants if v.name not in names]
+        if not kept:
+            raise RecipeError(
+                f"none of the recipe's variants can be built on this machine ({', '.join(names)})",
+                "run `tforge doctor` to see which targets are, and add a variant for one of them",
+            )
+        data = self.model_dump(mode="json")
+        data["variants"] = [v.model_dump(mode="json") for v in kept]
+        gated = self.gates.variants
+        if gated is not None:
+            left = [name for name in gated if name not in names]
+            if not left:
+                raise RecipeError(
+                    f"every variant the gates hold ({', '.join(gated)}) is one this machine "
+                    "cannot build",
+                    "build it on a machine that has its target, or gate another variant",
+                )
+            data["gates"]["variants"] = left
+        return Recipe.model_validate(data)
 
     def with_model(self, source: str | None = None, task: str | None = None) -> Recipe:
         """The same recipe with the model source and/or task replaced (CLI overrides)."""

@@ -15,8 +15,12 @@ import shutil
 import subprocess
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline.errors import TargetUnavailable
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
 
 TARGETS = ("ort-cpu", "ort-openvino", "ort-cuda", "tensorrt")
 
@@ -179,6 +183,20 @@ def require(targets: set[str], precisions: Collection[tuple[str, str]] = ()) -> 
         from pipeline.backends.openvino_backend import cpu_device, require_bf16
 
         require_bf16(cpu_device())
+
+
+def unusable_variants(recipe: Recipe) -> dict[str, str]:
+    """Variant name -> why this machine cannot build it (its target, its precision there, or
+    NNCF): what ``require`` and ``require_nncf`` would refuse, per variant."""
+    found: dict[str, str] = {}
+    for variant in recipe.variants:
+        try:
+            require({variant.target}, {(variant.target, variant.precision)})
+            if variant.quantize is not None and variant.quantize.quantizer == "nncf":
+                require_nncf()
+        except TargetUnavailable as error:
+            found[variant.name] = error.message
+    return found
 
 
 def require_nncf() -> None:

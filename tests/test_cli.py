@@ -426,3 +426,43 @@ def test_compare_re_measures_a_run_folder_before_declaring_a_latency_regression(
     assert len(runs) == 1
     manifest = json.loads((runs[0] / "manifest.json").read_text())
     assert [s["step"] for s in manifest["stages"] if not s["cached"]] == ["latency"]
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorrt") is not None,
+    reason="needs a machine without tensorrt (its variant must be unbuildable here)",
+)
+def test_skip_unavailable_leaves_out_what_this_machine_cannot_build(
+    checkpoint, tmp_path: Path
+) -> None:
+    """Without the flag, a TensorRT variant on a machine without TensorRT refuses the build
+    before any stage; with it, the build goes on without that variant and says so."""
+    variants = "variants: [{name: fp32}, {name: trt16, target: tensorrt, precision: fp16}]\n"
+    recipe = write_recipe(
+        tmp_path, f"name: skip\nmodel: {{source: {checkpoint('bert')}}}\n{FAST}{variants}"
+    )
+    artifacts = tmp_path / "a"
+    code, output = invoke("build", str(recipe), "--artifacts", str(artifacts))
+    assert code != 0 and "target tensorrt is not available on this machine" in output
+    assert "Traceback" not in output and no_runs(artifacts)
+    code, output = invoke(
+        "build", str(recipe), "--artifacts", str(artifacts), "--skip-unavailable", "--run-id", "s"
+    )
+    assert code == 0, output
+    report = json.loads((artifacts / "runs" / "s" / "report.json").read_text())
+    assert [c["name"] for c in report["contenders"]] == ["pytorch", "fp32"]
+    assert any(
+        n.startswith("trt16: left out of this build (--skip-unavailable): target tensorrt")
+        for n in report["notes"]
+    )
+    manifest = json.loads((artifacts / "runs" / "s" / "manifest.json").read_text())
+    assert list(manifest["build"]["skipped_variants"]) == ["trt16"]
+    assert [v["name"] for v in manifest["recipe"]["variants"]] == ["fp32"]
+    # Nothing left to build is refused, naming the variants.
+    only = write_recipe(
+        tmp_path,
+        f"model: {{source: {checkpoint('bert')}}}\n{FAST}"
+        "variants: [{name: trt16, target: tensorrt, precision: fp16}]\n",
+    )
+    code, output = invoke("build", str(only), "--artifacts", str(artifacts), "--skip-unavailable")
+    assert code != 0 and "none of the recipe's variants can be built on this machine" in output

@@ -501,3 +501,31 @@ def test_int8_weights_are_7_bit_where_the_cpu_products_saturate(monkeypatch) -> 
         assert steps["quantize[auto]"].reduce_range is saturates
         assert steps["quantize[static]"].reduce_range is saturates
         assert steps["quantize[eight]"].reduce_range is False
+
+
+def test_without_variants_keeps_the_gates_on_what_is_left() -> None:
+    recipe = parse_recipe(
+        {
+            "variants": [
+                {"name": "fp32"},
+                {"name": "cuda16", "target": "ort-cuda", "precision": "fp16"},
+            ],
+            "gates": {"min_agreement": 0.99, "variants": ["fp32", "cuda16"]},
+        }
+    )
+    left = recipe.without_variants({"cuda16"})
+    assert [v.name for v in left.variants] == ["fp32"] and left.gates.variants == ["fp32"]
+    assert left.gates.min_agreement == 0.99
+    with pytest.raises(RecipeError, match="none of the recipe's variants can be built"):
+        recipe.without_variants({"fp32", "cuda16"})
+    gated = parse_recipe(
+        {
+            "variants": [
+                {"name": "fp32"},
+                {"name": "cuda16", "target": "ort-cuda", "precision": "fp16"},
+            ],
+            "gates": {"min_agreement": 0.99, "variants": ["cuda16"]},
+        }
+    )
+    with pytest.raises(RecipeError, match="every variant the gates hold"):
+        gated.without_variants({"cuda16"})

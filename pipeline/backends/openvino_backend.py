@@ -39,6 +39,9 @@ PACKAGE = "onnxruntime-ep-openvino"
 PROVIDER = "OpenVINOExecutionProvider"
 #: The name tforge registers the plugin library under (one registration per process).
 REGISTRATION = "tforge-openvino"
+#: Whether this process has registered the plugin: ONNX Runtime refuses a second registration,
+#: and a plugin that loaded but found no device lists none to tell it apart by.
+_registered = False
 
 #: OpenVINO's inference precision per variant precision (see :func:`inference_precision`).
 _PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -87,9 +90,11 @@ def cpu_device() -> OpenVinoDevice:
             f"{PACKAGE} is not installed",
             "pip install 'tforge[openvino]' (Linux or Windows on x86-64)",
         ) from None
-    if not any(d.ep_name == PROVIDER for d in ort.get_ep_devices()):
+    global _registered
+    if not _registered and not any(d.ep_name == PROVIDER for d in ort.get_ep_devices()):
         try:
             ort.register_execution_provider_library(REGISTRATION, plugin.get_library_path())
+            _registered = True
         # ONNX Runtime reports a load failure of the library as a plain RuntimeError-like
         # pybind11 exception (a missing dependency, an ABI mismatch).
         except Exception as error:

@@ -269,6 +269,10 @@ def build_report(manifest: Manifest) -> Report:
     notes += _floor_notes(manifest, floor.stats if floor is not None else {})
     notes += _limit_below_floor(manifest, floor.stats if floor is not None else {})
     notes += _seven_bit_notes(manifest, contenders)
+    notes += [
+        f"{name}: left out of this build (--skip-unavailable): {why}"
+        for name, why in manifest.build.get("skipped_variants", {}).items()
+    ]
     if reference is not None and reference.stats.get("truncated"):
         notes.append(
             f"{reference.stats['truncated']} evaluation texts were longer than {reference.stats['max_length']} tokens and were truncated."

@@ -19,6 +19,7 @@ from pipeline.artifacts import Artifact
 from pipeline.backends.onnxruntime_backend import OrtRunner
 from pipeline.backends.openvino_backend import (
     OpenVinoDevice,
+    cpu_device,
     inference_precision,
     parse_capabilities,
     provider_options,
@@ -284,3 +285,20 @@ def test_a_missing_nncf_fails_before_any_stage(
         build(recipe, BuildOptions(artifacts=tmp_path))
     assert "tforge[openvino]" in str(error.value)
     assert not list(tmp_path.glob("cache/*/*"))
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("onnxruntime_ep_openvino") is None,
+    reason="needs the onnxruntime-ep-openvino plugin",
+)
+def test_asking_for_the_device_twice_gives_the_same_answer() -> None:
+    """The plugin is registered once per process: a second look (a build's second OpenVINO
+    variant) gives the first one's answer, the device or the same reason, never ONNX Runtime's
+    "already registered" error."""
+    answers = []
+    for _ in range(2):
+        try:
+            answers.append(cpu_device().name)
+        except TargetUnavailable as error:
+            answers.append(error.message)
+    assert answers[0] == answers[1] and "already registered" not in answers[1]
