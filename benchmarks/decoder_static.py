@@ -79,10 +79,10 @@ class StaticCacheGenerator(StepGenerator):
 
 def prompts(tokenizer: Any, batch: int) -> np.ndarray:
     """``batch`` evaluation texts of at least PROMPT tokens, cut to PROMPT."""
-    from pipeline.stages.generation import _texts
+    from pipeline.stages.generation import evaluation_texts
 
     rows = []
-    for text in _texts(ROOT / "calibration" / "evaluation.jsonl", "text", 256):
+    for text in evaluation_texts(ROOT / "calibration" / "evaluation.jsonl", "text", 256):
         ids = tokenizer(text)["input_ids"]
         if len(ids) >= PROMPT:
             rows.append(ids[:PROMPT])

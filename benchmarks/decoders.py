@@ -185,7 +185,7 @@ def main() -> None:
             # Float products (MatMulNBits accuracy level 0), as these figures were taken; the
             # build's weight-only variants default to INT8 products (`compute: int8`), measured
             # by `tforge build models/smollm2.yaml` (BENCHMARKS.md, "Decoder build").
-            quantize_decoder(graphs.folder, root / method, method, compute="float")  # type: ignore[arg-type]
+            quantize_decoder(graphs.folder, root / method, method, compute="float")
             seconds[f"quantize-{method}"] = round(time.perf_counter() - start, 1)
             contenders.append(OrtDecoder(f"ort-{method}", root / method, args.threads))
             sizes[f"ort-{method}"] = sum(f.stat().st_size for f in (root / method).iterdir())

@@ -84,7 +84,7 @@ def torch_contenders(checkpoint: Path, device: str, compile_fp16: bool) -> dict[
         compiled = TorchRunner(
             task_module(half, "feature-extraction", inputs), "last_hidden_state", device=device
         )
-        compiled.module = torch.compile(compiled.module)
+        compiled.module = torch.compile(compiled.module)  # type: ignore[assignment]
         out["pytorch-fp16-compile"] = compiled
     return out
 

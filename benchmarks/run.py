@@ -411,7 +411,7 @@ def build_olive(model: Model, rebuild_env: bool) -> None:
 
 def build_ort_static(model: Model) -> None:
     source = next((b for b in model.builds if b.name == "tforge fp32" and b.path), None)
-    if source is None:
+    if source is None or source.path is None:
         return
     target = WORK / "ort-static" / slug(model) / "model.onnx"
     cmd = [
@@ -707,7 +707,7 @@ def main() -> None:
             models["minilm"].folder, Path(str(unfused.path)), 2, plan.rounds, plan.passes
         )
 
-    results = {
+    results: dict[str, Any] = {
         "command": "python -m benchmarks.run"
         + (" --quick" if args.quick else "")
         + (" --skip-peers" if args.skip_peers else ""),

@@ -847,12 +847,18 @@ class Recipe(_Strict):
                     "quantize.outliers and quantize.smooth are not built for decoders yet; use "
                     "method: weight-only (blockwise activations) or list exclude"
                 )
-            elif variant.quantize is not None and (
-                not variant.quantize.per_channel or variant.quantize.reduce_range
+            elif variant.quantize is not None and not variant.quantize.per_channel:
+                problem = (
+                    "decoder INT8 is per-channel (per_channel: false is not built for decoders)"
+                )
+            elif (
+                variant.quantize is not None
+                and variant.quantize.reduce_range is not None
+                and (variant.precision != "int8" or variant.quantize.method != "dynamic")
             ):
                 problem = (
-                    "decoder INT8 is per-channel with 8-bit weights (per_channel and reduce_range "
-                    "are not built for decoders)"
+                    "reduce_range (7-bit weights) applies to decoder int8 with method dynamic; "
+                    "weight-only blocks take their bits from the precision"
                 )
             if problem:
                 raise ValueError(f"variants: {variant.name}: {problem}")

@@ -460,7 +460,7 @@ def decoder_pipeline(recipe: Recipe, threads: int) -> Plan:
             exclude=tuple(sorted(q.exclude)),
             compute=q.compute if method != "int8" else "int8",
             keep_grid=q.keep_grid,
-            reduce_range=method == "int8" and int8_products_saturate(),
+            reduce_range=method == "int8" and reduce_range(variant, q),
             # Grid weights are exact: no sensitivity is measured, so no calibration text is read.
             sensitivity_samples=0 if q.keep_grid else SENSITIVITY_SAMPLES,
             text_field="text" if q.keep_grid else data.text_field,

@@ -38,7 +38,7 @@ class Reader(CalibrationDataReader):
             self.batches.append({k: v.astype(np.int64) for k, v in encoded.items()})
         self.iterator = iter(self.batches)
 
-    def get_next(self):  # type: ignore[no-untyped-def]
+    def get_next(self):
         return next(self.iterator, None)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import TforgeError
+from pipeline.errors import TforgeError, first_line
 
 
 @dataclass(frozen=True)
@@ -145,3 +145,11 @@ def footprint(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> Footprint:
                 f"the memory probe for {probe.path} died (out of memory?)",
                 "set latency.memory: false to skip peak-memory measurement",
             ) from None
+        except Exception as error:
+            if probe.device == "cpu":
+                raise
+            # On a GPU, running out of device memory is an exception in the probe, not a death.
+            raise TforgeError(
+                f"the memory probe for {probe.path} on {probe.device} failed ({first_line(error)})",
+                "set latency.memory: false to skip peak-memory measurement",
+            ) from error

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.backends.runners import GPU_TARGETS
 from pipeline.errors import InputError
 from pipeline.manifest import Check, Manifest
 from pipeline.stages.latency import PYTORCH
@@ -370,14 +371,19 @@ def _limit_below_floor(manifest: Manifest, floor: dict[str, Any]) -> list[str]:
     """An encoder variant that failed a limit that PyTorch itself, cast to 16 bits, fails
     too: the limit asks more than the model keeps in 16 bits at all, which no compiler can
     give back (told before the user hunts for a conversion bug)."""
-    # A TensorRT variant's ONNX graph (``name:onnx``) has its variant's precision.
-    precisions = {v["name"]: v.get("precision", "fp32") for v in manifest.recipe["variants"]}
+    # A TensorRT variant's ONNX graph (``name:onnx``) has its variant's precision, and was
+    # verified on ONNX Runtime CPU.
+    variants = {v["name"]: v for v in manifest.recipe["variants"]}
     notes = []
     for check in manifest.checks:
         if check.passed or check.metric not in _FLOOR_FIGURES or check.shape is not None:
             continue
-        precision = precisions.get(check.variant.split(":")[0])
-        if precision not in floor:
+        name, _, graph = check.variant.partition(":")
+        variant = variants.get(name, {})
+        precision = variant.get("precision", "fp32")
+        device = "cuda" if variant.get("target") in GPU_TARGETS and not graph else "cpu"
+        # Only a floor measured where the variant ran says what that device keeps.
+        if precision not in floor or floor[precision].get("device", "cpu") != device:
             continue
         level = floor[precision].get(check.metric)
         fails = level is None or (

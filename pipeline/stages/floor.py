@@ -40,7 +40,9 @@ class FloorConfig(StageConfig):
 def floor_precisions(requested: Sequence[str], gpu: bool) -> tuple[str, ...]:
     """What the floor casts PyTorch to: the recipe's precisions, and on a GPU build FP32 on the
     GPU first (its kernels differ from the CPU's, so it is measured rather than assumed)."""
-    return ("fp32", *requested) if gpu and requested else tuple(requested)
+    # In one order, so the recipe's listing order does not split the step's key.
+    chosen = {*requested, "fp32"} if gpu and requested else set(requested)
+    return tuple(p for p in FLOOR_DTYPES if p in chosen)
 
 
 def _output(runner: TorchRunner, name: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -54,8 +56,8 @@ class FloorStage(Stage[FloorConfig]):
     version = 1
 
     def key_facets(self) -> tuple[str, ...]:
-        # On a GPU the figures depend on the GPU and its driver too.
-        return (*self.facets, "gpu") if self.config.device == "cuda" else self.facets
+        # On a GPU the figures depend on the GPU and its driver, not on the CPU.
+        return ("versions", "gpu") if self.config.device == "cuda" else self.facets
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         cfg = self.config

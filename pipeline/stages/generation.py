@@ -467,6 +467,12 @@ class QuantizeDecoderStage(Stage[QuantizeDecoderConfig]):
     #: 6: per-MatMul sensitivity; GPT-2's rewritten Gemms keep their module names.
     version = 6
 
+    def key_config(self) -> dict[str, Any]:
+        config = super().key_config()
+        if not config["reduce_range"]:
+            del config["reduce_range"]  # 8-bit weights: the key of builds before the option
+        return config
+
     def sensitivity(self, ctx: BuildContext, inputs: Mapping[str, Artifact]) -> list[Any]:
         """The most sensitive weight MatMuls, as the report lists them."""
         from pipeline.decoders.generate import positions

@@ -142,6 +142,8 @@ class LatencyStage(Stage[LatencyConfig]):
         for name in ("targets", "precisions", "static_shapes"):
             if not config[name]:
                 del config[name]
+        if config.get("memory") and any(t in GPU_TARGETS for t in self.config.targets.values()):
+            config["memory_probe"] = "gpu"  # GPU contenders probed on the device (device_bytes)
         return config
 
     def probes(
@@ -252,6 +254,13 @@ class LatencyStage(Stage[LatencyConfig]):
         if cfg.memory:
             batch, sequence = max(cfg.shapes, key=lambda bs: bs[0] * bs[1])
             feed = timing_feed(stream, loaded.tokenizer, info.inputs, batch, sequence)
+            # Each probe loads its contender afresh: the timed ones let go of the device first
+            # (their sessions, engines and prepared inputs).
+            del runners, calls, runner, prepared
+            if gpu:
+                import torch
+
+                torch.cuda.empty_cache()
             stats.update(memory_stats(peak_memory(ctx, self.probes(folder, info, paths), feed)))
             stats["memory_shape"] = shape_key(batch, sequence)
         return StageResult(stats=stats)

@@ -196,6 +196,28 @@ def test_an_empty_floor_skips_the_step(checkpoint: Path) -> None:
         parse_recipe(recipe_data(checkpoint, generation={"floor": ["fp16", "fp16"]}))
 
 
+def test_decoder_int8_weights_follow_the_cpu_unless_the_recipe_says(
+    checkpoint: Path, monkeypatch
+) -> None:
+    import pipeline.recipes
+    from pipeline.recipes import decoder_pipeline
+
+    variants = [
+        {"name": "auto", "precision": "int8"},
+        {"name": "eight", "precision": "int8", "quantize": {"reduce_range": False}},
+        {"name": "int4", "precision": "int4"},
+    ]
+    recipe = parse_recipe(recipe_data(checkpoint, variants=variants))
+    for saturates in (True, False):
+        monkeypatch.setattr(pipeline.recipes, "int8_products_saturate", lambda s=saturates: s)
+        steps = {s.id: s.stage for s in decoder_pipeline(recipe, threads=2).steps}
+        assert steps["quantize[auto]"].config.reduce_range is saturates
+        assert steps["quantize[eight]"].config.reduce_range is False
+        assert steps["quantize[int4]"].config.reduce_range is False
+        # 8-bit weights keep the key of builds made before the setting existed.
+        assert ("reduce_range" in steps["quantize[auto]"].key_config()) is saturates
+
+
 def test_every_variant_is_fused_as_its_architecture_expects(built: Any) -> None:
     outcome, _ = built
     fusion = {(c.variant, c.metric): c.value for c in outcome.report.checks if c.source == "fusion"}
@@ -450,8 +472,12 @@ def test_the_reference_is_reproducible(built: Any, checkpoint: Path, tmp_path: P
         ({"gates": {"max_p50_ms": {"b1s32": 5}}}, "do not apply to text-generation"),
         ({"gates": {"max_p50_ms": {"decode-b4s32": 5}}}, "are not timed shapes"),
         (
-            {"variants": [{"name": "x", "precision": "int8", "quantize": {"reduce_range": True}}]},
-            "per-channel with 8-bit weights",
+            {"variants": [{"name": "x", "precision": "int8", "quantize": {"per_channel": False}}]},
+            "decoder INT8 is per-channel",
+        ),
+        (
+            {"variants": [{"name": "x", "precision": "int4", "quantize": {"reduce_range": True}}]},
+            "applies to decoder int8 with method dynamic",
         ),
         (
             {"variants": [{"name": "x", "precision": "int8", "quantize": {"outliers": {}}}]},

@@ -17,6 +17,7 @@ import pytest
 from pipeline.decoders import OrtGenerator, compare_generation, export_decoder, greedy_reference
 from pipeline.decoders.export import cache_name
 from pipeline.decoders.generate import positions
+from pipeline.environment import int8_products_saturate
 
 VOCAB = 211
 
@@ -195,7 +196,7 @@ def test_quantized_decoders_generate_close_to_pytorch(
         # prompt of 4 at its 9th token), and the continuation follows it. Teacher-forced, a flip
         # costs its own step only: 0.95 and more with 8-bit weights, 0.9375 on the tiny Qwen3
         # with the 7-bit weights of CPUs without VNNI.
-        assert figures["agreement"] >= 0.93
+        assert figures["agreement"] >= (0.93 if int8_products_saturate() else 0.95)
         assert figures["mean_abs_error"] < 0.02 * spread
         for row, step in enumerate(figures["first_divergence"]):
             if step is not None:

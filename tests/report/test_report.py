@@ -99,3 +99,36 @@ def test_seven_bit_weights_chosen_for_the_cpu_are_said() -> None:
     data["recipe"]["variants"][1]["quantize"]["reduce_range"] = True
     asked = build_report(Manifest.parse(json.dumps(data), "manifest"))
     assert not [n for n in asked.notes if "7-bit INT8 weights" in n]
+
+
+def test_a_limit_is_read_against_the_floor_of_the_device_the_variant_ran_on() -> None:
+    """A GPU build's floor ran on the GPU: a failed limit of a variant on the GPU is read
+    against it, one of a CPU variant (or a TensorRT variant's ONNX graph) is not."""
+    path = Path(__file__).parent / "fixtures" / "manifest.json"
+    data = json.loads(path.read_text())
+    floor = {k: v for k, v in data["stages"][0].items()}
+    floor.update(step="floor", stage="floor", key="f" * 64, config={}, inputs={}, outputs={})
+    floor["stats"] = {"fp32": {"device": "cuda", "max_abs_error": 2e-5}}
+    data["stages"].insert(3, floor)
+    failed = {
+        "source": "tolerance",
+        "variant": "fp32",
+        "metric": "max_abs_error",
+        "shape": None,
+        "value": 3e-5,
+        "limit": 1e-5,
+        "kind": "max",
+        "passed": False,
+        "note": None,
+    }
+    data["checks"].append(failed)
+
+    def noted(target: str, variant: str = "fp32") -> bool:
+        data["recipe"]["variants"][0]["target"] = target
+        data["checks"][-1]["variant"] = variant
+        report = build_report(Manifest.parse(json.dumps(data), "manifest"))
+        return any("beyond PyTorch's own in fp32" in n for n in report.notes)
+
+    assert noted("ort-cuda")
+    assert not noted("ort-cpu")
+    assert not noted("tensorrt", "fp32:onnx")

@@ -69,6 +69,7 @@ def test_the_floor_runs_on_the_gpu(recorded) -> None:
 
 def test_a_gpu_build_runs_the_floor_on_the_gpu_with_fp32_first(checkpoint, recipe_for) -> None:
     assert floor_precisions(["fp16", "bf16"], gpu=False) == ("fp16", "bf16")
+    assert floor_precisions(["bf16", "fp16"], gpu=False) == ("fp16", "bf16")  # one key
     assert floor_precisions(["fp16"], gpu=True) == ("fp32", "fp16")
     assert floor_precisions([], gpu=True) == ()
     variants = [{"name": "fp16", "target": "ort-cuda", "precision": "fp16"}]
@@ -77,7 +78,7 @@ def test_a_gpu_build_runs_the_floor_on_the_gpu_with_fp32_first(checkpoint, recip
     }
     config = steps["floor"].stage.config
     assert config.device == "cuda" and config.precisions == ("fp32", "fp16", "bf16")
-    assert "gpu" in steps["floor"].stage.key_facets()
+    assert steps["floor"].stage.key_facets() == ("versions", "gpu")
     cpu = {s.id: s for s in encoder_pipeline(recipe_for(checkpoint()), 1).steps}["floor"]
     assert cpu.stage.config.device == "cpu" and "gpu" not in cpu.stage.key_facets()
     skipped = encoder_pipeline(recipe_for(checkpoint(), verify={"floor": []}), 1)
