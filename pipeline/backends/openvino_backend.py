@@ -39,6 +39,8 @@ PACKAGE = "onnxruntime-ep-openvino"
 PROVIDER = "OpenVINOExecutionProvider"
 #: The name tforge registers the plugin library under (one registration per process).
 REGISTRATION = "tforge-openvino"
+#: The PCI vendor id ONNX Runtime reports for Intel hardware.
+INTEL_VENDOR_ID = 0x8086
 #: Whether this process has registered the plugin: ONNX Runtime refuses a second registration,
 #: and a plugin that loaded but found no device lists none to tell it apart by.
 _registered = False
@@ -109,6 +111,18 @@ def cpu_device() -> OpenVinoDevice:
         if d.ep_name == PROVIDER and d.ep_metadata.get("ov_device") == "CPU"
     ]
     if not found:
+        # The plugin claims a device only where ONNX Runtime reports Intel as its vendor.
+        cpus = [
+            d.device for d in ort.get_ep_devices() if d.device.type == ort.OrtHardwareDeviceType.CPU
+        ]
+        vendor = cpus[0].vendor if cpus else "unknown"
+        if cpus and cpus[0].vendor_id != INTEL_VENDOR_ID:
+            raise TargetUnavailable(
+                f"the OpenVINO provider lists no CPU device: its plugin claims Intel devices "
+                f"only, and this CPU's vendor is {vendor}",
+                "build the ort-openvino variants on an Intel CPU, or leave them out "
+                "(tforge build --skip-unavailable)",
+            )
         raise TargetUnavailable(
             "the OpenVINO provider is loaded but lists no CPU device",
             "check that this CPU is x86-64 with at least SSE4.2 (OpenVINO's CPU plugin)",

@@ -302,3 +302,22 @@ def test_asking_for_the_device_twice_gives_the_same_answer() -> None:
         except TargetUnavailable as error:
             answers.append(error.message)
     assert answers[0] == answers[1] and "already registered" not in answers[1]
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("onnxruntime_ep_openvino") is None,
+    reason="needs the onnxruntime-ep-openvino plugin",
+)
+def test_a_cpu_the_plugin_does_not_claim_is_named() -> None:
+    """ONNX Runtime's OpenVINO plugin claims Intel devices only: on another vendor's CPU the
+    target is refused naming the vendor, and on an Intel CPU the device is found."""
+    import onnxruntime as ort
+
+    cpu = next(
+        d.device for d in ort.get_ep_devices() if d.device.type == ort.OrtHardwareDeviceType.CPU
+    )
+    if cpu.vendor_id == 0x8086:
+        assert cpu_device().name
+    else:
+        with pytest.raises(TargetUnavailable, match=f"claims Intel devices only.*{cpu.vendor}"):
+            cpu_device()
