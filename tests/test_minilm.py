@@ -8,6 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+from pipeline.environment import int8_products_saturate
 from pipeline.targets import availability
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,11 @@ def test_minilm_builds_and_matches_pytorch(tmp_path: Path) -> None:
     assert 20 <= split["matmuls"] <= 36 and split["inputs"] <= split["matmuls"]
     assert split["channels"] <= 8 * split["inputs"]
     assert split["largest"][0]["ratio"] > 10 and split["samples"] == 128
-    assert outliers["accuracy"]["mean_cosine"] >= 0.998
+    # On a CPU without VNNI, ONNX Runtime's INT8 products take another kernel path and keep a
+    # little less (measured on AVX2 Zen 3, 7-bit / 8-bit weights: outliers 0.99797 / 0.99804,
+    # smooth 0.99723 / 0.99666; BENCHMARKS.md "INT8 weights on a CPU without VNNI").
+    kept = 0.997 if int8_products_saturate() else 0.998
+    assert outliers["accuracy"]["mean_cosine"] >= kept
     assert outliers["accuracy"]["agreement"] >= int8["accuracy"]["agreement"] + 0.05
     # Smoothed inputs, and the split only where smoothing leaves outliers (the FFN
     # down-projections' GELU inputs): the same accuracy for fewer split MatMuls (measured: 20
@@ -99,7 +104,7 @@ def test_minilm_builds_and_matches_pytorch(tmp_path: Path) -> None:
     assert smooth["quantized_matmuls"] == smooth["weight_matmuls"] == 36
     assert smooth["smooth"]["inputs"] >= 12 and smooth["smooth"]["matmuls"] >= 24
     assert 0 < smooth["outliers"]["matmuls"] <= 8 < split["matmuls"]
-    assert contenders["int8-smooth"]["accuracy"]["mean_cosine"] >= 0.998
+    assert contenders["int8-smooth"]["accuracy"]["mean_cosine"] >= kept
     assert (
         contenders["int8-smooth"]["accuracy"]["agreement"] >= int8["accuracy"]["agreement"] + 0.04
     )
