@@ -352,11 +352,9 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
     run_id = choose_run_id(store, options.run_id, recipe.name)
     skipped: dict[str, str] = {}
     if options.skip_unavailable:
-        skipped = targets.unusable_variants(recipe)
+        recipe, skipped = targets.buildable(recipe)
         for name, why in skipped.items():
             log.warning("skipping variant %s: %s", name, why)
-        if skipped:
-            recipe = recipe.without_variants(skipped)
     # Before any work: a variant whose target this machine lacks fails now, naming what is missing.
     targets.require(
         {v.target for v in recipe.variants}, {(v.target, v.precision) for v in recipe.variants}

@@ -375,6 +375,12 @@ def build(
         out.print(dump_recipe(resolved), markup=False, end="")
         return
     if dry_run:
+        if skip_unavailable:
+            from pipeline.targets import buildable
+
+            resolved, skipped = buildable(resolved)
+            for name, why in skipped.items():
+                err.print(f"would skip variant {name}: {why}", markup=False, highlight=False)
         rows = describe_plan(resolved, artifacts)
         table = Table(title=f"plan for {resolved.name}", title_justify="left")
         for column in ("step", "does", "inputs", "status"):

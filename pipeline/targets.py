@@ -199,6 +199,12 @@ def unusable_variants(recipe: Recipe) -> dict[str, str]:
     return found
 
 
+def buildable(recipe: Recipe) -> tuple[Recipe, dict[str, str]]:
+    """The recipe less the variants this machine cannot build, and why each was left out."""
+    skipped = unusable_variants(recipe)
+    return (recipe.without_variants(skipped) if skipped else recipe), skipped
+
+
 def require_nncf() -> None:
     """Static INT8 with ``quantizer: nncf`` needs NNCF; said before any stage runs."""
     import importlib.util

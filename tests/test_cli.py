@@ -445,6 +445,12 @@ def test_skip_unavailable_leaves_out_what_this_machine_cannot_build(
     code, output = invoke("build", str(recipe), "--artifacts", str(artifacts))
     assert code != 0 and "target tensorrt is not available on this machine" in output
     assert "Traceback" not in output and no_runs(artifacts)
+    # The plan of a dry run leaves it out the same way.
+    code, output = invoke(
+        "build", str(recipe), "--artifacts", str(artifacts), "--skip-unavailable", "--dry-run"
+    )
+    assert code == 0 and "would skip variant trt16: target tensorrt" in output
+    assert "compile[trt16]" not in output and "verify[fp32]" in output
     code, output = invoke(
         "build", str(recipe), "--artifacts", str(artifacts), "--skip-unavailable", "--run-id", "s"
     )

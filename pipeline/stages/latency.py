@@ -133,16 +133,20 @@ class LatencyStage(Stage[LatencyConfig]):
     name = "latency"
     facets = ("versions", "hardware")
 
+    @property
+    def gpu(self) -> bool:
+        """A build with GPU variants: PyTorch is timed and probed on the GPU too."""
+        return any(t in GPU_TARGETS for t in self.config.targets.values())
+
     def key_facets(self) -> tuple[str, ...]:
-        gpu = any(t in GPU_TARGETS for t in self.config.targets.values())
-        return (*self.facets, "gpu") if gpu else self.facets
+        return (*self.facets, "gpu") if self.gpu else self.facets
 
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()
         for name in ("targets", "precisions", "static_shapes"):
             if not config[name]:
                 del config[name]
-        if config.get("memory") and any(t in GPU_TARGETS for t in self.config.targets.values()):
+        if config.get("memory") and self.gpu:
             config["memory_probe"] = "gpu"  # GPU contenders probed on the device (device_bytes)
         return config
 
@@ -152,7 +156,6 @@ class LatencyStage(Stage[LatencyConfig]):
         """One fresh-process probe per contender: on the GPU for PyTorch and the GPU variants
         of a build with GPU targets (host RSS and device memory), on the CPU otherwise."""
         cfg = self.config
-        gpu = any(t in GPU_TARGETS for t in cfg.targets.values())
         probes = {
             PYTORCH: MemoryProbe(
                 PYTORCH,
@@ -160,7 +163,7 @@ class LatencyStage(Stage[LatencyConfig]):
                 cfg.threads,
                 info.task,
                 tuple(info.inputs),
-                device="cuda" if gpu else "cpu",
+                device="cuda" if self.gpu else "cpu",
             )
         }
         for name, path in paths.items():
@@ -195,7 +198,7 @@ class LatencyStage(Stage[LatencyConfig]):
 
         # With GPU variants, PyTorch eager is timed on the GPU too: the speed-up compares like
         # with like.
-        gpu = any(t in GPU_TARGETS for t in cfg.targets.values())
+        gpu = self.gpu
         runners: dict[str, Any] = {
             PYTORCH: TorchRunner(
                 task_module(loaded.model, info.task, tuple(info.inputs)),

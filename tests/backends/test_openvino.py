@@ -39,8 +39,6 @@ needs_openvino = pytest.mark.skipif(
 
 
 def _native_bf16() -> bool:
-    from pipeline.backends.openvino_backend import cpu_device
-
     return cpu_device().native_bf16
 
 
