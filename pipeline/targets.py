@@ -11,8 +11,11 @@ import. A build checks its variants' targets before any stage runs (:func:`requi
 from __future__ import annotations
 
 import functools
+import json
+import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -91,6 +94,74 @@ def _ort_providers() -> tuple[str | None, list[str]]:
     return ort.__version__, list(ort.get_available_providers())
 
 
+# ONNX Runtime lists its CUDA provider whenever onnxruntime-gpu is installed, and a session that
+# cannot load it falls back to the CPU, printing why (a missing CUDA or cuDNN library) on the
+# process's stderr rather than raising. So the provider is proven by starting one session on
+# the GPU in a fresh interpreter and reading both streams. torch is imported first, as
+# OrtRunner does: its CUDA and cuDNN libraries then serve ONNX Runtime too.
+_CUDA_PROBE = """
+import json
+try:
+    import torch  # noqa: F401
+except ImportError:
+    pass
+import onnx
+import onnx.helper as h
+import onnxruntime as ort
+x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2])
+y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])
+graph = h.make_graph([h.make_node("MatMul", ["x", "x"], ["y"])], "probe", [x], [y])
+model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+providers = [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
+session = ort.InferenceSession(model.SerializeToString(), providers=providers)
+print(json.dumps(session.get_providers()))
+"""
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+_MISSING_LIBRARY = re.compile(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file")
+
+
+def read_cuda_probe(returncode: int, stdout: str, stderr: str) -> str | None:
+    """What keeps ONNX Runtime's CUDA provider from starting, from the probe's exit status and
+    output; None when its session ran on the GPU."""
+    lines = stdout.strip().splitlines()
+    try:
+        providers = json.loads(lines[-1]) if returncode == 0 and lines else []
+    except json.JSONDecodeError:
+        providers = []
+    if providers and providers[0] == "CUDAExecutionProvider":
+        return None
+    stderr = _COLOUR.sub("", stderr)
+    missing = sorted(set(_MISSING_LIBRARY.findall(stderr)))
+    if missing:
+        return (
+            f"ONNX Runtime's CUDA provider does not load: {', '.join(missing)} not found "
+            "(install the CUDA and cuDNN versions this onnxruntime-gpu is built for, or a torch "
+            "built for them: its libraries serve ONNX Runtime too)"
+        )
+    said = [line.strip() for line in stderr.splitlines() if line.strip()]
+    why = said[-1][:300] if said else f"exit status {returncode}"
+    if providers:
+        why = f"its session ran on {', '.join(providers)} instead ({why})"
+    return f"ONNX Runtime's CUDA provider does not start: {why}"
+
+
+@functools.cache
+def cuda_provider_problem() -> str | None:
+    """Why ONNX Runtime's CUDA provider cannot run a session here; None when it can. Asked
+    only where onnxruntime-gpu is installed and nvidia-smi sees a GPU (one probe per process)."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _CUDA_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return "ONNX Runtime's CUDA provider did not start a session within 300 s"
+    return read_cuda_probe(result.returncode, result.stdout, result.stderr)
+
+
 def _torch_cuda() -> bool:
     try:
         import torch
@@ -142,6 +213,16 @@ def availability(target: str) -> Availability:
                 False,
                 "onnxruntime-gpu is installed but no NVIDIA GPU is visible (nvidia-smi)",
             )
+        if not _torch_cuda():
+            return Availability(
+                target,
+                False,
+                f"onnxruntime-gpu {version} on {names}, but torch has no CUDA (a GPU build runs "
+                "PyTorch, its reference and floor, on the GPU): install a CUDA build of torch",
+            )
+        problem = cuda_provider_problem()
+        if problem is not None:
+            return Availability(target, False, problem)
         return Availability(target, True, f"onnxruntime-gpu {version}, CUDA provider on {names}")
     if target == "tensorrt":
         try:

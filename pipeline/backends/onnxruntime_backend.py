@@ -85,7 +85,16 @@ class OrtRunner:
         options = session_options(threads, optimization)
         providers: list[Any] | None = ["CPUExecutionProvider"]
         if device == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+            # ORT's CUDA provider multiplies float32 matrices in TF32 (10-bit mantissa) unless
+            # told not to; a float32 graph is then no longer computed in float32. PyTorch, the
+            # reference, keeps float32 matmuls in float32 by default, so this does too.
+            options_cuda = {"device_id": "0", "use_tf32": "0"}
+            # ONNX Runtime's documented way to share PyTorch's CUDA and cuDNN libraries: import
+            # torch first. Where CUDA is installed only inside torch's own packages, the CUDA
+            # provider finds its libraries this way and nowhere else.
+            import torch  # noqa: F401
+
+            providers = [("CUDAExecutionProvider", options_cuda), "CPUExecutionProvider"]
         elif device == "openvino":
             from pipeline.backends.openvino_backend import add_provider
 

@@ -103,6 +103,9 @@ def builder_settings(
         # 10: strongly typed on request; 11: always (the flag is deprecated and ignored).
         "network_flags": ["STRONGLY_TYPED"] if major == 10 else [],
         "builder_flags": [],  # precision comes from the graph's types and Q/DQ nodes
+        # TF32 (on by default) would multiply the graph's float32 tensors with a 10-bit
+        # mantissa: a precision the graph does not state. Cleared where the version has it.
+        "cleared_flags": ["TF32"],
         "optimization_level": optimization_level,
         "workspace_bytes": workspace_mb * 2**20 if workspace_mb else None,
     }
@@ -207,6 +210,9 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings["workspace_bytes"])
     for flag in settings["builder_flags"]:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in settings.get("cleared_flags", []):
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
     cache = None
     if timing_cache is not None:
         cache = config.create_timing_cache(timing_cache)
@@ -251,6 +257,7 @@ class TensorRTRunner:
             raise PreconditionError(f"TensorRT could not load {folder / ENGINE_FILE}")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
+        self._bound: dict[str, Any] | None = None
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [
             n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
@@ -282,17 +289,36 @@ class TensorRTRunner:
         for name in self.input_names:
             tensor = torch.from_numpy(np.ascontiguousarray(feed[name]))
             buffers[name] = tensor.to("cuda", dtype=self._torch_dtype[name])
-            self.context.set_input_shape(name, tuple(buffers[name].shape))
+        self._set_shapes(buffers)
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
             buffers[name] = torch.empty(shape, dtype=self._torch_dtype[name], device="cuda")
-        for name, tensor in buffers.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
+        self._bind(buffers)
         # The copies ran on torch's current stream; the engine runs on its own.
         torch.cuda.synchronize()
         return buffers
 
+    def _set_shapes(self, buffers: dict[str, Any]) -> None:
+        for name in self.input_names:
+            shape = tuple(buffers[name].shape)
+            if not self.context.set_input_shape(name, shape):
+                raise PreconditionError(
+                    f"the engine refuses shape {shape} for input {name} "
+                    f"(profile {self.meta.profile})",
+                    "widen the recipe's shapes or data.max_length and rebuild",
+                )
+
+    def _bind(self, buffers: dict[str, Any]) -> None:
+        for name, tensor in buffers.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        self._bound = buffers
+
     def call(self, prepared: dict[str, Any]) -> dict[str, Any]:
+        # The one execution context holds the shapes and addresses of the last feed bound; a
+        # call with an earlier prepared feed binds it again (timing binds once per shape).
+        if prepared is not self._bound:
+            self._set_shapes(prepared)
+            self._bind(prepared)
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see the log with -v)")
         self.stream.synchronize()

@@ -25,7 +25,7 @@ from pipeline.build import BuildOptions, build
 from pipeline.errors import PreconditionError, TargetUnavailable
 from pipeline.recipes import encoder_pipeline
 from pipeline.stages.compile import timing_cache_path
-from pipeline.targets import Gpu, availability, gpus, parse_smi
+from pipeline.targets import Gpu, availability, gpus, parse_smi, read_cuda_probe
 
 H200 = Gpu("NVIDIA H200", "9.0", "570.86", 143771)
 
@@ -63,6 +63,7 @@ def test_options_are_translated_for_each_tensorrt_version() -> None:
     assert ten == {
         "network_flags": ["STRONGLY_TYPED"],
         "builder_flags": [],
+        "cleared_flags": ["TF32"],
         "optimization_level": 5,
         "workspace_bytes": 2048 * 2**20,
     }
@@ -189,6 +190,61 @@ def test_ort_cuda_needs_onnxruntime_gpu_and_a_gpu(recipe_for, checkpoint, tmp_pa
     )
     with pytest.raises(TargetUnavailable, match="target ort-cuda is not available"):
         build(recipe, BuildOptions(artifacts=tmp_path))
+
+
+def test_the_cuda_provider_probe_names_the_missing_library() -> None:
+    assert read_cuda_probe(0, '["CUDAExecutionProvider", "CPUExecutionProvider"]\n', "") is None
+    # What ONNX Runtime prints when the provider library cannot load its CUDA dependencies.
+    stderr = (
+        "\x1b[1;31m2026-12-07 [E:onnxruntime:Default, provider_bridge_ort.cc:2195 "
+        "TryGetProviderInfo_CUDA] [ONNXRuntimeError] : 1 : FAIL : Failed to load library "
+        "libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open shared "
+        "object file: No such file or directory\x1b[m\n"
+        "2026-12-07 [W:onnxruntime:Default] Failed to create CUDAExecutionProvider. "
+        "Require cuDNN 9.* and CUDA 13.*\n"
+    )
+    found = read_cuda_probe(0, '["CPUExecutionProvider"]\n', stderr)
+    assert found is not None and "libcublasLt.so.13 not found" in found
+    assert "libonnxruntime_providers_cuda" not in found
+    fallback = read_cuda_probe(0, '["CPUExecutionProvider"]', "\x1b[0;93mno device\x1b[m\n")
+    assert fallback == (
+        "ONNX Runtime's CUDA provider does not start: its session ran on "
+        "CPUExecutionProvider instead (no device)"
+    )
+    crashed = read_cuda_probe(-11, "", "")
+    assert crashed == "ONNX Runtime's CUDA provider does not start: exit status -11"
+
+
+ORT_CUDA = availability("ort-cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ORT_CUDA.available, reason=f"needs ORT CUDA: {ORT_CUDA.detail}")
+def test_ort_cuda_fp32_and_fp16_build_verify_time_and_probe_on_the_gpu(
+    recipe_for, checkpoint, tmp_path: Path
+) -> None:
+    recipe = recipe_for(
+        checkpoint("bert"),
+        variants=[
+            {"name": "fp32", "precision": "fp32"},
+            {"name": "cuda32", "target": "ort-cuda", "precision": "fp32"},
+            {"name": "cuda16", "target": "ort-cuda", "precision": "fp16"},
+        ],
+        latency={"memory": True},
+    )
+    outcome = build(recipe, BuildOptions(artifacts=tmp_path))
+    verify = {v: outcome.manifest.stage(f"verify[{v}]").stats for v in ("cuda32", "cuda16")}  # type: ignore[union-attr]
+    # Float32 on the GPU (TF32 off) is the CPU's float32 up to summation order.
+    assert verify["cuda32"]["max_abs_error"] < 1e-4
+    assert verify["cuda16"]["nonfinite_outputs"] == 0
+    assert verify["cuda16"]["mean_cosine"] > 0.999 and verify["cuda16"]["max_abs_error"] > 1e-4
+    floor = outcome.manifest.stage("floor").stats  # type: ignore[union-attr]
+    assert {entry["device"] for entry in floor.values()} == {"cuda"}
+    latency = outcome.manifest.stage("latency").stats  # type: ignore[union-attr]
+    assert latency["pytorch_device"] == "cuda"
+    assert set(latency["device_bytes"]) == {"pytorch", "cuda32", "cuda16"}
+    assert latency["device_bytes"]["cuda16"] > 0
+    assert "fp32" not in latency["device_bytes"]  # the CPU variant is probed on the CPU
 
 
 @pytest.mark.gpu

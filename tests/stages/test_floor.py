@@ -58,6 +58,7 @@ def test_the_floor_measures_pytorch_cast_whole(recorded) -> None:
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda)")
 def test_the_floor_runs_on_the_gpu(recorded) -> None:
     """On a GPU: PyTorch FP32 there is within float rounding of the CPU record, FP16 is not."""

@@ -79,6 +79,7 @@ def test_a_gpu_build_probes_memory_on_the_gpu(checkpoint, recipe_for) -> None:
     assert memory_stats({"cpu32": Footprint(5)}) == {"peak_rss_bytes": {"cpu32": 5}}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda)")
 def test_the_gpu_probe_measures_device_memory(checkpoint) -> None:
     from pipeline.backends.memory import MemoryProbe, footprint
