@@ -37,6 +37,23 @@ def test_shipped_minilm_recipe_is_valid_and_paths_resolve_against_its_folder() -
     assert recipe.data.evaluation.is_file()
 
 
+def test_shipped_gpu_recipe_plans_every_gpu_target() -> None:
+    from pipeline.recipes import encoder_pipeline
+
+    recipe = load_recipe(ROOT / "models" / "minilm-gpu.yaml")
+    steps = {step.id: step.stage.config for step in encoder_pipeline(recipe, 1).steps}
+    floor = steps["floor"]
+    assert floor.device == "cuda" and floor.precisions == ("fp32", "fp16", "bf16")
+    # cuda16 takes the fused graph; the TensorRT graphs are verified on ONNX Runtime first.
+    assert steps["optimize[cuda16]"].profile == "ort" and "fp16[cuda16]" in steps
+    assert {"verify[trt16:onnx]", "verify[trt8:onnx]", "quantize[trt8]"} <= set(steps)
+    engine = steps["compile[trt16]"]
+    assert engine.profile == {"min": [1, 1], "opt": [8, 128], "max": [32, 128]}
+    assert steps["quantize[trt8]"].method == "static"
+    assert recipe.gates.variants == ["cuda32"]
+    assert {v.target for v in recipe.variants} == {"ort-cuda", "tensorrt"}
+
+
 def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     path = write(tmp_path, "model:\n  task: [feature-extraction\nshapes: {}\n")
     with pytest.raises(RecipeError) as caught:
