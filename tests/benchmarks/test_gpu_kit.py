@@ -1,0 +1,143 @@
+"""The GPU session kit: packed here, received part by part and installed on the CUDA machine.
+
+A GPU session has a few minutes of device time; a part lost to a fresh machine, or sent twice or
+out of order, must be caught with the part to send next, not found after the install.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_kit import KitError, install, pack_folder, receive
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel that pip installs: one module, its metadata and RECORD."""
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{name}-{version}.dist-info/METADATA": (
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        ),
+        f"{name}-{version}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record.append(f"{name}-{version}.dist-info/RECORD,,")
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record) + "\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for inner, text in files.items():
+            archive.writestr(inner, text)
+    return path
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> Path:
+    payload = tmp_path / "payload"
+    (payload / "wheels").mkdir(parents=True)
+    _wheel(payload / "wheels", "tforgekitprobe", "0.1")
+    # pytest is installed here: the install leaves the machine's own copy alone.
+    _wheel(payload / "wheels", "pytest", "0.0.1")
+    (payload / "model").mkdir()
+    (payload / "model" / "weights.bin").write_bytes(bytes(range(256)) * 40)
+    out = tmp_path / "kit"
+    pack_folder(payload, out, part_bytes=4096)
+    return out
+
+
+def _carry(kit: Path, into: Path, *names: str) -> Path:
+    """What one call carries to the machine: kit.json and the named parts."""
+    if into.exists():
+        for old in into.iterdir():
+            old.unlink()
+    into.mkdir(exist_ok=True)
+    (into / "kit.json").write_bytes((kit / "kit.json").read_bytes())
+    for name in names:
+        (into / name).write_bytes((kit / name).read_bytes())
+    return into
+
+
+def test_parts_received_in_order_rebuild_the_bundle_and_install(kit: Path, tmp_path: Path) -> None:
+    manifest = json.loads((kit / "kit.json").read_text())
+    names = [part["name"] for part in manifest["parts"]]
+    assert len(names) >= 5 and all(part["bytes"] <= 4096 for part in manifest["parts"])
+    store, call = tmp_path / "store", tmp_path / "call"
+    with pytest.raises(KitError, match="holds no part of the kit yet"):
+        install(store)
+    with pytest.raises(KitError, match="carry one part-NN"):
+        receive(_carry(kit, call), store)
+    for held, name in enumerate(names, start=1):
+        assert receive(_carry(kit, call, name), store) == held
+    # A part sent twice (a call retried) changes nothing.
+    assert receive(_carry(kit, call, names[1]), store) == len(names)
+    assert hashlib.sha256((store / "bundle.tar").read_bytes()).hexdigest() == manifest["sha256"]
+
+    env = install(store)
+    assert (store / "bundle" / "model" / "weights.bin").read_bytes() == bytes(range(256)) * 40
+    site = store / "site"
+    assert (site / "tforgekitprobe" / "__init__.py").is_file()
+    assert not (site / "pytest").exists()  # the machine's own pytest is kept
+    probe = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"source {env} && {sys.executable} -c 'import tforgekitprobe as m; print(m.VERSION)'",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == "0.1"
+
+
+def test_a_part_out_of_order_or_on_a_fresh_machine_names_the_part_to_send(
+    kit: Path, tmp_path: Path
+) -> None:
+    names = [part["name"] for part in json.loads((kit / "kit.json").read_text())["parts"]]
+    store, call = tmp_path / "store", tmp_path / "call"
+    # A fresh machine (the first parts were lost with an idle release).
+    with pytest.raises(KitError, match=f"{names[2]} arrived before {names[0]}.*holds 0 bytes"):
+        receive(_carry(kit, call, names[2]), store)
+    receive(_carry(kit, call, names[0]), store)
+    with pytest.raises(KitError, match=f"send {names[1]} next"):
+        receive(_carry(kit, call, names[2]), store)
+    with pytest.raises(KitError, match=f"send {names[1]} next"):
+        install(store)
+
+
+def test_a_damaged_part_or_a_cut_off_append_is_caught(kit: Path, tmp_path: Path) -> None:
+    names = [part["name"] for part in json.loads((kit / "kit.json").read_text())["parts"]]
+    store, call = tmp_path / "store", tmp_path / "call"
+    _carry(kit, call, names[0])
+    (call / names[0]).write_bytes(b"x" + (kit / names[0]).read_bytes()[1:])
+    with pytest.raises(KitError, match=f"{names[0]} is damaged"):
+        receive(call, store)
+    receive(_carry(kit, call, names[0]), store)
+    # A call cut off while appending the second part left half of it.
+    with (store / "bundle.tar").open("ab") as stream:
+        stream.write((kit / names[1]).read_bytes()[:100])
+    for held, name in enumerate(names[1:], start=2):
+        assert receive(_carry(kit, call, name), store) == held
+    install(store)
+    assert (store / "bundle" / "model" / "weights.bin").stat().st_size == 256 * 40
+
+
+def test_the_same_payload_packs_to_the_same_bytes(tmp_path: Path) -> None:
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    (payload / "a.txt").write_text("a")
+    first = pack_folder(payload, tmp_path / "one", part_bytes=1024)
+    (payload / "a.txt").touch()  # a newer time, the same content
+    assert pack_folder(payload, tmp_path / "two", part_bytes=1024) == first
