@@ -132,7 +132,7 @@ def pack_folder(payload: Path, out: Path, part_bytes: int = PART_BYTES) -> dict[
     return kit
 
 
-def _download(into: Path) -> None:
+def _download(into: Path, python: str = TARGET_PYTHON) -> None:
     command = [
         sys.executable,
         "-m",
@@ -144,7 +144,7 @@ def _download(into: Path) -> None:
         "--implementation",
         "cp",
         "--python-version",
-        TARGET_PYTHON,
+        python,
         "-d",
         str(into),
     ]
@@ -169,10 +169,12 @@ def _half_minilm(into: Path) -> None:
     )
 
 
-def pack(out: Path = KIT, part_bytes: int = PART_BYTES) -> dict[str, Any]:
+def pack(
+    out: Path = KIT, part_bytes: int = PART_BYTES, python: str = TARGET_PYTHON
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         payload = Path(scratch)
-        _download(payload / "wheels")
+        _download(payload / "wheels", python)
         _half_minilm(payload / "minilm16")
         kit = pack_folder(payload, out, part_bytes)
     total = kit["bytes"] / 2**20
