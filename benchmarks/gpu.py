@@ -1,8 +1,8 @@
 """GPU benchmark: ONNX Runtime CUDA beside PyTorch eager (FP32, FP16) and torch.compile, one process.
 
-For a CUDA machine (see ../shared/gpu.md): it needs only torch, transformers, numpy and
-onnxruntime-gpu (no tforge build there: the ONNX graphs are built by ``tforge build`` on any
-machine and carried over). Contenders are timed interleaved, round-robin, on real text tokens,
+For a CUDA machine (docs/gpu.md): it needs torch, transformers, numpy and onnxruntime-gpu, and
+the ONNX graphs of a ``tforge build`` (made there by benchmarks/gpu_session.sh, or anywhere and
+carried over). Contenders are timed interleaved, round-robin, on real text tokens,
 inputs and outputs on the device (ORT IOBinding; torch tensors on CUDA), each call synchronised;
 p50/p90/p99 per shape. Accuracy: each contender's mean-pooled embeddings against PyTorch FP32 on
 the same device, on real evaluation texts (mean and worst cosine).
@@ -72,8 +72,7 @@ def torch_contenders(checkpoint: Path, device: str, compile_fp16: bool) -> dict[
     inputs = ("input_ids", "attention_mask", "token_type_ids")
     model = AutoModel.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     module = task_module(model, "feature-extraction", inputs)
-    # Off the CPU each runner casts its own copy to its dtype: FP16 eager is the FP32 model
-    # cast whole, as model.half() deploys it.
+    # Each FP16 runner casts its own copy of the FP32 model whole, as model.half() deploys it.
     out: dict[str, Any] = {
         "pytorch-fp32": TorchRunner(module, "last_hidden_state", device=device),
         "pytorch-fp16": TorchRunner(module, "last_hidden_state", device=device, dtype="float16"),
@@ -171,6 +170,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     timings: dict[str, dict[str, Any]] = {name: {} for name in contenders}
     shapes = [s for s in args.shapes.split(",") if s]
+    base = "pytorch-fp16" if "pytorch-fp16" in timings else "pytorch-fp32"
+    results = {
+        "command": "python -m benchmarks.gpu "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": environment(args.device),
+        "shapes": shapes,
+        "accuracy": accuracy,
+        "latency": timings,
+        "speedup_over": base,
+    }
     for shape in shapes:
         batch, _, sequence = shape[1:].partition("s")
         shape_feed = token_feed(tokenizer, texts, int(batch), int(sequence))
@@ -182,19 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times = time_interleaved(calls, warmup=args.warmup, runs=args.runs)
         for name, seconds in times.items():
             timings[name][shape] = LatencyStats.of(seconds, int(batch)).as_dict()
+        # Written after each shape: a session cut short keeps the shapes it timed.
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"{shape}: done", file=sys.stderr, flush=True)
 
-    base = "pytorch-fp16" if "pytorch-fp16" in timings else "pytorch-fp32"
-    results = {
-        "command": "python -m benchmarks.gpu "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": environment(args.device),
-        "shapes": shapes,
-        "accuracy": accuracy,
-        "latency": timings,
-        "speedup_over": base,
-    }
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
     header = f"{'contender':<24}" + "".join(f"{s + ' p50 ms':>16}{'x ' + base:>22}" for s in shapes)
     print(header + f"{'mean cos':>12}")
     for name in contenders:

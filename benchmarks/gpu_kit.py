@@ -11,7 +11,8 @@ Here (needs the registry; writes benchmarks/.work/gpu-kit/):
 
     python -m benchmarks.gpu_kit pack
 
-There, one call per part while the machine stays warm (each call carries kit.json and its part):
+There, one call per part while the machine stays warm (each call carries kit.json and its part;
+``pack`` prints the calls, the last one chained with the install and the first measurements):
 
     python -m benchmarks.gpu_kit receive benchmarks/.work/gpu-kit     # once per part, in order
     python -m benchmarks.gpu_kit install                               # after the last part
@@ -55,6 +56,7 @@ WHEELS = [
     "pydantic-core==2.50.5",
     "annotated-types==0.8.0",
     "typing-inspection==0.4.5",
+    "typing-extensions==4.16.0",
     "onnxscript==0.7.2",
     "onnx-ir==1.1.0",
     "ml-dtypes==0.7.0",
@@ -115,6 +117,8 @@ def pack_folder(payload: Path, out: Path, part_bytes: int = PART_BYTES) -> dict[
     """Tar ``payload`` (sorted, owner and times zeroed: the same files give the same bytes), cut
     it into parts under ``out`` and write ``out/kit.json``."""
     if out.exists():
+        if any(out.iterdir()) and not (out / "kit.json").is_file():
+            raise KitError(f"{out} is not an earlier kit (no kit.json): name an empty folder")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -192,10 +196,13 @@ def device_calls(kit: dict[str, Any], out: Path = KIT) -> list[str]:
         f"carry: {folder / 'kit.json'}, {folder / part['name']}"
         for part in kit["parts"]
     ]
-    calls.append(
-        "python3 -m benchmarks.gpu_kit install && bash benchmarks/gpu_session.sh check minilm"
+    # The last part's call goes on to install and to the first measurements: one call less.
+    calls[-1] = (
+        f"python3 -m benchmarks.gpu_kit receive {folder} && python3 -m benchmarks.gpu_kit "
+        f"install && SESSION_S=480 bash benchmarks/gpu_session.sh check minilm    carry: "
+        f"{folder / 'kit.json'}, {folder / kit['parts'][-1]['name']}"
     )
-    calls.append("bash benchmarks/gpu_session.sh bert tests")
+    calls.append("bash benchmarks/gpu_session.sh tests bert")
     return calls
 
 
@@ -203,13 +210,19 @@ def receive(kit_dir: Path, store: Path = STORE) -> int:
     """Append the part(s) present in ``kit_dir`` to ``store/bundle.tar``; return how many of
     the kit's parts the store now holds."""
     kit = json.loads((kit_dir / "kit.json").read_text())
-    store.mkdir(parents=True, exist_ok=True)
-    bundle = store / "bundle.tar"
-    have = bundle.stat().st_size if bundle.exists() else 0
     arrived = [p for p in kit["parts"] if (kit_dir / p["name"]).is_file()]
     if not arrived:
         raise KitError(f"{kit_dir} holds no part of the kit: carry one part-NN with kit.json")
-    (store / "kit.json").write_text(json.dumps(kit))
+    store.mkdir(parents=True, exist_ok=True)
+    bundle = store / "bundle.tar"
+    stored = store / "kit.json"
+    if stored.is_file() and json.loads(stored.read_text())["sha256"] != kit["sha256"]:
+        # Parts of another kit (an earlier pack) are of no use to this one.
+        print(f"{store} held parts of another kit: starting again")
+        shutil.rmtree(store)
+        store.mkdir(parents=True)
+    stored.write_text(json.dumps(kit))
+    have = bundle.stat().st_size if bundle.exists() else 0
     offset = 0
     for part in kit["parts"]:
         end = offset + part["bytes"]
@@ -245,24 +258,44 @@ def _parts_within(kit: dict[str, Any], size: int) -> list[str]:
 
 
 def _part_at(kit: dict[str, Any], size: int) -> str:
-    return str(kit["parts"][len(_parts_within(kit, size))]["name"])
+    held = len(_parts_within(kit, size))
+    return str(kit["parts"][held]["name"]) if held < len(kit["parts"]) else "no part"
 
 
-def _installed(requirement: str) -> str | None:
-    name = requirement.partition("==")[0]
+def _installed(dist: str) -> str | None:
     try:
-        return importlib.metadata.version(name)
+        return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def install(store: Path = STORE) -> Path:
-    """Check the whole bundle, unpack it and install its wheels the machine lacks (and
-    onnxruntime-gpu) into ``store/site``; write ``store/env.sh``, which puts them first on
-    PYTHONPATH. Returns the path of env.sh."""
+# What tforge imports from the kit, checked in a fresh interpreter once installed: a package
+# the machine had at another version, or a missing dependency, shows here and not halfway
+# through the session. onnxruntime must be the kit's (CUDA) build.
+_IMPORT_CHECK = """
+import sys
+import matplotlib.pyplot, onnx_ir, onnxscript, psutil, pydantic
+import onnxruntime
+site = sys.argv[1]
+if not onnxruntime.__file__.startswith(site):
+    sys.exit(f"onnxruntime comes from {onnxruntime.__file__}, not from {site}")
+print("imports: onnxruntime", onnxruntime.__version__, "pydantic", pydantic.VERSION)
+"""
+
+
+def install(store: Path = STORE, check_imports: bool = True) -> Path:
+    """Check the whole bundle, unpack it and install into ``store/site`` its wheels the
+    machine lacks or holds at another version (and onnxruntime-gpu, always); write
+    ``store/env.sh``, which puts them first on PYTHONPATH. A second call for the same kit does
+    nothing. Returns the path of env.sh."""
     if not (store / "kit.json").is_file():
         raise KitError(f"{store} holds no part of the kit yet: receive part-01 first")
     kit = json.loads((store / "kit.json").read_text())
+    env = store / "env.sh"
+    stamp = store / "installed"
+    if env.is_file() and stamp.is_file() and stamp.read_text() == kit["sha256"]:
+        print(f"{store}: this kit is installed; source {env}")
+        return env
     bundle = store / "bundle.tar"
     have = bundle.stat().st_size if bundle.exists() else 0
     if have != kit["bytes"]:
@@ -282,37 +315,47 @@ def install(store: Path = STORE) -> Path:
     wheels = sorted((unpacked / "wheels").glob("*.whl")) if (unpacked / "wheels").is_dir() else []
     chosen, kept = [], []
     for wheel in wheels:
-        dist = wheel.name.split("-")[0].replace("_", "-").lower()
+        dist, version = wheel.name.split("-")[:2]
+        dist = dist.replace("_", "-").lower()
         present = _installed(dist)
-        if present is None or dist in ALWAYS:
-            chosen.append(wheel)
-        else:
+        if present == version and dist not in ALWAYS:
             kept.append(f"{dist} {present}")
+        else:
+            chosen.append(wheel)
     site = store / "site"
+    if site.exists():
+        shutil.rmtree(site)
     if chosen:
         subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--no-index",
-                "--upgrade",
-                "--target",
-                str(site),
-                *map(str, chosen),
+                *(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"),
+                *("--target", str(site), *map(str, chosen)),
             ],
             check=True,
         )
-    env = store / "env.sh"
     env.write_text(
-        f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"\nexport TFORGE_KIT="{store}"\n'
+        f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+        f'export TFORGE_KIT_STORE="{store}"\n'
     )
     print(f"installed into {site}: {', '.join(w.name.split('-')[0] for w in chosen) or 'nothing'}")
     if kept:
-        print(f"the machine's own: {', '.join(kept)}")
+        print(f"the machine's own, at the kit's versions: {', '.join(kept)}")
+    if check_imports:
+        paths = [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+        checked = subprocess.run(
+            [sys.executable, "-c", _IMPORT_CHECK, str(site)],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if checked.returncode != 0:
+            said = (checked.stderr.strip() or checked.stdout.strip()).splitlines()
+            raise KitError(
+                f"the kit installed, but tforge's imports fail: {said[-1] if said else checked.returncode}"
+            )
+        print(checked.stdout.strip())
+    stamp.write_text(kit["sha256"])
     print(f"then: source {env}")
     return env
 

@@ -2,20 +2,24 @@
 # The measurements of a GPU session, run on the CUDA machine after the kit is installed
 # (python -m benchmarks.gpu_kit install; see benchmarks/gpu_kit.py):
 #
-#   bash benchmarks/gpu_session.sh [STEP...]    # default: check minilm bert tests
+#   bash benchmarks/gpu_session.sh [STEP...]    # default: check minilm tests bert
 #
 #   check   nvidia-smi, versions, tforge doctor                                      (~10 s)
 #   minilm  tforge build models/minilm-gpu.yaml on all-MiniLM-L6-v2 (the kit's float16-stored
 #           weights), then benchmarks/gpu.py on its CUDA graphs with PyTorch eager FP32/FP16
 #           and torch.compile at b1/b8/b32 s128
-#   bert    the same on a BERT-base-sized model with seeded random weights (timing only)
 #   tests   the tests marked gpu (ORT CUDA and floor/memory on the GPU; TensorRT where present)
+#   bert    the same as minilm on a BERT-base-sized model with seeded random weights (timing only)
 #
-# The order is the order of need: the figures first, then the tests (the builds above
-# already run the ORT CUDA target, the GPU floor and the GPU memory probe end to end).
-# Each step has a time limit, so one that hangs leaves the others their time. Logs, reports and
-# JSON results go to $OUT (the folder the device tool brings back), or ./gpu-out.
+# The default order is the order of need: the figures on the default model, the tests,
+# then the larger model.
+#
+# Each step has a time limit, and the whole call a deadline (SESSION_S seconds, default 540,
+# under the device tool's 600 s a call): a step is cut short to end before it, and skipped when
+# too little is left, so what ran comes back. Logs, reports and JSON results (written after each
+# shape) go to $OUT (the folder the device tool brings back), or ./gpu-out.
 set -uo pipefail
+DEADLINE=$(($(date +%s) + ${SESSION_S:-540}))
 
 STORE=${TFORGE_KIT_STORE:-/tmp/tforge-kit}
 OUT=${OUT:-$PWD/gpu-out}
@@ -33,10 +37,16 @@ export PYTHONPATH="$PWD:$PYTHONPATH"
 
 # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, print its tail.
 step() {
-    local name=$1 limit=$2 start rc
+    local name=$1 limit=$2 start rc left
     shift 2
     start=$(date +%s)
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    left=$((DEADLINE - start - 15))
+    if ((left < 30)); then
+        echo "$name: skipped, $((DEADLINE - start)) s left of this call" | tee -a "$OUT/steps.txt"
+        return 124
+    fi
+    ((limit > left)) && limit=$left
+    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     echo "$name: exit $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/steps.txt"
     tail -n 30 "$OUT/$name.log"
@@ -57,14 +67,15 @@ build_and_time() {
     if [[ -f "$models/cuda16/model.onnx" ]]; then
         step "$name-gpu" 420 "$PYTHON" -m benchmarks.gpu --checkpoint "$checkpoint" \
             --onnx "fp32=$models/cuda32" --onnx "fp16=$models/cuda16" \
-            --shapes b1s128,b8s128,b32s128 --compile --out "$OUT/gpu-$name.json"
+            --shapes b1s128,b8s128,b32s128 --runs 100 --warmup 20 --compile \
+            --out "$OUT/gpu-$name.json"
     else
         echo "$name: no cuda16 graph was built; see $name-build.log" | tee -a "$OUT/steps.txt"
     fi
 }
 
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(check minilm bert tests)
+[[ ${#steps[@]} -eq 0 ]] && steps=(check minilm tests bert)
 for name in "${steps[@]}"; do
     case $name in
     check)

@@ -57,12 +57,32 @@ def package_version(name: str) -> str | None:
         return None
 
 
+#: Distributions that install the same module: where both are present, only the copy Python
+#: imports ran anything (onnxruntime-gpu installed beside, or ahead of, the CPU package).
+SAME_MODULE = {"onnxruntime": "onnxruntime", "onnxruntime-gpu": "onnxruntime"}
+
+
+def _shadowed(name: str) -> bool:
+    """Whether ``name``'s copy of its module is hidden by another copy earlier on sys.path.
+    Found without importing it."""
+    import importlib.util
+
+    module = SAME_MODULE.get(name)
+    if module is None:
+        return False
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return False
+    mine = Path(str(metadata.distribution(name).locate_file(f"{module}/__init__.py")))
+    return mine.resolve() != Path(spec.origin).resolve()
+
+
 @functools.cache
 def tool_versions() -> dict[str, str]:
     versions = {"tforge": pipeline.__version__, "python": platform.python_version()}
     for name in TOOLS:
         version = package_version(name)
-        if version is not None:
+        if version is not None and not _shadowed(name):
             versions[name] = version
     return versions
 

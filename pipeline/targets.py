@@ -154,11 +154,11 @@ def cuda_provider_problem() -> str | None:
             [sys.executable, "-c", _CUDA_PROBE],
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=120,
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return "ONNX Runtime's CUDA provider did not start a session within 300 s"
+        return "ONNX Runtime's CUDA provider did not start a session within 120 s"
     return read_cuda_probe(result.returncode, result.stdout, result.stderr)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import benchmarks.gpu_kit as gpu_kit
 from benchmarks.gpu_kit import KitError, install, pack_folder, receive
 
 
@@ -48,8 +50,10 @@ def kit(tmp_path: Path) -> Path:
     payload = tmp_path / "payload"
     (payload / "wheels").mkdir(parents=True)
     _wheel(payload / "wheels", "tforgekitprobe", "0.1")
-    # pytest is installed here: the install leaves the machine's own copy alone.
+    # Installed here at another version: the kit's is installed over it (the kit pins).
     _wheel(payload / "wheels", "pytest", "0.0.1")
+    # Installed here at the kit's version: the machine's own copy is kept.
+    _wheel(payload / "wheels", "pyyaml", importlib.metadata.version("pyyaml"))
     (payload / "model").mkdir()
     (payload / "model" / "weights.bin").write_bytes(bytes(range(256)) * 40)
     out = tmp_path / "kit"
@@ -84,11 +88,13 @@ def test_parts_received_in_order_rebuild_the_bundle_and_install(kit: Path, tmp_p
     assert receive(_carry(kit, call, names[1]), store) == len(names)
     assert hashlib.sha256((store / "bundle.tar").read_bytes()).hexdigest() == manifest["sha256"]
 
-    env = install(store)
+    env = install(store, check_imports=False)
     assert (store / "bundle" / "model" / "weights.bin").read_bytes() == bytes(range(256)) * 40
     site = store / "site"
     assert (site / "tforgekitprobe" / "__init__.py").is_file()
-    assert not (site / "pytest").exists()  # the machine's own pytest is kept
+    assert (site / "pytest" / "__init__.py").is_file()  # another version here: the kit's
+    assert not (site / "pyyaml").exists()  # the same version here: the machine's own
+    assert (store / "installed").read_text() == manifest["sha256"]
     probe = subprocess.run(
         [
             "bash",
@@ -114,7 +120,7 @@ def test_a_part_out_of_order_or_on_a_fresh_machine_names_the_part_to_send(
     with pytest.raises(KitError, match=f"send {names[1]} next"):
         receive(_carry(kit, call, names[2]), store)
     with pytest.raises(KitError, match=f"send {names[1]} next"):
-        install(store)
+        install(store, check_imports=False)
 
 
 def test_a_damaged_part_or_a_cut_off_append_is_caught(kit: Path, tmp_path: Path) -> None:
@@ -130,7 +136,7 @@ def test_a_damaged_part_or_a_cut_off_append_is_caught(kit: Path, tmp_path: Path)
         stream.write((kit / names[1]).read_bytes()[:100])
     for held, name in enumerate(names[1:], start=2):
         assert receive(_carry(kit, call, name), store) == held
-    install(store)
+    install(store, check_imports=False)
     assert (store / "bundle" / "model" / "weights.bin").stat().st_size == 256 * 40
 
 
@@ -141,3 +147,47 @@ def test_the_same_payload_packs_to_the_same_bytes(tmp_path: Path) -> None:
     first = pack_folder(payload, tmp_path / "one", part_bytes=1024)
     (payload / "a.txt").touch()  # a newer time, the same content
     assert pack_folder(payload, tmp_path / "two", part_bytes=1024) == first
+
+
+def test_several_parts_in_one_call_and_a_second_install_does_nothing(
+    kit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [part["name"] for part in json.loads((kit / "kit.json").read_text())["parts"]]
+    store, call = tmp_path / "store", tmp_path / "call"
+    # The repository copy keeps the earlier calls' parts: they arrive again beside the new one.
+    assert receive(_carry(kit, call, *names[:3]), store) == 3
+    assert receive(_carry(kit, call, *names), store) == len(names)
+    # A package in ALWAYS is installed even at the machine's own version.
+    monkeypatch.setattr(gpu_kit, "ALWAYS", {"pyyaml"})
+    install(store, check_imports=False)
+    assert (store / "site" / "pyyaml" / "__init__.py").is_file()
+    marker = store / "site" / "left-by-the-first-install"
+    marker.touch()
+    install(store, check_imports=False)
+    assert marker.exists()  # the same kit is not installed twice
+
+
+def test_parts_of_an_earlier_kit_are_dropped(kit: Path, tmp_path: Path) -> None:
+    store, call = tmp_path / "store", tmp_path / "call"
+    names = [part["name"] for part in json.loads((kit / "kit.json").read_text())["parts"]]
+    for name in names:
+        receive(_carry(kit, call, name), store)
+    payload = tmp_path / "smaller"
+    payload.mkdir()
+    (payload / "a.txt").write_text("a new kit")
+    newer = tmp_path / "newer"
+    pack_folder(payload, newer, part_bytes=4096)
+    assert receive(_carry(newer, call, "part-01"), store) == 1
+    manifest = json.loads((newer / "kit.json").read_text())
+    assert (store / "bundle.tar").stat().st_size == manifest["parts"][0]["bytes"]
+
+
+def test_packing_refuses_to_replace_a_folder_that_is_not_a_kit(tmp_path: Path) -> None:
+    payload, out = tmp_path / "payload", tmp_path / "elsewhere"
+    payload.mkdir()
+    (payload / "a.txt").write_text("a")
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(KitError, match="not an earlier kit"):
+        pack_folder(payload, out)
+    assert (out / "notes.txt").read_text() == "keep me"
