@@ -63,8 +63,9 @@ SAME_MODULE = {"onnxruntime": "onnxruntime", "onnxruntime-gpu": "onnxruntime"}
 
 
 def _shadowed(name: str) -> bool:
-    """Whether ``name``'s copy of its module is hidden by another copy earlier on sys.path.
-    Found without importing it."""
+    """Whether ``name``'s copy of its module is not the one this process runs: hidden by a
+    copy earlier on sys.path, or not the one already imported (find_spec then returns the
+    imported module's spec). Found without importing anything."""
     import importlib.util
 
     module = SAME_MODULE.get(name)
