@@ -218,21 +218,29 @@ def test_the_cuda_provider_probe_names_the_missing_library() -> None:
 ORT_CUDA = availability("ort-cuda")
 
 
+def _build_beside_fp32(recipe_for, checkpoint, artifacts: Path, *variants: dict, **sections):  # type: ignore[no-untyped-def]
+    """A tiny BERT built with a CPU FP32 variant and ``variants``."""
+    recipe = recipe_for(
+        checkpoint("bert"),
+        variants=[{"name": "fp32", "precision": "fp32"}, *variants],
+        **sections,
+    )
+    return build(recipe, BuildOptions(artifacts=artifacts))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ORT_CUDA.available, reason=f"needs ORT CUDA: {ORT_CUDA.detail}")
 def test_ort_cuda_fp32_and_fp16_build_verify_time_and_probe_on_the_gpu(
     recipe_for, checkpoint, tmp_path: Path
 ) -> None:
-    recipe = recipe_for(
-        checkpoint("bert"),
-        variants=[
-            {"name": "fp32", "precision": "fp32"},
-            {"name": "cuda32", "target": "ort-cuda", "precision": "fp32"},
-            {"name": "cuda16", "target": "ort-cuda", "precision": "fp16"},
-        ],
+    outcome = _build_beside_fp32(
+        recipe_for,
+        checkpoint,
+        tmp_path,
+        {"name": "cuda32", "target": "ort-cuda", "precision": "fp32"},
+        {"name": "cuda16", "target": "ort-cuda", "precision": "fp16"},
         latency={"memory": True},
     )
-    outcome = build(recipe, BuildOptions(artifacts=tmp_path))
     verify = {v: outcome.manifest.stage(f"verify[{v}]").stats for v in ("cuda32", "cuda16")}  # type: ignore[union-attr]
     # Float32 on the GPU (TF32 off) is the CPU's float32 up to summation order.
     assert verify["cuda32"]["max_abs_error"] < 1e-4
@@ -252,14 +260,12 @@ def test_ort_cuda_fp32_and_fp16_build_verify_time_and_probe_on_the_gpu(
 def test_a_tensorrt_fp16_engine_builds_runs_and_matches_pytorch(
     recipe_for, checkpoint, tmp_path: Path
 ) -> None:
-    recipe = recipe_for(
-        checkpoint("bert"),
-        variants=[
-            {"name": "fp32", "precision": "fp32"},
-            {"name": "trt16", "target": "tensorrt", "precision": "fp16"},
-        ],
+    outcome = _build_beside_fp32(
+        recipe_for,
+        checkpoint,
+        tmp_path,
+        {"name": "trt16", "target": "tensorrt", "precision": "fp16"},
     )
-    outcome = build(recipe, BuildOptions(artifacts=tmp_path))
     compiled = outcome.manifest.stage("compile[trt16]")
     assert compiled is not None and compiled.stats["engine_bytes"] > 0
     figures = outcome.manifest.stage("verify[trt16]").stats  # type: ignore[union-attr]
