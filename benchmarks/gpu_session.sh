@@ -9,7 +9,8 @@
 #           weights), then benchmarks/gpu.py on its CUDA graphs with PyTorch eager FP32/FP16
 #           and torch.compile at b1/b8/b32 s128
 #   tests   the tests marked gpu (ORT CUDA and floor/memory on the GPU; TensorRT where present)
-#   bert    the same as minilm on a BERT-base-sized model with seeded random weights (timing only)
+#   bert    the same as minilm on a BERT-base-sized model with seeded random weights (timing
+#           only), without torch.compile (a minute of compiling the session can spend better)
 #
 # The default order is the order of need: the issue's figures on the default model, the tests,
 # then the larger model.
@@ -53,10 +54,10 @@ step() {
     return $rc
 }
 
-# build_and_time NAME CHECKPOINT: the GPU recipe on CHECKPOINT, its reports into $OUT/NAME/,
-# then the GPU benchmark on its CUDA graphs.
+# build_and_time NAME CHECKPOINT [--compile]: the GPU recipe on CHECKPOINT, its reports into
+# $OUT/NAME/, then the GPU benchmark on its CUDA graphs (with torch.compile when asked).
 build_and_time() {
-    local name=$1 checkpoint=$2 run
+    local name=$1 checkpoint=$2 compile=${3:-} run
     run="$name-$(date +%Y%m%d-%H%M%S)"
     step "$name-build" 420 "$PYTHON" -m pipeline build models/minilm-gpu.yaml \
         --model "$checkpoint" --skip-unavailable --artifacts "$ARTIFACTS" --run-id "$run" -q
@@ -67,7 +68,7 @@ build_and_time() {
     if [[ -f "$models/cuda16/model.onnx" ]]; then
         step "$name-gpu" 420 "$PYTHON" -m benchmarks.gpu --checkpoint "$checkpoint" \
             --onnx "fp32=$models/cuda32" --onnx "fp16=$models/cuda16" \
-            --shapes b1s128,b8s128,b32s128 --runs 100 --warmup 20 --compile \
+            --shapes b1s128,b8s128,b32s128 --runs 100 --warmup 20 $compile \
             --out "$OUT/gpu-$name.json"
     else
         echo "$name: no cuda16 graph was built; see $name-build.log" | tee -a "$OUT/steps.txt"
@@ -91,7 +92,7 @@ print(\"transformers\", transformers.__version__)'; $PYTHON -m pipeline doctor"
         step tests 420 "$PYTHON" -m pytest -m gpu -rs -q -p no:cacheprovider "${modules[@]}"
         ;;
     minilm)
-        build_and_time minilm "$MINILM"
+        build_and_time minilm "$MINILM" --compile
         ;;
     bert)
         step bert-model 180 "$PYTHON" -m benchmarks.models_random /tmp/bert-base "$MINILM"
