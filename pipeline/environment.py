@@ -115,7 +115,25 @@ def hardware() -> dict[str, Any]:
         else os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+        # A GPU build's timings and engines are the GPU's: recorded beside the CPU (none on a
+        # machine without NVIDIA GPUs).
+        "gpus": gpu_records(),
     }
+
+
+def gpu_records() -> list[dict[str, Any]]:
+    """The machine's NVIDIA GPUs as nvidia-smi lists them (no CUDA library is loaded)."""
+    from pipeline.targets import gpus
+
+    return [
+        {
+            "name": g.name,
+            "compute_capability": g.compute_capability,
+            "driver": g.driver,
+            "memory_mb": g.memory_mb,
+        }
+        for g in gpus()
+    ]
 
 
 #: x86 instructions that multiply unsigned by signed 8-bit values into 32-bit sums directly.
@@ -167,12 +185,8 @@ def facets(names: tuple[str, ...]) -> dict[str, Any]:
         }
     if "gpu" in names:
         # Engines and CUDA timings are per GPU model and driver.
-        from pipeline.targets import gpus
-
-        out["gpu"] = [
-            {"name": g.name, "compute_capability": g.compute_capability, "driver": g.driver}
-            for g in gpus()
-        ]
+        keep = ("name", "compute_capability", "driver")
+        out["gpu"] = [{k: g[k] for k in keep} for g in gpu_records()]
     return out
 
 

@@ -191,6 +191,18 @@ def _size_delta(base: Contender, cand: Contender, t: Thresholds) -> list[Delta]:
     ]
 
 
+def _gpu_names(report: Report) -> list[str]:
+    if not report.ran_on_gpu():
+        return []
+    return [g["name"] for g in report.environment.get("hardware", {}).get("gpus") or []]
+
+
+def _gpu_said(report: Report) -> str:
+    if not report.ran_on_gpu():
+        return "no GPU"
+    return report.gpu_label() or "a GPU its manifest does not name"
+
+
 def _environment_warnings(base: Report, cand: Report, t: Thresholds) -> list[str]:
     warnings = []
     b_cpu = base.environment.get("hardware", {}).get("cpu")
@@ -199,6 +211,10 @@ def _environment_warnings(base: Report, cand: Report, t: Thresholds) -> list[str
     # (With the speed-up basis these are notes: the ratio to PyTorch eager cancels them.)
     if b_cpu != c_cpu:
         warnings.append(f"different hardware: baseline on {b_cpu}, candidate on {c_cpu}{hint}")
+    if _gpu_names(base) != _gpu_names(cand):
+        warnings.append(
+            f"different GPUs: baseline on {_gpu_said(base)}, candidate on {_gpu_said(cand)}{hint}"
+        )
     if base.threads != cand.threads:
         warnings.append(
             f"different thread counts: baseline {base.threads}, candidate {cand.threads}"

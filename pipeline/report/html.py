@@ -411,8 +411,10 @@ def render_html(report: Report) -> str:
     )
     hw = report.environment.get("hardware", {})
     versions = report.environment.get("versions", {})
+    gpu = report.gpu_label()
     footer = (
         f"run {report.run_id} · tforge {report.tforge_version} · {hw.get('cpu', '?')} · "
+        + (f"{gpu} · " if gpu else "")
         + " · ".join(f"{k} {v}" for k, v in versions.items())
     )
     parts += [f"<footer>{html.escape(footer)}</footer>", "</body></html>", ""]

@@ -424,12 +424,14 @@ def render_markdown(report: Report) -> str:
         lines.append(f"| {stage.step} | {done} | {seconds} |")
     hw = report.environment.get("hardware", {})
     versions = report.environment.get("versions", {})
+    gpu = report.gpu_label()
     lines += [
         "",
         f"<sub>run {report.run_id} · tforge {report.tforge_version} · {hw.get('cpu', '?')} ({hw.get('physical_cores', '?')} cores) · "
+        + (f"{gpu} · " if gpu else "")
         + " · ".join(
             f"{k} {versions[k]}"
-            for k in ("torch", "transformers", "onnx", "onnxruntime")
+            for k in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
             if k in versions
         )
         + "</sub>",

@@ -166,6 +166,22 @@ class Report(_Frozen):
         "runs it on the GPU and adds fp32 there.",
     )
 
+    def ran_on_gpu(self) -> bool:
+        """A contender ran on a GPU: a GPU variant, or PyTorch on CUDA beside them."""
+        return any(c.target in GPU_TARGETS or c.target.endswith("-cuda") for c in self.contenders)
+
+    def gpu_label(self) -> str | None:
+        """The GPU(s) a GPU build ran on, from ``environment.hardware.gpus``: "NVIDIA H200
+        (driver 570.86)"; None for a CPU build, or a manifest from before GPUs were recorded."""
+        gpus = self.environment.get("hardware", {}).get("gpus") or []
+        if not (gpus and self.ran_on_gpu()):
+            return None
+        names: dict[str, int] = {}
+        for gpu in gpus:
+            names[gpu["name"]] = names.get(gpu["name"], 0) + 1
+        listed = ", ".join(f"{n}x {name}" if n > 1 else name for name, n in names.items())
+        return f"{listed} (driver {gpus[0]['driver']})"
+
 
 def build_report(manifest: Manifest) -> Report:
     recipe = manifest.recipe

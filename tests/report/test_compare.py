@@ -155,6 +155,62 @@ def test_speedup_basis_cancels_a_slower_machine() -> None:
     assert any("PyTorch eager itself changed +30.0%" in w for w in by_p50.warnings)
 
 
+def _on_gpu(built: Report, *names: str) -> Report:
+    """``built`` as if its variants ran on ORT CUDA on a machine with GPUs ``names``."""
+    gpus = [
+        {"name": n, "compute_capability": "9.0", "driver": "580.1", "memory_mb": 1} for n in names
+    ]
+    contenders = [
+        c.model_copy(update={"target": "torch-cuda" if c.kind == "pytorch" else "ort-cuda"})
+        for c in built.contenders
+    ]
+    hardware = {**built.environment["hardware"], "gpus": gpus}
+    return built.model_copy(
+        update={"contenders": contenders, "environment": {"hardware": hardware}}
+    )
+
+
+def test_a_gpu_build_on_another_gpu_is_named_and_the_report_footers_show_it() -> None:
+    h100, h200 = (
+        _on_gpu(report(variant()), "NVIDIA H100"),
+        _on_gpu(report(variant()), "NVIDIA H200"),
+    )
+    assert h200.gpu_label() == "NVIDIA H200 (driver 580.1)"
+    assert _on_gpu(report(variant()), "NVIDIA H200", "NVIDIA H200").gpu_label() == (
+        "2x NVIDIA H200 (driver 580.1)"
+    )
+    warned = compare(h100, h200, Thresholds()).warnings
+    assert (
+        "different GPUs: baseline on NVIDIA H100 (driver 580.1), candidate on NVIDIA H200 (driver 580.1)"
+        in warned
+    )
+    assert not any("GPU" in w for w in compare(h200, h200, Thresholds()).warnings)
+    # A CPU build on a machine that has a GPU did not run on it: no label, no warning.
+    cpu = report(variant()).model_copy(
+        update={
+            "environment": {
+                "hardware": {"cpu": "cpu", "gpus": h200.environment["hardware"]["gpus"]}
+            }
+        }
+    )
+    assert cpu.gpu_label() is None
+    assert not any("GPU" in w for w in compare(cpu, report(variant()), Thresholds()).warnings)
+    assert "baseline on no GPU, candidate on NVIDIA H200" in " ".join(
+        compare(cpu, h200, Thresholds()).warnings
+    )
+    # A GPU build from before GPUs were recorded.
+    unnamed = _on_gpu(report(variant()))
+    assert "baseline on a GPU its manifest does not name" in " ".join(
+        compare(unnamed, h200, Thresholds()).warnings
+    )
+    from pipeline.report.html import render_html
+    from pipeline.report.markdown import render_markdown
+
+    assert "cpu (? cores) · NVIDIA H200 (driver 580.1) · " in render_markdown(h200)
+    assert "NVIDIA H200" not in render_markdown(cpu)
+    assert "· NVIDIA H200 (driver 580.1) ·" in render_html(h200)
+
+
 def test_size_growth_at_the_threshold_passes_and_beyond_fails() -> None:
     base = variant(size=100_000_000)
     assert verdicts(base, variant(size=105_000_000))["size_mb"] == "ok"
