@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,30 +35,64 @@ class Gpu:
     compute_capability: str
     driver: str
     memory_mb: int
+    #: nvidia-smi's index (PCI bus order) and UUID, by which CUDA_VISIBLE_DEVICES names GPUs.
+    index: int = 0
+    uuid: str = ""
+
+
+SMI_FIELDS = "name,compute_cap,driver_version,memory.total,index,uuid"
 
 
 def parse_smi(text: str) -> list[Gpu]:
-    """``nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader,nounits``."""
-    gpus = []
+    """``nvidia-smi --query-gpu=<SMI_FIELDS> --format=csv,noheader,nounits`` (without the
+    last two columns, GPUs are numbered in the order listed)."""
+    gpus: list[Gpu] = []
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 4 or not parts[0]:
+        if len(parts) not in (4, 6) or not parts[0]:
             continue
-        name, capability, driver, memory = parts
-        gpus.append(
-            Gpu(
-                name,
-                capability,
-                driver,
-                int(float(memory)) if memory.replace(".", "").isdigit() else 0,
-            )
-        )
+        name, capability, driver, memory = parts[:4]
+        index, uuid = len(gpus), ""
+        if len(parts) == 6:
+            index = int(parts[4]) if parts[4].isdigit() else index
+            uuid = parts[5]
+        megabytes = int(float(memory)) if memory.replace(".", "").isdigit() else 0
+        gpus.append(Gpu(name, capability, driver, megabytes, index, uuid))
     return gpus
+
+
+def visible(devices: list[Gpu], setting: str | None) -> list[Gpu]:
+    """The GPUs a CUDA process sees under ``CUDA_VISIBLE_DEVICES=setting``, in its order.
+
+    Entries are indices or (prefixes of) UUIDs; CUDA stops at the first entry it cannot match,
+    and an empty setting hides every GPU. Indices are read in nvidia-smi's (PCI) order, which
+    is CUDA's under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; CUDA's default order (fastest first) can
+    differ from it only between GPUs of different models."""
+    if setting is None:
+        return devices
+    chosen: list[Gpu] = []
+    for entry in (e.strip() for e in setting.split(",")):
+        found = [
+            g
+            for g in devices
+            if (entry.isdigit() and g.index == int(entry))
+            or (entry.startswith("GPU-") and g.uuid.startswith(entry))
+        ]
+        if len(found) != 1 or found[0] in chosen:
+            break
+        chosen.append(found[0])
+    return chosen
+
+
+def _hidden_by() -> str:
+    setting = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "nvidia-smi" if setting is None else f"nvidia-smi, CUDA_VISIBLE_DEVICES={setting!r}"
 
 
 @functools.cache
 def gpus() -> tuple[Gpu, ...]:
-    """NVIDIA GPUs seen by the driver; none when nvidia-smi is absent or fails."""
+    """The NVIDIA GPUs this process's CUDA sees (nvidia-smi's, less those CUDA_VISIBLE_DEVICES
+    hides); none when nvidia-smi is absent or fails."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return ()
@@ -65,7 +100,7 @@ def gpus() -> tuple[Gpu, ...]:
         result = subprocess.run(
             [
                 smi,
-                "--query-gpu=name,compute_cap,driver_version,memory.total",
+                f"--query-gpu={SMI_FIELDS}",
                 "--format=csv,noheader,nounits",
             ],
             capture_output=True,
@@ -75,7 +110,9 @@ def gpus() -> tuple[Gpu, ...]:
         )
     except (OSError, subprocess.TimeoutExpired):
         return ()
-    return tuple(parse_smi(result.stdout)) if result.returncode == 0 else ()
+    if result.returncode != 0:
+        return ()
+    return tuple(visible(parse_smi(result.stdout), os.environ.get("CUDA_VISIBLE_DEVICES")))
 
 
 @dataclass(frozen=True)
@@ -211,7 +248,7 @@ def availability(target: str) -> Availability:
             return Availability(
                 target,
                 False,
-                "onnxruntime-gpu is installed but no NVIDIA GPU is visible (nvidia-smi)",
+                f"onnxruntime-gpu is installed but no NVIDIA GPU is visible ({_hidden_by()})",
             )
         if not _torch_cuda():
             return Availability(
@@ -237,7 +274,8 @@ def availability(target: str) -> Availability:
             return Availability(
                 target,
                 False,
-                f"tensorrt {tensorrt.__version__} is installed but no NVIDIA GPU is visible",
+                f"tensorrt {tensorrt.__version__} is installed but no NVIDIA GPU is visible "
+                f"({_hidden_by()})",
             )
         if not _torch_cuda():
             return Availability(

@@ -25,7 +25,7 @@ from pipeline.build import BuildOptions, build
 from pipeline.errors import PreconditionError, TargetUnavailable
 from pipeline.recipes import encoder_pipeline
 from pipeline.stages.compile import timing_cache_path
-from pipeline.targets import Gpu, availability, gpus, parse_smi, read_cuda_probe
+from pipeline.targets import Gpu, availability, gpus, parse_smi, read_cuda_probe, visible
 
 H200 = Gpu("NVIDIA H200", "9.0", "570.86", 143771)
 
@@ -112,8 +112,24 @@ def test_an_engine_for_another_tensorrt_or_gpu_is_refused(tmp_path: Path) -> Non
 
 def test_nvidia_smi_output_is_parsed_and_the_timing_cache_is_per_version_and_gpu() -> None:
     text = "NVIDIA H200, 9.0, 570.86, 143771\nNVIDIA A100-SXM4-80GB, 8.0, 570.86, 81920\n\n"
-    assert parse_smi(text) == [H200, Gpu("NVIDIA A100-SXM4-80GB", "8.0", "570.86", 81920)]
+    assert parse_smi(text) == [H200, Gpu("NVIDIA A100-SXM4-80GB", "8.0", "570.86", 81920, 1)]
     assert parse_smi("garbage") == []
+    listed = parse_smi(
+        "NVIDIA H200, 9.0, 570.86, 143771, 0, GPU-1a2b3c4d-0000\n"
+        "NVIDIA A100-SXM4-80GB, 8.0, 570.86, 81920, 1, GPU-9f8e7d6c-1111\n"
+    )
+    h200, a100 = listed
+    assert (h200.index, h200.uuid, a100.index) == (0, "GPU-1a2b3c4d-0000", 1)
+    assert h200 == Gpu("NVIDIA H200", "9.0", "570.86", 143771, 0, "GPU-1a2b3c4d-0000")
+    # CUDA_VISIBLE_DEVICES: indices or UUID prefixes, in the order given; CUDA stops at the
+    # first entry it cannot match; empty hides every GPU.
+    assert visible(listed, None) == listed
+    assert visible(listed, "1") == [a100]
+    assert visible(listed, "1,0") == [a100, h200]
+    assert visible(listed, "GPU-9f8e") == [a100]
+    assert visible(listed, "0,7,1") == [h200]
+    assert visible(listed, "") == [] and visible(listed, "-1") == []
+    assert visible(listed, "GPU-") == []  # a prefix matching both is no match
     path = timing_cache_path(Path("artifacts"), "10.13.3.9", "NVIDIA H200 NVL")
     assert path == Path("artifacts/tensorrt/10.13.3.9-NVIDIA-H200-NVL.timing")
 
