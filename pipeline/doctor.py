@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import environment
-from pipeline.targets import TARGETS, availability, gpus
+from pipeline.targets import TARGETS, availability
 
 
 def diagnose() -> dict[str, Any]:
@@ -14,15 +14,7 @@ def diagnose() -> dict[str, Any]:
         "targets": [
             {"name": t.target, "available": t.available, "detail": t.detail} for t in targets
         ],
-        "gpus": [
-            {
-                "name": g.name,
-                "compute_capability": g.compute_capability,
-                "driver": g.driver,
-                "memory_mb": g.memory_mb,
-            }
-            for g in gpus()
-        ],
-        "hardware": environment.hardware(),
+        "gpus": environment.gpu_records(),
+        "hardware": {k: v for k, v in environment.hardware().items() if k != "gpus"},
         "versions": environment.tool_versions(),
     }

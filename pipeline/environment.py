@@ -122,7 +122,8 @@ def hardware() -> dict[str, Any]:
 
 
 def gpu_records() -> list[dict[str, Any]]:
-    """The machine's NVIDIA GPUs as nvidia-smi lists them (no CUDA library is loaded)."""
+    """The NVIDIA GPUs this process's CUDA sees (pipeline.targets.gpus: nvidia-smi's, less those
+    CUDA_VISIBLE_DEVICES hides; no CUDA library is loaded). The first is the one tforge uses."""
     from pipeline.targets import gpus
 
     return [

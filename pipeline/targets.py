@@ -64,22 +64,31 @@ def parse_smi(text: str) -> list[Gpu]:
 def visible(devices: list[Gpu], setting: str | None) -> list[Gpu]:
     """The GPUs a CUDA process sees under ``CUDA_VISIBLE_DEVICES=setting``, in its order.
 
-    Entries are indices or (prefixes of) UUIDs; CUDA stops at the first entry it cannot match,
-    and an empty setting hides every GPU. Indices are read in nvidia-smi's (PCI) order, which
-    is CUDA's under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; CUDA's default order (fastest first) can
-    differ from it only between GPUs of different models."""
+    Entries are indices, (prefixes of) GPU UUIDs, or MIG instances (``MIG-GPU-<uuid>/gi/ci``
+    names its GPU). CUDA stops at the first entry it cannot match; an empty setting hides every
+    GPU, and a repeated one yields none. Indices are read in nvidia-smi's (PCI) order, which is
+    CUDA's under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; CUDA's default order (fastest first) can
+    differ from it only between GPUs of different models. A MIG instance named by its own UUID
+    (``MIG-<uuid>``) cannot be traced to its GPU from this listing: the GPUs are then kept as
+    listed."""
     if setting is None:
         return devices
     chosen: list[Gpu] = []
     for entry in (e.strip() for e in setting.split(",")):
+        if entry.startswith("MIG-GPU-"):
+            entry = entry[len("MIG-") :].split("/")[0]
+        elif entry.startswith("MIG-"):
+            return devices
         found = [
             g
             for g in devices
             if (entry.isdigit() and g.index == int(entry))
             or (entry.startswith("GPU-") and g.uuid.startswith(entry))
         ]
-        if len(found) != 1 or found[0] in chosen:
+        if len(found) != 1:
             break
+        if found[0] in chosen:
+            return []
         chosen.append(found[0])
     return chosen
 

@@ -191,10 +191,9 @@ def _size_delta(base: Contender, cand: Contender, t: Thresholds) -> list[Delta]:
     ]
 
 
-def _gpu_names(report: Report) -> list[str]:
-    if not report.ran_on_gpu():
-        return []
-    return [g["name"] for g in report.environment.get("hardware", {}).get("gpus") or []]
+def _gpu_key(report: Report) -> tuple[bool, str | None, str | None]:
+    gpu = report.gpu() or {}
+    return report.ran_on_gpu(), gpu.get("name"), gpu.get("driver")
 
 
 def _gpu_said(report: Report) -> str:
@@ -211,7 +210,7 @@ def _environment_warnings(base: Report, cand: Report, t: Thresholds) -> list[str
     # (With the speed-up basis these are notes: the ratio to PyTorch eager cancels them.)
     if b_cpu != c_cpu:
         warnings.append(f"different hardware: baseline on {b_cpu}, candidate on {c_cpu}{hint}")
-    if _gpu_names(base) != _gpu_names(cand):
+    if _gpu_key(base) != _gpu_key(cand):
         warnings.append(
             f"different GPUs: baseline on {_gpu_said(base)}, candidate on {_gpu_said(cand)}{hint}"
         )

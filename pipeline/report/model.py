@@ -170,17 +170,17 @@ class Report(_Frozen):
         """A contender ran on a GPU: a GPU variant, or PyTorch on CUDA beside them."""
         return any(c.target in GPU_TARGETS or c.target.endswith("-cuda") for c in self.contenders)
 
-    def gpu_label(self) -> str | None:
-        """The GPU(s) a GPU build ran on, from ``environment.hardware.gpus``: "NVIDIA H200
-        (driver 570.86)"; None for a CPU build, or a manifest from before GPUs were recorded."""
+    def gpu(self) -> dict[str, Any] | None:
+        """The GPU a GPU build ran on (the first CUDA sees, the one tforge uses), from
+        ``environment.hardware.gpus``; None for a CPU build, or a manifest from before GPUs
+        were recorded."""
         gpus = self.environment.get("hardware", {}).get("gpus") or []
-        if not (gpus and self.ran_on_gpu()):
-            return None
-        names: dict[str, int] = {}
-        for gpu in gpus:
-            names[gpu["name"]] = names.get(gpu["name"], 0) + 1
-        listed = ", ".join(f"{n}x {name}" if n > 1 else name for name, n in names.items())
-        return f"{listed} (driver {gpus[0]['driver']})"
+        return dict(gpus[0]) if gpus and self.ran_on_gpu() else None
+
+    def gpu_label(self) -> str | None:
+        """ "NVIDIA H200 (driver 570.86)" for a GPU build; None as :meth:`gpu`."""
+        gpu = self.gpu()
+        return f"{gpu['name']} (driver {gpu['driver']})" if gpu else None
 
 
 def build_report(manifest: Manifest) -> Report:

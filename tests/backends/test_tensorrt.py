@@ -9,6 +9,10 @@ GPU; those tests are skipped elsewhere with the reason.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +134,41 @@ def test_nvidia_smi_output_is_parsed_and_the_timing_cache_is_per_version_and_gpu
     assert visible(listed, "0,7,1") == [h200]
     assert visible(listed, "") == [] and visible(listed, "-1") == []
     assert visible(listed, "GPU-") == []  # a prefix matching both is no match
+    assert visible(listed, "0,0") == []  # a repeated GPU: CUDA sees none
+    assert visible(listed, "MIG-GPU-9f8e7d6c-1111/1/0") == [a100]  # a MIG instance's GPU
+    # A MIG instance named by its own UUID cannot be traced to its GPU here: all are kept.
+    assert visible(listed, "MIG-3d2c1b0a-2222") == listed
+
+
+def test_gpus_are_read_from_nvidia_smi_as_cuda_sees_them(tmp_path: Path) -> None:
+    """A real nvidia-smi stand-in on PATH (a script printing its CSV) and a fresh interpreter
+    per CUDA_VISIBLE_DEVICES setting: what the manifest's hardware would record."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        "printf 'NVIDIA H200, 9.0, 570.86, 143771, 0, GPU-1a2b3c4d-0000\\n"
+        "NVIDIA A100-SXM4-80GB, 8.0, 570.86, 81920, 1, GPU-9f8e7d6c-1111\\n'\n"
+    )
+    smi.chmod(0o755)
+    program = (
+        "import json; from pipeline.environment import hardware; "
+        "print(json.dumps([g['name'] for g in hardware()['gpus']]))"
+    )
+
+    def names(setting: str | None) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+        env["PATH"] = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+        if setting is not None:
+            env["CUDA_VISIBLE_DEVICES"] = setting
+        ran = subprocess.run(
+            [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+        )
+        return list(json.loads(ran.stdout))
+
+    assert names(None) == ["NVIDIA H200", "NVIDIA A100-SXM4-80GB"]
+    assert names("1") == ["NVIDIA A100-SXM4-80GB"]
+    assert names("GPU-9f8e") == ["NVIDIA A100-SXM4-80GB"]
+    assert names("") == []
     path = timing_cache_path(Path("artifacts"), "10.13.3.9", "NVIDIA H200 NVL")
     assert path == Path("artifacts/tensorrt/10.13.3.9-NVIDIA-H200-NVL.timing")
 

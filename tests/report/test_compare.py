@@ -155,10 +155,10 @@ def test_speedup_basis_cancels_a_slower_machine() -> None:
     assert any("PyTorch eager itself changed +30.0%" in w for w in by_p50.warnings)
 
 
-def _on_gpu(built: Report, *names: str) -> Report:
+def _on_gpu(built: Report, *names: str, driver: str = "580.1") -> Report:
     """``built`` as if its variants ran on ORT CUDA on a machine with GPUs ``names``."""
     gpus = [
-        {"name": n, "compute_capability": "9.0", "driver": "580.1", "memory_mb": 1} for n in names
+        {"name": n, "compute_capability": "9.0", "driver": driver, "memory_mb": 1} for n in names
     ]
     contenders = [
         c.model_copy(update={"target": "torch-cuda" if c.kind == "pytorch" else "ort-cuda"})
@@ -170,21 +170,28 @@ def _on_gpu(built: Report, *names: str) -> Report:
     )
 
 
+def _gpu_warnings(base: Report, cand: Report) -> list[str]:
+    return [w for w in compare(base, cand, Thresholds()).warnings if "GPU" in w]
+
+
 def test_a_gpu_build_on_another_gpu_is_named_and_the_report_footers_show_it() -> None:
     h100, h200 = (
         _on_gpu(report(variant()), "NVIDIA H100"),
         _on_gpu(report(variant()), "NVIDIA H200"),
     )
     assert h200.gpu_label() == "NVIDIA H200 (driver 580.1)"
-    assert _on_gpu(report(variant()), "NVIDIA H200", "NVIDIA H200").gpu_label() == (
-        "2x NVIDIA H200 (driver 580.1)"
-    )
-    warned = compare(h100, h200, Thresholds()).warnings
-    assert (
+    assert _gpu_warnings(h100, h200) == [
         "different GPUs: baseline on NVIDIA H100 (driver 580.1), candidate on NVIDIA H200 (driver 580.1)"
-        in warned
-    )
-    assert not any("GPU" in w for w in compare(h200, h200, Thresholds()).warnings)
+    ]
+    assert _gpu_warnings(h200, h200) == []
+    # tforge runs on the first GPU CUDA sees: more GPUs beside it change nothing, a new
+    # driver does.
+    eight = _on_gpu(report(variant()), *["NVIDIA H200"] * 8)
+    assert eight.gpu_label() == "NVIDIA H200 (driver 580.1)" and _gpu_warnings(h200, eight) == []
+    newer = _on_gpu(report(variant()), "NVIDIA H200", driver="590.2")
+    assert _gpu_warnings(h200, newer) == [
+        "different GPUs: baseline on NVIDIA H200 (driver 580.1), candidate on NVIDIA H200 (driver 590.2)"
+    ]
     # A CPU build on a machine that has a GPU did not run on it: no label, no warning.
     cpu = report(variant()).model_copy(
         update={
@@ -193,20 +200,23 @@ def test_a_gpu_build_on_another_gpu_is_named_and_the_report_footers_show_it() ->
             }
         }
     )
-    assert cpu.gpu_label() is None
-    assert not any("GPU" in w for w in compare(cpu, report(variant()), Thresholds()).warnings)
-    assert "baseline on no GPU, candidate on NVIDIA H200" in " ".join(
-        compare(cpu, h200, Thresholds()).warnings
-    )
-    # A GPU build from before GPUs were recorded.
+    assert cpu.gpu_label() is None and _gpu_warnings(cpu, report(variant())) == []
+    assert "baseline on no GPU, candidate on NVIDIA H200" in " ".join(_gpu_warnings(cpu, h200))
+    # A GPU build from before GPUs were recorded, against a GPU build and a CPU build.
     unnamed = _on_gpu(report(variant()))
-    assert "baseline on a GPU its manifest does not name" in " ".join(
-        compare(unnamed, h200, Thresholds()).warnings
-    )
+    assert "baseline on a GPU its manifest does not name" in " ".join(_gpu_warnings(unnamed, h200))
+    assert _gpu_warnings(cpu, unnamed) == [
+        "different GPUs: baseline on no GPU, candidate on a GPU its manifest does not name"
+    ]
     from pipeline.report.html import render_html
     from pipeline.report.markdown import render_markdown
 
-    assert "cpu (? cores) · NVIDIA H200 (driver 580.1) · " in render_markdown(h200)
+    versions = {"onnxruntime-gpu": "1.31.1", "tensorrt": "10.13.3.9"}
+    shown = h200.model_copy(update={"environment": {**h200.environment, "versions": versions}})
+    assert (
+        "cpu (? cores) · NVIDIA H200 (driver 580.1) · onnxruntime-gpu 1.31.1 · tensorrt 10.13.3.9"
+        in (render_markdown(shown))
+    )
     assert "NVIDIA H200" not in render_markdown(cpu)
     assert "· NVIDIA H200 (driver 580.1) ·" in render_html(h200)
 
