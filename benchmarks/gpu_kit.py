@@ -116,13 +116,13 @@ def split(bundle: Path, out: Path, part_bytes: int = PART_BYTES) -> dict[str, An
 def pack_folder(payload: Path, out: Path, part_bytes: int = PART_BYTES) -> dict[str, Any]:
     """Tar ``payload`` (sorted, owner and times zeroed: the same files give the same bytes), cut
     it into parts under ``out`` and write ``out/kit.json``."""
-    if out.exists():
-        if any(out.iterdir()) and not (out / "kit.json").is_file():
-            raise KitError(f"{out} is not an earlier kit (no kit.json): name an empty folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        bundle = Path(scratch) / "bundle.tar"
+    if out.exists() and any(out.iterdir()) and not (out / "kit.json").is_file():
+        raise KitError(f"{out} is not an earlier kit (no kit.json): name an empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside ``out`` and renamed into place: a pack cut short leaves no half kit.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as scratch:
+        bundle, parts = Path(scratch) / "bundle.tar", Path(scratch) / "kit"
+        parts.mkdir()
         with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(payload.rglob("*")):
                 tar.add(
@@ -131,8 +131,11 @@ def pack_folder(payload: Path, out: Path, part_bytes: int = PART_BYTES) -> dict[
                     recursive=False,
                     filter=_deterministic,
                 )
-        kit = split(bundle, out, part_bytes)
-    (out / "kit.json").write_text(json.dumps(kit, indent=1) + "\n")
+        kit = split(bundle, parts, part_bytes)
+        (parts / "kit.json").write_text(json.dumps(kit, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        parts.rename(out)
     return kit
 
 
@@ -209,6 +212,8 @@ def device_calls(kit: dict[str, Any], out: Path = KIT) -> list[str]:
 def receive(kit_dir: Path, store: Path = STORE) -> int:
     """Append the part(s) present in ``kit_dir`` to ``store/bundle.tar``; return how many of
     the kit's parts the store now holds."""
+    if not (kit_dir / "kit.json").is_file():
+        raise KitError(f"{kit_dir} holds no kit.json: carry it with each part")
     kit = json.loads((kit_dir / "kit.json").read_text())
     arrived = [p for p in kit["parts"] if (kit_dir / p["name"]).is_file()]
     if not arrived:
@@ -307,6 +312,7 @@ def install(store: Path = STORE, check_imports: bool = True) -> Path:
         raise KitError(
             f"{bundle} does not match kit.json: remove {store} and send every part again"
         )
+    env.unlink(missing_ok=True)
     unpacked = store / "bundle"
     if unpacked.exists():
         shutil.rmtree(unpacked)
@@ -333,10 +339,6 @@ def install(store: Path = STORE, check_imports: bool = True) -> Path:
             ],
             check=True,
         )
-    env.write_text(
-        f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
-        f'export TFORGE_KIT_STORE="{store}"\n'
-    )
     print(f"installed into {site}: {', '.join(w.name.split('-')[0] for w in chosen) or 'nothing'}")
     if kept:
         print(f"the machine's own, at the kit's versions: {', '.join(kept)}")
@@ -355,6 +357,11 @@ def install(store: Path = STORE, check_imports: bool = True) -> Path:
                 f"the kit installed, but tforge's imports fail: {said[-1] if said else checked.returncode}"
             )
         print(checked.stdout.strip())
+    # Written last: gpu_session.sh refuses to run without env.sh, so a failed install stops it.
+    env.write_text(
+        f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+        f'export TFORGE_KIT_STORE="{store}"\n'
+    )
     stamp.write_text(kit["sha256"])
     print(f"then: source {env}")
     return env
@@ -380,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
             install(args.store)
     except KitError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as error:
+        # pip said why above; this names the step.
+        print(
+            f"error: {' '.join(map(str, error.cmd[1:5]))} failed (exit {error.returncode})",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

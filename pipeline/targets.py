@@ -263,8 +263,8 @@ def availability(target: str) -> Availability:
             return Availability(
                 target,
                 False,
-                f"onnxruntime-gpu {version} on {names}, but torch has no CUDA (a GPU build runs "
-                "PyTorch, its reference and floor, on the GPU): install a CUDA build of torch",
+                f"onnxruntime-gpu {version} on {names}, but torch has no CUDA (a GPU build times "
+                "PyTorch eager, its floor and memory probe on the GPU): install a CUDA build of torch",
             )
         problem = cuda_provider_problem()
         if problem is not None:

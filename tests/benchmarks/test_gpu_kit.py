@@ -191,3 +191,43 @@ def test_packing_refuses_to_replace_a_folder_that_is_not_a_kit(tmp_path: Path) -
     with pytest.raises(KitError, match="not an earlier kit"):
         pack_folder(payload, out)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_pack_cut_short_leaves_the_earlier_kit_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload, out = tmp_path / "payload", tmp_path / "kit"
+    payload.mkdir()
+    (payload / "a.txt").write_text("a" * 5000)
+    earlier = pack_folder(payload, out, part_bytes=4096)
+    (payload / "a.txt").write_text("b" * 5000)
+
+    def cut_short(bundle: Path, parts: Path, part_bytes: int) -> dict:
+        (parts / "part-01").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gpu_kit, "split", cut_short)
+    with pytest.raises(OSError, match="disk full"):
+        pack_folder(payload, out, part_bytes=4096)
+    assert json.loads((out / "kit.json").read_text()) == earlier
+    assert (
+        hashlib.sha256((out / "part-01").read_bytes()).hexdigest() == earlier["parts"][0]["sha256"]
+    )
+    assert {p.name for p in tmp_path.iterdir()} == {"payload", "kit"}  # no scratch left
+
+
+def test_a_call_without_kit_json_and_a_failed_import_check_are_clear(
+    kit: Path, tmp_path: Path
+) -> None:
+    store, call = tmp_path / "store", tmp_path / "call"
+    call.mkdir()
+    (call / "part-01").write_bytes((kit / "part-01").read_bytes())
+    with pytest.raises(KitError, match="holds no kit.json: carry it with each part"):
+        receive(call, store)
+    for part in json.loads((kit / "kit.json").read_text())["parts"]:
+        receive(_carry(kit, call, part["name"]), store)
+    # Here onnxruntime is this environment's, not the kit's: the check refuses, and without
+    # env.sh gpu_session.sh will not start on a half-working install.
+    with pytest.raises(KitError, match=r"tforge's imports fail: onnxruntime comes from"):
+        install(store)
+    assert not (store / "env.sh").exists() and not (store / "installed").exists()
