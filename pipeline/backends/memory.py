@@ -107,6 +107,7 @@ def _probe(probe: MemoryProbe, feed: dict[str, np.ndarray]) -> Footprint:
             OUTPUT_NAME[probe.task],
             probe.threads,
             device=probe.device,
+            owned=True,
         )
         prepared = runner.prepare(feed)
         for _ in range(3):

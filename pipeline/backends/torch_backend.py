@@ -137,6 +137,7 @@ class TorchRunner:
         threads: int | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        owned: bool = False,
     ) -> None:
         import copy
 
@@ -146,12 +147,13 @@ class TorchRunner:
             torch.set_num_threads(threads)
         self.device = device
         # The float32 CPU module is shared within a build (the reference stage's); a GPU or a
-        # cast gets a copy.
+        # cast gets a copy, unless the caller hands the module over (``owned``: the memory
+        # probe's fresh process), where it moves in place as a deployment's model.to() does; a
+        # copy would hold the weights twice in host memory and overstate PyTorch's peak RSS.
         shared = device == "cpu" and dtype == "float32"
+        target = module if shared or owned else copy.deepcopy(module)
         self.module = (
-            module
-            if shared
-            else copy.deepcopy(module).to(device=device, dtype=getattr(torch, dtype))
+            target if shared else target.to(device=device, dtype=getattr(torch, dtype))
         ).eval()
         self.output_name = output_name
 
