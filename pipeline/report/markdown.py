@@ -368,8 +368,9 @@ def render_markdown(report: Report) -> str:
     if metrics:
         lines += [
             "",
-            "Task metric (accuracy on the labelled evaluation data): "
-            + ", ".join(f"{c.name} {c.task_metric:.4f}" for c in metrics),
+            "Task metric (accuracy on the labelled evaluation data, worst padding side; a "
+            "variant's drop is against PyTorch on the same side, the worst side's): "
+            + ", ".join(f"{c.name} {c.task_metric:.4f}{_drop(c)}" for c in metrics),
         ]
     graphs = [c for c in report.contenders if c.graph]
     if graphs:
@@ -440,11 +441,18 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _drop(contender: Contender) -> str:
+    drop = (contender.accuracy or {}).get("task_metric_drop")
+    return "" if drop is None else f" (drop {drop:+.4f})"
+
+
 def _change(d: Delta) -> str:
     if d.change is None:
         return "–"
     if d.shape is not None or d.metric == "size_mb":
         return f"{d.change:+.1%}"
+    if d.metric == "nonfinite_outputs":
+        return f"{d.change:+.0f}"
     return f"{d.change:+.5f}"
 
 
@@ -453,6 +461,8 @@ def _limit(d: Delta) -> str:
         return "–"
     if d.shape is not None or d.metric == "size_mb":
         return f"<= {d.limit:+.1%}" + (f" (noise +-{d.noise:.1%})" if d.noise is not None else "")
+    if d.metric == "nonfinite_outputs":
+        return "no rise"
     # A lower-is-better figure (the perplexity increase) has an upper bound.
     return f"<= {d.limit:+.5f}" if d.metric in LOWER_IS_BETTER else f">= {d.limit:+.5f}"
 
@@ -482,7 +492,13 @@ def comparison_table(
     rows = []
     for d in sorted_deltas(comparison):
         label = d.metric + (f" @{d.shape}" if d.shape else "")
-        spec = ".2f" if d.shape is not None or d.metric == "size_mb" else ".6f"
+        spec = (
+            ".2f"
+            if d.shape is not None or d.metric == "size_mb"
+            else ".0f"
+            if d.metric == "nonfinite_outputs"
+            else ".6f"
+        )
         verdict = _MARK[d.status] if marks else d.status
         verdict += f" ({d.note})" if d.note else ""
         rows.append(

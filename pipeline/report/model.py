@@ -6,9 +6,11 @@ speed-up, size and peak memory; plus checks, stage timings, cache hits, the envi
 (when the build was given a baseline) the comparison with it. ``docs/report.schema.json`` is the
 JSON Schema, generated from these models; ``docs/reports.md`` describes it.
 
-Versions: 1 (no ``comparison``); 2 adds ``comparison`` and per-variant ``error_quantiles``.
-A version-1 report is read by upgrading it; any other version is refused, naming the versions
-this tforge reads.
+Versions: 1 (no ``comparison``); 2 adds ``comparison`` and per-variant ``error_quantiles``
+(and later ``device_bytes`` and ``floor``); 3 adds ``inputs`` (the sha256 of the checkpoint and
+the data, so ``tforge compare`` can tell builds on other data apart), and a variant's
+``task_metric_drop``. Versions 1 and 2 are read by upgrading them (each only added fields); any other
+version is refused, naming the versions this tforge reads.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from pipeline.errors import InputError
 from pipeline.manifest import Check, Manifest
 from pipeline.stages.latency import PYTORCH
 
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 #: Older versions this tforge still reads, and how each is brought to the current one.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class _Frozen(BaseModel):
@@ -144,6 +146,11 @@ class Report(_Frozen):
         description="Source, path, sha256, model_type, family, layers, hidden, heads, parameters."
     )
     task: str
+    inputs: dict[str, str] | None = Field(
+        None,
+        description="sha256 of the build's inputs by name: checkpoint, evaluation, calibration "
+        "(schema 3; None in older reports).",
+    )
     shapes: list[str] = Field(description="Timed shapes, b<batch>s<sequence>.")
     threads: int | None = Field(description="Intra-op threads for every contender.")
     memory_shape: str | None = Field(None, description="The shape at which peak RSS was measured.")
@@ -316,6 +323,7 @@ def build_report(manifest: Manifest) -> Report:
             ),
         },
         task=recipe["model"]["task"],
+        inputs={i.name: i.sha256 for i in manifest.inputs},
         shapes=shapes,
         threads=lat.get("threads"),
         memory_shape=lat.get("memory_shape"),
@@ -538,9 +546,9 @@ def read_report(text: str, origin: str) -> Report:
             f"{origin} has report schema version {version!r}; this tforge reads versions {readable}",
             "re-render it with `tforge report RUN` from its manifest, or use the tforge that wrote it",
         )
-    if version == 1:
-        # Version 2 only added fields (comparison, error quantiles): a version-1 report is a
-        # valid version-2 report without them.
+    if version != REPORT_SCHEMA_VERSION:
+        # Each later version only added fields: an older report is a valid current one
+        # without them.
         data = {**data, "schema_version": REPORT_SCHEMA_VERSION}
     try:
         return Report.model_validate(data)

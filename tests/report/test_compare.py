@@ -62,7 +62,11 @@ def variant(
 
 
 def report(
-    *variants: Contender, run: str = "run", pytorch: float = 100.0, cpu: str = "cpu"
+    *variants: Contender,
+    run: str = "run",
+    pytorch: float = 100.0,
+    cpu: str = "cpu",
+    task: str = "feature-extraction",
 ) -> Report:
     torch = Contender(
         name="pytorch",
@@ -80,7 +84,7 @@ def report(
         tforge_version="0",
         recipe_name="r",
         model={"source": "m"},
-        task="feature-extraction",
+        task=task,
         shapes=[SHAPE],
         threads=2,
         contenders=[torch, *variants],
@@ -239,6 +243,143 @@ def test_a_missing_variant_fails_and_a_new_one_is_listed() -> None:
     assert "1 regression" in text and "❌ missing" in text
 
 
+def _drop_timing(r: Report, name: str, shape: str = SHAPE) -> Report:
+    contenders = [
+        c.model_copy(update={"latency": {k: v for k, v in c.latency.items() if k != shape}})
+        if c.name == name
+        else c
+        for c in r.contenders
+    ]
+    return r.model_copy(update={"contenders": contenders})
+
+
+@pytest.mark.parametrize("basis", ["p50", "speedup"])
+def test_a_figure_the_candidate_stopped_measuring_fails(basis: str) -> None:
+    """An untimed variant, an untimed shape, a lost PyTorch timing, a lost size: each is a
+    ``missing`` regression, not a silent pass."""
+    t = Thresholds(latency_basis=basis)
+    metric = "p50_ms" if basis == "p50" else "speedup"
+    base = report(variant())
+
+    def missing(cand: Report) -> list[tuple[str, str | None, str | None]]:
+        result = compare(base, cand, t)
+        assert not result.passed
+        return [(d.metric, d.shape, d.note) for d in result.deltas if d.status == "missing"]
+
+    untimed = report(variant()).model_copy(update={"shapes": []})
+    assert missing(_drop_timing(untimed, "int8")) == [
+        (metric, SHAPE, "shape not timed in the candidate")
+    ]
+    assert missing(_drop_timing(report(variant()), "int8")) == [
+        (metric, SHAPE, "not timed in the candidate")
+    ]
+    # The baseline's figure is kept beside the gap.
+    gap = compare(base, _drop_timing(report(variant()), "int8"), t).regressions[0]
+    assert gap.baseline == (50.0 if basis == "p50" else 2.0) and gap.candidate is None
+    sizeless = report(variant().model_copy(update={"size_bytes": None}))
+    assert missing(sizeless) == [("size_mb", None, "no size in the candidate")]
+    no_cosine = variant().model_copy(update={"accuracy": {"agreement": 0.97}})
+    assert {m for m, *_ in missing(report(no_cosine))} == {"mean_cosine", "worst_cosine"}
+    no_pytorch = _drop_timing(report(variant()), "pytorch")
+    if basis == "speedup":
+        assert missing(no_pytorch) == [
+            ("speedup", SHAPE, "no PyTorch timing in the candidate to take a speed-up from")
+        ]
+        # The baseline lacking it is not the candidate's fault: a warning, no verdict.
+        result = compare(no_pytorch, base, t)
+        assert result.passed and any(
+            "compare with --latency-basis p50" in w for w in result.warnings
+        )
+    else:
+        assert compare(base, no_pytorch, t).passed
+
+
+def _with_checks(r: Report, *checks: Any) -> Report:
+    return r.model_copy(update={"checks": list(checks), "passed": all(checks)})
+
+
+def test_a_check_the_candidate_failed_fails_the_comparison() -> None:
+    """NaN outputs leave agreement finite (argmax) and the error figures empty; the candidate's
+    own tolerance check is what fails, and compare must not pass it."""
+    from pipeline.manifest import check
+
+    def tol(value: float | None) -> Any:
+        return check("tolerance", "int8", "max_abs_error", value, 0.5, "max")
+
+    nan = variant().model_copy(
+        update={"accuracy": {"agreement": 0.995, "nonfinite_outputs": 48, "max_abs_error": None}}
+    )
+    clean = variant().model_copy(
+        update={"accuracy": {"agreement": 0.995, "nonfinite_outputs": 0, "max_abs_error": 0.2}}
+    )
+    base = _with_checks(report(clean), tol(0.2))
+    cand = _with_checks(report(nan), tol(None))
+    result = compare(base, cand, Thresholds(latency_basis="p50"))
+    status = {d.metric: (d.status, d.note) for d in result.deltas}
+    assert not result.passed
+    assert status["nonfinite_outputs"] == ("regression", None)
+    assert status["tolerance:max_abs_error"][0] == "regression"
+    assert "passed in the baseline" in str(status["tolerance:max_abs_error"][1])
+    text = render_comparison(result)
+    assert "| int8 | nonfinite_outputs | 0 | 48 | +48 | no rise | ❌ regression |" in text
+    # Failed in both: still a failed candidate, said so.
+    both = compare(_with_checks(report(nan), tol(None)), cand, Thresholds(latency_basis="p50"))
+    assert not both.passed
+    assert [d.note for d in both.regressions] == [
+        "the candidate's own check failed: int8 max_abs_error: not measured (no figure), "
+        "limit <= 0.5: FAILED; failed in the baseline too"
+    ]
+    # tforge build --baseline leaves its own checks out of the comparison (its report has them).
+    assert all(
+        not d.metric.startswith("tolerance:")
+        for d in compare(base, cand, Thresholds(), checks=False).deltas
+    )
+
+
+def test_unlike_builds_are_warned_about() -> None:
+    base = report(variant()).model_copy(
+        update={
+            "model": {"source": "a", "sha256": "a" * 64},
+            "inputs": {"evaluation": "e" * 64, "calibration": "c" * 64},
+        }
+    )
+    same = compare(base, base, Thresholds())
+    assert same.warnings == []
+    other_accuracy = {**variant().accuracy, "samples": 100}  # type: ignore[dict-item]
+    cand = report(
+        variant().model_copy(update={"accuracy": other_accuracy}), task="sequence-classification"
+    ).model_copy(
+        update={
+            "model": {"source": "b", "sha256": "b" * 64},
+            "inputs": {"evaluation": "f" * 64, "calibration": "c" * 64},
+        }
+    )
+    base = base.model_copy(
+        update={
+            "contenders": [
+                c.model_copy(update={"accuracy": {**c.accuracy, "samples": 256}})
+                if c.accuracy
+                else c
+                for c in base.contenders
+            ]
+        }
+    )
+    warnings = compare(base, cand, Thresholds()).warnings
+    assert warnings[:4] == [
+        f"different models: baseline a ({'a' * 12}), candidate b ({'b' * 12}); accuracy deltas "
+        "compare other weights",
+        "different tasks: baseline feature-extraction, candidate sequence-classification",
+        f"different evaluation data: baseline {'e' * 12}, candidate {'f' * 12} (sha256); "
+        "accuracy is measured on other texts",
+        "different numbers of evaluation texts: baseline 256, candidate 100",
+    ]
+    cuda = _on_gpu(report(variant()), "NVIDIA H200")
+    assert any(
+        "PyTorch eager ran as torch-cpu in the baseline and torch-cuda in the candidate" in w
+        for w in compare(report(variant()), cuda, Thresholds()).warnings
+    )
+
+
 def test_a_latency_regression_stands_only_if_every_measurement_shows_it() -> None:
     base = report(variant(p50=50.0))
     slow = report(variant(p50=60.0), run="slow")
@@ -330,7 +471,7 @@ def test_cli_compare_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     future = tmp_path / "future.json"
     future.write_text(json.dumps({"schema_version": 99}))
     code, output = invoke("compare", str(future), str(good))
-    assert code == 1 and "report schema version 99; this tforge reads versions 1, 2" in output
+    assert code == 1 and "report schema version 99; this tforge reads versions 1, 2, 3" in output
     code, output = invoke("compare", str(good), str(good), "--max-latency-regression", "-5")
     assert code == 2 and "thresholds" in output
     code, output = invoke("compare", str(good), str(good), "--remeasure", "2")

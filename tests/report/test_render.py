@@ -56,18 +56,22 @@ def test_json_round_trips_and_the_documented_schema_is_current(manifest: Manifes
     assert documented == json_schema(), "run: tforge report --schema > docs/report.schema.json"
 
 
-def test_a_version_1_report_is_read_and_other_versions_are_refused(
+def test_older_reports_are_read_and_other_versions_are_refused(
     manifest: Manifest, tmp_path: Path
 ) -> None:
     data = json.loads(render(build_report(manifest), "json"))
+    sha = {i.name: i.sha256 for i in manifest.inputs}
+    assert data["schema_version"] == 3 and data["inputs"] == sha and "evaluation" in sha
     data.pop("comparison")
-    data["schema_version"] = 1
-    (tmp_path / "report.json").write_text(json.dumps(data))
-    old, manifest_path = load_report(tmp_path)
-    assert old.schema_version == REPORT_SCHEMA_VERSION and old.comparison is None
-    assert manifest_path is None
-    data["schema_version"] = 3
-    with pytest.raises(Exception, match=r"version 3; this tforge reads versions 1, 2"):
+    data.pop("inputs")
+    for version in (1, 2):
+        data["schema_version"] = version
+        (tmp_path / "report.json").write_text(json.dumps(data))
+        old, manifest_path = load_report(tmp_path)
+        assert old.schema_version == REPORT_SCHEMA_VERSION and old.comparison is None
+        assert old.inputs is None and manifest_path is None
+    data["schema_version"] = 4
+    with pytest.raises(Exception, match=r"version 4; this tforge reads versions 1, 2, 3"):
         read_report(json.dumps(data), "new.json")
 
 
