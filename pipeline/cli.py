@@ -381,6 +381,7 @@ def build(
             resolved, skipped = buildable(resolved)
             for name, why in skipped.items():
                 err.print(f"would skip variant {name}: {why}", markup=False, highlight=False)
+        resolved.require_one_device()
         rows = describe_plan(resolved, artifacts)
         table = Table(title=f"plan for {resolved.name}", title_justify="left")
         for column in ("step", "does", "inputs", "status"):

@@ -57,8 +57,19 @@ class Check(BaseModel):
         op = ">=" if self.kind == "min" else "<="
         if self.value is None:
             return f"{self.label}: not measured ({self.note or 'no figure'}), limit {op} {self.limit:.6g}: FAILED"
-        status = "ok" if self.passed else f"FAILED (would pass with {op} {self.value:.6g})"
-        return f"{self.label} = {self.value:.6g}, limit {op} {self.limit:.6g}: {status}"
+        value = f"{self.value:.6g}" if self.passed else _apart(self.value, self.limit)
+        status = "ok" if self.passed else f"FAILED (would pass with {op} {value})"
+        return f"{self.label} = {value}, limit {op} {self.limit:.6g}: {status}"
+
+
+def _apart(value: float, limit: float) -> str:
+    """``value`` with 6 significant digits, or as many more as it takes to read differently
+    from ``limit``: 0.99899 against 0.999 is not printed as "0.999 ... FAILED"."""
+    for digits in range(6, 18):
+        text = f"{value:.{digits}g}"
+        if value == limit or text != f"{limit:.{digits}g}":
+            return text
+    return repr(value)
 
 
 def check(

@@ -670,6 +670,9 @@ class GateSpec(_Strict):
     min_worst_cosine: Fraction | None = None
     min_agreement: Fraction | None = None
     min_task_metric: Fraction | None = None
+    #: Largest loss of the task metric against PyTorch's on the same texts and padding side
+    #: (0.01 = one point of accuracy); labelled evaluation data only.
+    max_task_metric_drop: Fraction | None = None
     max_abs_error: float | None = Field(None, gt=0)
     #: text-generation: greedy tokens equal to PyTorch's (fraction of generated positions).
     min_token_match: Fraction | None = None
@@ -726,10 +729,23 @@ class GenerationSpec(_Strict):
 
 
 #: Recipe fields that only one kind of task reads (refused on the other, not ignored).
-_ENCODER_GATES = ("min_mean_cosine", "min_worst_cosine", "min_task_metric")
+_ENCODER_GATES = (
+    "min_mean_cosine",
+    "min_worst_cosine",
+    "min_task_metric",
+    "max_task_metric_drop",
+)
 _DECODER_GATES = ("min_token_match", "max_perplexity_increase")
 #: Gates on the pooled embeddings' cosine, which only feature-extraction verification measures.
 _COSINE_GATES = ("min_mean_cosine", "min_worst_cosine")
+
+#: Targets whose models run on a GPU.
+GPU_TARGETS: tuple[Target, ...] = ("ort-cuda", "tensorrt")
+
+
+def _named(variants: list[VariantSpec]) -> str:
+    return ", ".join(f"{v.name} ({v.target})" for v in variants)
+
 
 #: The graph fusions built for decoders, in the order they run (pipeline.decoders.fuse).
 DECODER_FUSIONS = ("skip-layernorm", "rotary", "attention", "pack")
@@ -954,6 +970,25 @@ class Recipe(_Strict):
         if self.generates:
             return [f"{phase}-{key}" for key in self.shapes for phase in ("prefill", "decode")]
         return self.shapes.keys()
+
+    def require_one_device(self) -> None:
+        """Refuse CPU and GPU variants timed in one build: PyTorch eager is timed on one device
+        (the GPU when any variant runs there), and every speed-up, the ``min_speedup`` gate and
+        ``tforge compare``'s speed-up basis read against it, so a CPU variant would be measured
+        against PyTorch on the GPU. Checked after ``--skip-unavailable`` has left out what this
+        machine cannot build, so one recipe can still list both for two machines."""
+        if not self.latency.enabled:
+            return
+        gpu = [v for v in self.variants if v.target in GPU_TARGETS]
+        cpu = [v for v in self.variants if v.target not in GPU_TARGETS]
+        if gpu and cpu:
+            raise RecipeError(
+                f"variants {_named(cpu)} run on the CPU and {_named(gpu)} on the GPU; a build "
+                "times PyTorch eager on one device and reads every speed-up against it",
+                "build them from two recipes (models/minilm.yaml and models/minilm-gpu.yaml "
+                "show both), pass --skip-unavailable where one device is missing, or set "
+                "latency.enabled: false",
+            )
 
     def without_variants(self, names: Collection[str]) -> Recipe:
         """This recipe less the named variants (validated again); refused where nothing would

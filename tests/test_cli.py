@@ -451,6 +451,9 @@ def test_skip_unavailable_leaves_out_what_this_machine_cannot_build(
     )
     assert code == 0 and "would skip variant trt16: target tensorrt" in output
     assert "compile[trt16]" not in output and "verify[fp32]" in output
+    # Without the flag, the plan of CPU and GPU variants timed together is refused.
+    code, output = invoke("build", str(recipe), "--artifacts", str(artifacts), "--dry-run")
+    assert code == 2 and "fp32 (ort-cpu) run on the CPU and trt16 (tensorrt) on the GPU" in output
     code, output = invoke(
         "build", str(recipe), "--artifacts", str(artifacts), "--skip-unavailable", "--run-id", "s"
     )

@@ -546,3 +546,33 @@ def test_without_variants_keeps_the_gates_on_what_is_left() -> None:
     )
     with pytest.raises(RecipeError, match="every variant the gates hold"):
         gated.without_variants({"cuda16"})
+
+
+def test_cpu_and_gpu_variants_are_not_timed_in_one_build() -> None:
+    """PyTorch eager is timed on one device; a CPU variant's speed-up against PyTorch on the
+    GPU would mean nothing. One recipe may list both for two machines: what is left after
+    --skip-unavailable must run on one device."""
+    mixed = parse_recipe(
+        {
+            "variants": [
+                {"name": "fp32"},
+                {"name": "cuda16", "target": "ort-cuda", "precision": "fp16"},
+                {
+                    "name": "trt8",
+                    "target": "tensorrt",
+                    "precision": "int8",
+                    "quantize": {"method": "static"},
+                },
+            ]
+        }
+    )
+    with pytest.raises(
+        RecipeError,
+        match=r"variants fp32 \(ort-cpu\) run on the CPU and cuda16 \(ort-cuda\), trt8 "
+        r"\(tensorrt\) on the GPU",
+    ):
+        mixed.require_one_device()
+    mixed.without_variants({"cuda16", "trt8"}).require_one_device()
+    mixed.without_variants({"fp32"}).require_one_device()
+    untimed = parse_recipe({**mixed.model_dump(mode="json"), "latency": {"enabled": False}})
+    untimed.require_one_device()

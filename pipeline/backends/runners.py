@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.recipe import GPU_TARGETS  # re-exported: stage keys of these include the GPU
 from pipeline.stages.export import MODEL_FILE, onnx_size
 
-#: Targets whose models run on a GPU (stage keys then include the GPU).
-GPU_TARGETS = ("ort-cuda", "tensorrt")
+__all__ = ["GPU_TARGETS", "model_size", "runner_for"]
 
 
 def runner_for(

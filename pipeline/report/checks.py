@@ -128,6 +128,7 @@ def gate_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
         ("min_worst_cosine", "worst_cosine", "min"),
         ("min_agreement", "agreement", "min"),
         ("min_task_metric", "task_metric", "min"),
+        ("max_task_metric_drop", "task_metric_drop", "max"),
         ("max_abs_error", "max_abs_error", "max"),
         ("min_token_match", "token_match", "min"),
         ("max_perplexity_increase", "perplexity_increase", "max"),
@@ -142,7 +143,7 @@ def gate_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
                     if metric in figures
                     else (
                         "the evaluation data has no labels"
-                        if metric == "task_metric"
+                        if metric in ("task_metric", "task_metric_drop")
                         else "not measured for this task"
                     )
                 )
@@ -177,7 +178,7 @@ def gate_checks(recipe: Recipe, stages: list[StageRecord]) -> list[Check]:
                         "gate",
                         name,
                         "speedup",
-                        round(speedup, 4),
+                        speedup,
                         gates.min_speedup,
                         "min",
                         shape=shape,

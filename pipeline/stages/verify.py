@@ -156,8 +156,16 @@ def compare_to_reference(
     total = sum(len(ref.index["sides"][side]) for side in ref.sides)
     with progress.task(label, total=total) as advance:
         per_side = {side: _side_metrics(ref, side, run, advance) for side in ref.sides}
+    overall = worst_side(per_side)
+    overall["samples"] = ref.index["samples"]
+    return overall
+
+
+def worst_side(per_side: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The figures of every padding side (``per_side``, made JSON-safe in place) as one: each
+    figure its worst side's, non-finite outputs summed, and ``per_side`` kept beside them."""
     overall: dict[str, Any] = {}
-    for name in per_side[ref.sides[0]]:
+    for name in next(iter(per_side.values())):
         if name == "error_quantiles":
             continue
         values = [m[name] for m in per_side.values()]
@@ -173,6 +181,16 @@ def compare_to_reference(
         for name, value in figures.items():
             if isinstance(value, float) and not math.isfinite(value):
                 figures[name] = None
+    # The task metric's loss against PyTorch's on the same texts and side: the worst side's
+    # drop. (task_metric and reference_task_metric above are each their worst side's, which
+    # may be two different sides: PyTorch itself may score lower on left-padded text.)
+    drops = [
+        m["reference_task_metric"] - m["task_metric"]
+        for m in per_side.values()
+        if m.get("task_metric") is not None and m.get("reference_task_metric") is not None
+    ]
+    if drops:
+        overall["task_metric_drop"] = max(drops)
     # The distribution of the side whose median text error is the larger.
     sides = [m["error_quantiles"] for m in per_side.values()]
     overall["error_quantiles"] = (
@@ -180,7 +198,6 @@ def compare_to_reference(
     )
     overall["error_kind"] = "cosine_distance" if "mean_cosine" in overall else "max_abs_error"
     overall["per_side"] = per_side
-    overall["samples"] = ref.index["samples"]
     return overall
 
 
@@ -198,7 +215,8 @@ class VerifyStage(Stage[VerifyConfig]):
     name = "verify"
     # ONNX Runtime picks kernels by CPU features (e.g. VNNI for INT8): results are per machine.
     facets = ("versions", "hardware")
-    version = 3  # 2: non-finite outputs counted; 3: per-text error quantiles
+    # 2: non-finite outputs counted; 3: per-text error quantiles; 4: task_metric_drop
+    version = 4
 
     def key_config(self) -> dict[str, Any]:
         config = super().key_config()

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts import StageRecord
 from pipeline.build import BuildOptions, build
 from pipeline.errors import InputError
 from pipeline.manifest import Manifest, check
@@ -20,6 +21,13 @@ def test_check_is_truthy_and_says_what_would_pass() -> None:
     assert str(ok) == "fp32 mean_cosine = 0.9995, limit >= 0.999: ok"
     assert str(bad) == "int8 p50_ms @b1s128 = 12.5, limit <= 10: FAILED (would pass with <= 12.5)"
     assert "not measured (the evaluation data has no labels)" in str(missing)
+    # A near miss is printed with the digits that tell it from its limit.
+    near = check("tolerance", "int8", "mean_cosine", 0.99899991, 0.999, "min")
+    assert str(near) == (
+        "int8 mean_cosine = 0.9989999, limit >= 0.999: FAILED (would pass with >= 0.9989999)"
+    )
+    over = check("gate", "int8", "max_abs_error", 0.0010000004, 0.001, "max")
+    assert str(over).startswith("int8 max_abs_error = 0.0010000004, limit <= 0.001: FAILED")
 
 
 def test_reports_are_pure_functions_of_the_manifest(
@@ -132,3 +140,48 @@ def test_a_limit_is_read_against_the_floor_of_the_device_the_variant_ran_on() ->
     assert noted("ort-cuda")
     assert not noted("ort-cpu")
     assert not noted("tensorrt", "fp32:onnx")
+
+
+def _record(step: str, stats: dict) -> StageRecord:
+    return StageRecord(
+        step=step,
+        stage=step.split("[")[0],
+        key="k",
+        config={},
+        inputs={},
+        outputs={},
+        stats=stats,
+        seconds=0.0,
+    )
+
+
+def test_gates_on_the_task_metric_drop_and_an_exact_speedup() -> None:
+    """max_task_metric_drop reads the side-by-side drop; min_speedup compares the exact ratio
+    (1.999995x is not 2x, though it rounds to it)."""
+    from pipeline.recipe import parse_recipe
+    from pipeline.report.checks import gate_checks
+
+    recipe = parse_recipe(
+        {
+            "model": {"task": "sequence-classification"},
+            "variants": [{"name": "int8", "precision": "int8"}],
+            "gates": {"max_task_metric_drop": 0.01, "min_speedup": 2.0},
+        },
+        "recipe",
+    )
+    latency = {
+        "shapes": ["b1s128"],
+        "contenders": {
+            "pytorch": {"b1s128": {"p50_ms": 19.99995}},
+            "int8": {"b1s128": {"p50_ms": 10.0}},
+        },
+    }
+    stages = [
+        _record("verify[int8]", {"task_metric": 0.8, "task_metric_drop": 0.1}),
+        _record("latency", latency),
+    ]
+    drop, speedup = gate_checks(recipe, stages)
+    assert not drop and drop.value == 0.1 and drop.metric == "task_metric_drop"
+    assert not speedup and speedup.value == pytest.approx(1.999995)
+    unlabelled = gate_checks(recipe, [_record("verify[int8]", {}), _record("latency", latency)])
+    assert unlabelled[0].note == "the evaluation data has no labels"

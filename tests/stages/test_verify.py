@@ -142,6 +142,7 @@ def test_classification_tasks_with_labels(
     assert stats["max_abs_error"] < 1e-4
     # Same predictions, so the same task metric for PyTorch and the variant.
     assert stats["task_metric"] == stats["reference_task_metric"]
+    assert stats["task_metric_drop"] == 0.0
     assert 0.0 <= stats["task_metric"] <= 1.0
     assert "mean_cosine" not in stats
     report = outcome.report
@@ -277,3 +278,27 @@ def test_a_variants_own_tolerance_wins_for_it_alone(
     assert checks["fp32", "max_abs_error"].passed
     assert checks["strict", "agreement"].limit == checks["fp32", "agreement"].limit == 0.5
     assert [key for key, c in checks.items() if not c.passed] == [("strict", "max_abs_error")]
+
+
+def test_the_task_metric_drop_is_read_on_one_side() -> None:
+    """PyTorch scores 1.0 right-padded and 0.8 left-padded; the variant 0.9 and 0.8. Each
+    worst side reads 0.8, as if nothing were lost: the drop, taken side by side, is 0.1."""
+    from pipeline.stages.verify import worst_side
+
+    def side(variant: float, pytorch: float) -> dict[str, float | int | None]:
+        return {
+            "max_abs_error": 0.1,
+            "nonfinite_outputs": 0,
+            "agreement": variant,
+            "task_metric": variant,
+            "reference_task_metric": pytorch,
+            "error_quantiles": None,
+        }
+
+    overall = worst_side({"right": side(0.9, 1.0), "left": side(0.8, 0.8)})
+    assert overall["task_metric"] == overall["reference_task_metric"] == 0.8
+    assert overall["task_metric_drop"] == pytest.approx(0.1)
+    # A variant better than PyTorch on every side: a negative drop, the smallest gain.
+    assert worst_side({"right": side(0.9, 0.8), "left": side(0.85, 0.8)})[
+        "task_metric_drop"
+    ] == pytest.approx(-0.05)
