@@ -200,8 +200,9 @@ def _latency_deltas(
                 continue
             parts += [pb, pc]
             b_value, c_value = b.speedup, c.speedup
-            # A lower speed-up is a slower variant: its relative slowdown.
-            change = b.speedup / c.speedup - 1
+            # A lower speed-up is a slower variant: its relative slowdown. From the medians,
+            # not the reports' speed-ups (rounded to 3 decimals: a percent of a 0.1x one).
+            change = (pb.p50_ms / b.p50_ms) / (pc.p50_ms / c.p50_ms) - 1
         noise = t.noise_sigmas * math.sqrt(sum(_relative_se(p) ** 2 for p in parts))
         limit = t.max_latency_regression
         status: Literal["ok", "improved", "noise", "regression"] = "ok"

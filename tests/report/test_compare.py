@@ -476,3 +476,17 @@ def test_cli_compare_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     assert code == 2 and "thresholds" in output
     code, output = invoke("compare", str(good), str(good), "--remeasure", "2")
     assert code == 1 and "--remeasure needs CANDIDATE to be a run folder" in output
+
+
+def test_the_speedup_change_comes_from_the_medians_not_the_rounded_speedups() -> None:
+    """Reports round speed-ups to 3 decimals: 0.051x against 0.046x reads as 10.9% slower,
+    while the medians say exactly 10.0%, at the threshold."""
+
+    def slow(p50: float) -> Contender:
+        timing = latency(p50).model_copy(update={"speedup": round(100.0 / p50, 3)})
+        return variant().model_copy(update={"latency": {SHAPE: timing}})
+
+    result = compare(report(slow(1980.0)), report(slow(2178.0)), Thresholds())
+    delta = next(d for d in result.deltas if d.shape)
+    assert (delta.baseline, delta.candidate) == (0.051, 0.046)
+    assert delta.change == pytest.approx(0.10) and delta.status == "ok"
