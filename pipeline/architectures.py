@@ -107,6 +107,26 @@ GENERIC = Family(
 )
 
 
+#: Class-name endings of a checkpoint saved as a causal language model (config "architectures").
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def is_decoder(config: dict[str, Any]) -> bool:
+    """A causal language model's config: a decoder family tforge knows, or saved with a
+    causal-LM head. Such a checkpoint builds with task text-generation, not as an encoder."""
+    from pipeline.decoders.fuse import KNOWN_MODEL_TYPES
+
+    saved_as = [str(a) for a in config.get("architectures") or []]
+    return config.get("model_type") in KNOWN_MODEL_TYPES or any(
+        a.endswith(_CAUSAL_HEADS) for a in saved_as
+    )
+
+
+def is_encoder(model_type: str) -> bool:
+    """One of the encoder families tforge has a spec for (BERT, RoBERTa, ...)."""
+    return family_of(model_type) is not GENERIC
+
+
 def family_of(model_type: str) -> Family:
     for family in FAMILIES:
         if model_type in family.model_types:

@@ -10,12 +10,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import InputError, first_line
+from pipeline.errors import InputError, RecipeError, first_line
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+#: A tokenizer's vocabulary, in one of its saved forms (tokenizer_config.json alone has none).
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+#: Tasks whose output is a trained head on top of the encoder.
+HEAD_TASKS = ("sequence-classification", "token-classification")
 
 AUTO_CLASSES = {
     "feature-extraction": "AutoModel",
@@ -51,6 +63,13 @@ def load_model(folder: Path, task: str) -> LoadedModel:
     from safetensors import SafetensorError
 
     auto = getattr(transformers, AUTO_CLASSES[task])
+    if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        # AutoTokenizer does not fail here: it makes an empty tokenizer that reads every word
+        # as [UNK], and PyTorch and ONNX then agree on texts that are all one token.
+        raise InputError(
+            f"{folder} has no tokenizer vocabulary ({', '.join(VOCABULARY_FILES)})",
+            "save the tokenizer beside the weights: tokenizer.save_pretrained(folder)",
+        )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     # The tokenizers library raises a bare Exception for a damaged tokenizer.json, so this one
@@ -81,9 +100,22 @@ def load_model(folder: Path, task: str) -> LoadedModel:
         ) from None
     model.eval()
     missing = sorted(info.get("missing_keys", []))
+    if missing and task in HEAD_TASKS:
+        # Both PyTorch and ONNX would run the same random head, so every check would pass on a
+        # model that classifies nothing.
+        trained = ", ".join(getattr(model.config, "architectures", None) or []) or "unknown"
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise RecipeError(
+            f"{folder}: the checkpoint has no {task} head ({shown} are not in it and would "
+            f"start random; it was saved as {trained})",
+            "set model.task (or --task) to what the checkpoint was trained for, "
+            "feature-extraction for a bare encoder",
+        )
     if missing:
         log.warning(
-            "%s: %d weights of the %s head are not in the checkpoint and start random",
+            "%s: %d weights are not in the checkpoint and start random (unused by %s)",
             folder,
             len(missing),
             task,

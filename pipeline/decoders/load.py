@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, first_line
+from pipeline.architectures import is_encoder
+from pipeline.errors import InputError, RecipeError, first_line
 
 
 def packaged_gguf(distribution: str) -> Path:
@@ -102,8 +104,18 @@ def load_decoder(source: str | Path) -> tuple[Any, Any]:
     import torch
     import transformers
 
-    tokenizer = load_tokenizer(source)
     folder, kwargs = _located(source)
+    config = folder / "config.json"
+    if "gguf_file" not in kwargs and config.is_file():
+        model_type = str(json.loads(config.read_text(encoding="utf-8")).get("model_type", ""))
+        if is_encoder(model_type):
+            raise RecipeError(
+                f"{source}: {model_type} is an encoder; task text-generation builds decoders "
+                "(GPT-2, Llama, Qwen, Phi, GPT-NeoX families)",
+                "build it with task feature-extraction, sequence-classification or "
+                "token-classification",
+            )
+    tokenizer = load_tokenizer(source)
     model = _loading(
         source,
         lambda: transformers.AutoModelForCausalLM.from_pretrained(

@@ -18,10 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.architectures import ArchitectureSpec
+from pipeline.architectures import ArchitectureSpec, is_decoder
 from pipeline.artifacts import Artifact, sha256_file
 from pipeline.backends.torch_backend import OUTPUT_NAME, LoadedModel, load_model
-from pipeline.errors import InputError
+from pipeline.errors import InputError, RecipeError
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 
 WEIGHT_FILES = (
@@ -195,6 +195,13 @@ class LoadStage(Stage[LoadConfig]):
             ) from None
         if not isinstance(config, dict):
             raise InputError(f"{folder}/config.json is not a JSON object")
+        if is_decoder(config):
+            saved_as = ", ".join(config.get("architectures") or []) or "a causal LM"
+            raise RecipeError(
+                f"{folder}: {config.get('model_type')} is a decoder (saved as {saved_as}); task "
+                f"{self.config.task} builds encoders",
+                "build it with task text-generation (model.task, or --task text-generation)",
+            )
         try:
             arch = ArchitectureSpec.from_config(config)
         except InputError as error:

@@ -585,13 +585,13 @@ def test_an_exclude_that_matches_nothing_is_an_error(built: Any, checkpoint: Pat
 def test_what_does_not_fit_the_positions_fails_before_the_export(
     checkpoint: Path, tmp_path: Path, change: dict[str, Any], message: str
 ) -> None:
-    from pipeline.errors import InputError
+    from pipeline.errors import RecipeError
 
     data = recipe_data(checkpoint)
     for section, values in change.items():
         data[section] = {**data.get(section, {}), **values}
     artifacts = tmp_path / "artifacts"
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(RecipeError, match=message):
         build(parse_recipe(data), BuildOptions(artifacts=artifacts))
     # Only the load step ran: nothing was exported.
     steps = [json.loads(p.read_text())["step"] for p in artifacts.glob("cache/*/*/record.json")]
@@ -726,3 +726,19 @@ def test_an_fp16_variant_rounds_like_half_precision_pytorch(built: Any, checkpoi
     assert 0 < norms.accuracy["mean_abs_error"] < 2 * floor["fp16"]["mean_abs_error"]
     assert any("float16 graphs on ort-cpu" in n for n in half.report.notes)
     assert "| fp16 |" in (half.run_dir / "report.md").read_text()
+
+
+def test_a_decoder_built_as_an_encoder_and_the_reverse_are_refused(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """Each says which task the checkpoint builds with, before any export."""
+    from pipeline.errors import RecipeError
+    from tests.tiny import make_checkpoint
+
+    encoder = parse_recipe({"model": {"source": str(checkpoint)}, "latency": {"enabled": False}})
+    with pytest.raises(RecipeError, match=r"llama is a decoder \(saved as LlamaForCausalLM\)"):
+        build(encoder, BuildOptions(artifacts=tmp_path / "a"))
+    bert = make_checkpoint(tmp_path / "bert", "bert")
+    decoder = parse_recipe({"model": {"source": str(bert), "task": "text-generation"}})
+    with pytest.raises(RecipeError, match="bert is an encoder; task text-generation builds"):
+        build(decoder, BuildOptions(artifacts=tmp_path / "a"))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, RecipeError
 from pipeline.stages.base import BuildContext
 from pipeline.stages.load import CheckpointInfo, checkpoint_artifact, resolve_source
 from tests.stages.helpers import run_load
@@ -57,12 +57,26 @@ def test_classification_head_labels(checkpoint, tmp_path: Path) -> None:
     assert info.missing_head_weights == []
 
 
-def test_missing_head_weights_are_reported(checkpoint, tmp_path: Path) -> None:
-    """A plain encoder loaded for classification starts with a random head; the info says so."""
-    info = CheckpointInfo.read(
-        run_load(BuildContext(), checkpoint("bert"), tmp_path, "sequence-classification")[0]
-    )
-    assert any("classifier" in key for key in info.missing_head_weights)
+@pytest.mark.parametrize("task", ["sequence-classification", "token-classification"])
+def test_a_checkpoint_without_the_tasks_head_is_refused(
+    checkpoint, tmp_path: Path, task: str
+) -> None:
+    """A bare encoder loaded for classification would get a random head that PyTorch and ONNX
+    share: every check would pass on a model that classifies nothing."""
+    with pytest.raises(RecipeError, match=f"has no {task} head .*classifier") as error:
+        run_load(BuildContext(), checkpoint("bert"), tmp_path, task)
+    assert "saved as BertModel" in str(error.value) and "feature-extraction" in str(error.value)
+
+
+def test_a_checkpoint_without_a_tokenizer_vocabulary_is_refused(checkpoint, tmp_path: Path) -> None:
+    """transformers makes an empty tokenizer for such a folder (every word [UNK]) instead of
+    failing, so verification would compare outputs on texts of one token."""
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint("bert") / name, folder / name)
+    with pytest.raises(InputError, match="has no tokenizer vocabulary"):
+        run_load(BuildContext(), folder, tmp_path / "out", "feature-extraction")
 
 
 def test_package_source_resolves_to_the_shipped_folder() -> None:
