@@ -17,6 +17,35 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else type(error).__name__)[:limit]
 
 
+def read_json(text: str, origin: str) -> object:
+    """``text`` parsed as JSON; InputError naming ``origin`` and where the JSON breaks."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"{origin} is not JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+        ) from None
+
+
+def read_text(path: object, what: str) -> str:
+    """A UTF-8 text file's contents; InputError for one that cannot be read or is not text
+    (an .onnx file passed where ``what`` was expected)."""
+    from pathlib import Path
+
+    file = Path(str(path))
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(
+            f"{file} is not a text file, so not {what}",
+            "pass a run folder under artifacts/runs/, its manifest.json or a report.json",
+        ) from None
+    except OSError as error:
+        raise InputError(f"cannot read {file} ({error.strerror or error})") from None
+
+
 class TforgeError(Exception):
     """Base class: a problem tforge can explain in one line."""
 

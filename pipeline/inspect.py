@@ -23,13 +23,35 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.is_file():
+        others = sorted(p.name for p in path.glob("*.onnx")) if path.is_dir() else []
         raise InputError(
-            f"{path} has no {MODEL_FILE}", "pass an .onnx file or a folder holding model.onnx"
+            f"{path} has no {MODEL_FILE}"
+            + (f" (it holds {', '.join(others)}: a decoder's graphs)" if others else ""),
+            f"pass one of them: {path / others[0]}"
+            if others
+            else "pass an .onnx file or a folder holding model.onnx",
         )
     try:
         model = onnx.load(str(file), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError (protobuf) and others for non-ONNX bytes
         raise InputError(f"{file} is not an ONNX model ({type(error).__name__})") from None
+    if not model.graph.node and not model.graph.input and not model.ir_version:
+        # Protobuf reads an empty file (or one of zeros) as a default, empty message.
+        raise InputError(f"{file} is not an ONNX model (it holds no graph)")
+    missing = sorted(
+        {
+            entry.value
+            for init in model.graph.initializer
+            if init.data_location == onnx.TensorProto.EXTERNAL
+            for entry in init.external_data
+            if entry.key == "location" and not (file.parent / entry.value).is_file()
+        }
+    )
+    if missing:
+        raise InputError(
+            f"{file} keeps its weights in {', '.join(missing)}, which is not beside it",
+            "copy the model's folder whole",
+        )
     stats = model_stats(model)
     types = {v.name: _type_name(v) for v in [*model.graph.input, *model.graph.output]}
     return {

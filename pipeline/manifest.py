@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.artifacts import StageRecord
-from pipeline.errors import InputError
+from pipeline.errors import InputError, read_json
 
 SCHEMA_VERSION = 1
 
@@ -122,12 +122,12 @@ class Manifest(BaseModel):
 
     @classmethod
     def parse(cls, text: str, origin: str) -> Manifest:
-        import json
-
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{origin} is not JSON ({error.msg})") from None
+        data = read_json(text, origin)
+        if isinstance(data, dict) and "contenders" in data and "recipe" not in data:
+            raise InputError(
+                f"{origin} is a report.json, not a manifest",
+                "pass the run folder or its manifest.json (reports are rendered from it)",
+            )
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
             raise InputError(

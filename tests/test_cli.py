@@ -252,7 +252,7 @@ def test_sequence_longer_than_the_model_allows(checkpoint, tmp_path: Path) -> No
         tmp_path, f"model: {{source: {checkpoint('bert')}}}\nshapes: {{sequence: [512]}}\n"
     )
     code, output = invoke("build", str(recipe), "--artifacts", str(tmp_path / "a"))
-    assert code == 1
+    assert code == 2  # the recipe's shapes, not the model, are wrong
     assert "exceed the model's maximum of 128 tokens" in output
     assert no_runs(tmp_path / "a")
 
@@ -289,6 +289,62 @@ def test_inspect_rejects_non_onnx(tmp_path: Path) -> None:
     code, output = invoke("inspect", str(tmp_path / "x.onnx"))
     assert code == 1
     assert "is not an ONNX model" in output
+    # An empty file parses as an empty protobuf message: still not a model.
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    code, output = invoke("inspect", str(tmp_path / "empty.onnx"))
+    assert code == 1 and "is not an ONNX model (it holds no graph)" in output
+
+
+def test_inspect_names_what_is_missing(tmp_path: Path) -> None:
+    """A decoder's folder holds two graphs; a graph whose weights file stayed behind."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    folder = tmp_path / "decoder"
+    folder.mkdir()
+    model = helper.make_model(graph)
+    onnx.save(
+        model,
+        str(folder / "prefill.onnx"),
+        save_as_external_data=True,
+        location="weights.onnx.data",
+        size_threshold=0,
+    )
+    onnx.save(helper.make_model(graph), str(folder / "decode.onnx"))
+    code, output = invoke("inspect", str(folder))
+    assert code == 1 and "has no model.onnx (it holds decode.onnx, prefill.onnx" in output
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "prefill.onnx").write_bytes((folder / "prefill.onnx").read_bytes())
+    code, output = invoke("inspect", str(lone / "prefill.onnx"))
+    assert code == 1 and "keeps its weights in weights.onnx.data, which is not beside it" in output
+    assert "Traceback" not in output
+    code, _ = invoke("inspect", str(folder / "prefill.onnx"))
+    assert code == 0
+
+
+def test_report_and_compare_refuse_what_is_not_a_run(checkpoint, tmp_path: Path) -> None:
+    """An .onnx file, a report.json given to `report`: one line each, no traceback."""
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\xff\xfe\x00")
+    for command in (["report"], ["compare", str(tmp_path / "model.onnx")]):
+        code, output = invoke(*command, str(tmp_path / "model.onnx"))
+        assert code == 1 and "is not a text file, so not a tforge" in output, output
+        assert "Traceback" not in output
+    (tmp_path / "report.json").write_text(json.dumps({"schema_version": 3, "contenders": []}))
+    code, output = invoke("report", str(tmp_path / "report.json"))
+    assert code == 1 and "is a report.json, not a manifest" in output
+    (tmp_path / "broken.json").write_text('{"a": 1,\n "b": }')
+    code, output = invoke("compare", str(tmp_path / "broken.json"), str(tmp_path / "broken.json"))
+    assert code == 1 and "is not JSON (Expecting value at line 2, column 7)" in output
 
 
 def test_doctor_lists_targets() -> None:

@@ -15,14 +15,13 @@ version is refused, naming the versions this tforge reads.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.backends.runners import GPU_TARGETS
-from pipeline.errors import InputError
+from pipeline.errors import InputError, read_json, read_text
 from pipeline.manifest import Check, Manifest
 from pipeline.stages.latency import PYTORCH
 
@@ -521,24 +520,15 @@ def load_report(path: Path) -> tuple[Report, Path | None]:
             f"{path} holds neither manifest.json nor report.json",
             "pass a run folder under artifacts/runs/, or a report.json",
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"cannot read {path} ({error.strerror or error})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path} is not JSON ({error.msg})") from None
+    text = read_text(path, "a tforge report or manifest")
+    data = read_json(text, str(path))
     if isinstance(data, dict) and "recipe" in data and "stages" in data:
         return build_report(Manifest.parse(text, str(path))), path
     return read_report(text, str(path)), None
 
 
 def read_report(text: str, origin: str) -> Report:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{origin} is not JSON ({error.msg})") from None
+    data = read_json(text, origin)
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version not in READABLE_VERSIONS:
         readable = ", ".join(str(v) for v in READABLE_VERSIONS)
@@ -546,7 +536,7 @@ def read_report(text: str, origin: str) -> Report:
             f"{origin} has report schema version {version!r}; this tforge reads versions {readable}",
             "re-render it with `tforge report RUN` from its manifest, or use the tforge that wrote it",
         )
-    if version != REPORT_SCHEMA_VERSION:
+    if version != REPORT_SCHEMA_VERSION and isinstance(data, dict):
         # Each later version only added fields: an older report is a valid current one
         # without them.
         data = {**data, "schema_version": REPORT_SCHEMA_VERSION}
