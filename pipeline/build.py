@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pipeline import __version__, environment, targets
 from pipeline.artifacts import (
@@ -226,8 +228,28 @@ class PlannedStep:
     status: str
 
 
-def describe_plan(recipe: Recipe, artifacts: Path) -> list[PlannedStep]:
-    """The steps a build would run and which the store already holds (``--dry-run``)."""
+def recipe_sha256(recipe_json: dict[str, Any], external: Mapping[str, Artifact]) -> str:
+    """The recipe's hash, the same wherever the project sits: the paths of its inputs (the
+    checkpoint folder, the data files; made absolute when the recipe was read) count by their
+    content hashes, recorded beside it in the manifest's inputs, not by where they are."""
+    portable = json.loads(json.dumps(recipe_json))
+    fields = {
+        ("model", "source"): "checkpoint",
+        ("data", "evaluation"): "evaluation",
+        ("data", "calibration"): "calibration",
+    }
+    for (section, key), name in fields.items():
+        value = portable.get(section, {}).get(key)
+        if value and name in external and not str(value).startswith("package:"):
+            portable[section][key] = f"sha256:{external[name].sha256}"
+    return hashlib.sha256(canonical_json(portable).encode()).hexdigest()
+
+
+def describe_plan(
+    recipe: Recipe, artifacts: Path, no_cache: bool = False, remeasure: bool = False
+) -> list[PlannedStep]:
+    """The steps a build would run and which the store already holds (``--dry-run``), as
+    ``--no-cache`` and ``--remeasure`` would change them."""
     store = ArtifactStore(artifacts)
     plan = plan_for(recipe)
     external = resolve_inputs(recipe)
@@ -236,10 +258,21 @@ def describe_plan(recipe: Recipe, artifacts: Path) -> list[PlannedStep]:
     for step in plan.steps:
         inputs = _wire(step, produced)
         hit = store.lookup(_key(step, inputs)) if inputs is not None else None
+        forced = (
+            "--no-cache"
+            if no_cache
+            else "--remeasure"
+            if remeasure and step.id == "latency"
+            else None
+        )
         if hit is not None:
+            # The outputs a forced step makes again are the same (content-addressed), so what
+            # follows it is planned as the store holds it.
             produced.update(_outputs(step, store, hit))
         status = (
-            "cached"
+            f"run ({forced})"
+            if forced and hit is not None
+            else "cached"
             if hit is not None
             else ("run" if inputs is not None else "run (after its inputs)")
         )
@@ -256,7 +289,7 @@ def check_against_checkpoint(recipe: Recipe, info: CheckpointInfo) -> None:
     if info.max_length is not None and recipe.latency.enabled:
         too_long = [s for s in recipe.shapes.sequence if s > info.max_length]
         if too_long:
-            raise InputError(
+            raise RecipeError(
                 f"shapes.sequence {too_long} exceed the model's maximum of {info.max_length} tokens",
                 f"use sequence lengths up to {info.max_length}",
             )
@@ -271,13 +304,13 @@ def check_against_decoder(recipe: Recipe, info: DecoderInfo) -> None:
     longest = max([gen.prompt_tokens, *(recipe.shapes.sequence if recipe.latency.enabled else [])])
     # The last new token is chosen, never fed back: the highest position is longest + new - 2.
     if longest + gen.new_tokens - 1 > limit:
-        raise InputError(
+        raise RecipeError(
             f"prompts of up to {longest} tokens plus {gen.new_tokens} new tokens exceed the "
             f"model's {limit} positions",
             "shorten shapes.sequence, generation.prompt_tokens or generation.new_tokens",
         )
     if recipe.data.max_length > limit:
-        raise InputError(
+        raise RecipeError(
             f"data.max_length {recipe.data.max_length} exceeds the model's {limit} positions",
             f"set data.max_length to at most {limit}",
         )
@@ -383,7 +416,7 @@ def build(recipe: Recipe, options: BuildOptions, progress: Progress | None = Non
             run_id=run_id,
             created=created,
             recipe=recipe_json,
-            recipe_sha256=hashlib.sha256(canonical_json(recipe_json).encode()).hexdigest(),
+            recipe_sha256=recipe_sha256(recipe_json, external),
             inputs=[
                 InputRecord(name=a.name, path=str(a.path), sha256=a.sha256, size=a.size)
                 for a in external.values()

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from pipeline import __version__
 from pipeline.artifacts import StageRecord, write_text_atomic
-from pipeline.errors import GateFailed, TforgeError
+from pipeline.errors import GateFailed, TforgeError, read_text
 from pipeline.recipe import TASKS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -95,42 +95,42 @@ def threshold_options(func: F) -> F:
     options = [
         click.option(
             "--max-cosine-drop",
-            type=float,
+            type=click.FloatRange(min=0),
             default=0.001,
             show_default=True,
             help="Largest drop of a variant's mean cosine vs PyTorch (absolute).",
         ),
         click.option(
             "--max-worst-cosine-drop",
-            type=float,
+            type=click.FloatRange(min=0),
             default=0.01,
             show_default=True,
             help="Largest drop of the worst cosine (absolute).",
         ),
         click.option(
             "--max-agreement-drop",
-            type=float,
+            type=click.FloatRange(min=0),
             default=0.01,
             show_default=True,
             help="Largest drop of the agreement with PyTorch (absolute).",
         ),
         click.option(
             "--max-task-drop",
-            type=float,
+            type=click.FloatRange(min=0),
             default=0.01,
             show_default=True,
             help="Largest drop of the task metric (absolute).",
         ),
         click.option(
             "--max-token-match-drop",
-            type=float,
+            type=click.FloatRange(min=0),
             default=0.01,
             show_default=True,
             help="Decoders: largest drop of the greedy token match with PyTorch (absolute).",
         ),
         click.option(
             "--max-perplexity-increase",
-            type=float,
+            type=click.FloatRange(min=0),
             default=0.01,
             show_default=True,
             help="Decoders: largest growth of the perplexity increase over PyTorch "
@@ -138,7 +138,7 @@ def threshold_options(func: F) -> F:
         ),
         click.option(
             "--max-latency-regression",
-            type=float,
+            type=click.FloatRange(min=0),
             default=10.0,
             show_default=True,
             metavar="PERCENT",
@@ -146,7 +146,7 @@ def threshold_options(func: F) -> F:
         ),
         click.option(
             "--max-size-growth",
-            type=float,
+            type=click.FloatRange(min=0),
             default=5.0,
             show_default=True,
             metavar="PERCENT",
@@ -162,7 +162,7 @@ def threshold_options(func: F) -> F:
         ),
         click.option(
             "--noise-sigmas",
-            type=float,
+            type=click.FloatRange(min=0),
             default=3.0,
             show_default=True,
             help="Width of the latency noise band in standard errors of the medians.",
@@ -327,7 +327,7 @@ def _print_comparison(comparison: Any, quiet: bool) -> None:
 )
 @click.option(
     "--confirm",
-    type=int,
+    type=click.IntRange(min=0),
     default=1,
     show_default=True,
     help="With --baseline: re-measure latency up to N times before declaring a latency regression.",
@@ -382,7 +382,7 @@ def build(
             for name, why in skipped.items():
                 err.print(f"would skip variant {name}: {why}", markup=False, highlight=False)
         resolved.require_one_device()
-        rows = describe_plan(resolved, artifacts)
+        rows = describe_plan(resolved, artifacts, no_cache=no_cache, remeasure=remeasure)
         table = Table(title=f"plan for {resolved.name}", title_justify="left")
         for column in ("step", "does", "inputs", "status"):
             table.add_column(column)
@@ -404,7 +404,7 @@ def build(
         run_id=run_id,
         baseline=load_report(baseline)[0] if baseline else None,
         thresholds=thresholds,
-        confirm=max(confirm, 0),
+        confirm=confirm,
         skip_unavailable=skip_unavailable,
     )
     if not quiet and err.is_terminal:
@@ -472,7 +472,7 @@ def report(
     path = _manifest_path(run)
     if not path.is_file():
         raise InputError(f"{run} has no manifest.json", "pass a run folder under artifacts/runs/")
-    manifest = Manifest.parse(path.read_text(encoding="utf-8"), str(path))
+    manifest = Manifest.parse(read_text(path, "a tforge manifest"), str(path))
     rendered = render_all(build_report(manifest))
     target = output or path.parent
     try:
@@ -493,12 +493,14 @@ def report(
 @threshold_options
 @click.option(
     "--remeasure",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
     metavar="N",
     help="On a latency regression, re-measure CANDIDATE (a run folder) up to N times; "
-    "a regression stands only if every measurement shows it.",
+    "a regression stands only if every measurement shows it. Each re-measurement is a build "
+    "in the artifacts folder that holds CANDIDATE (its cache serves every step but latency) "
+    "and writes a new run folder there.",
 )
 @click.option(
     "--markdown",
@@ -560,7 +562,7 @@ def compare(
             err.print("re-measuring the candidate's latency", markup=False)
         return run_build(recipe, BuildOptions(artifacts=artifacts, remeasure=True)).report
 
-    comparison, _ = confirm_latency(base, cand, thresholds, measure_again, max(remeasure, 0))
+    comparison, _ = confirm_latency(base, cand, thresholds, measure_again, remeasure)
     markdown = render_comparison(comparison)
     try:
         if markdown_path:
@@ -574,7 +576,8 @@ def compare(
     if not quiet:
         click.echo(markdown, nl=False)
     else:
-        _print_comparison(comparison, quiet=True)
+        # CI: the verdict in one line (and each regression), as `build --quiet` ends.
+        _print_comparison(comparison, quiet=False)
     if not comparison.passed:
         regressions = comparison.regressions
         raise GateFailed(

@@ -1142,6 +1142,25 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     return recipe.model_copy(update={"data": data, "model": model})
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
+    silently: a recipe with two ``variants:`` would build only the second list)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} is given twice in one mapping",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file."""
     if not path.exists():
@@ -1156,11 +1175,21 @@ def load_recipe(path: Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"recipe {path} cannot be read: {error}") from None
+    if not text.strip() or all(
+        not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
+    ):
+        raise RecipeError(
+            f"recipe {path} is empty",
+            "write at least `model: {source: ...}` (every other field has a default), or use "
+            "--model PATH for a checkpoint with defaults",
+        )
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if "given twice" in str(error.problem):
+            raise RecipeError(f"recipe {path}{where}: {error.problem}", "keep one") from None
         raise RecipeError(
             f"recipe {path}: YAML syntax error{where}: {error.problem}",
             "check indentation and that every 'key: value' has a space after the colon",

@@ -89,6 +89,41 @@ def test_rebuild_without_cache_gives_the_same_hashes(
 
     assert hashes(first.manifest) == hashes(second.manifest)
     assert first.manifest.stage("verify[fp32]").stats == second.manifest.stage("verify[fp32]").stats
+    assert first.manifest.recipe_sha256 == second.manifest.recipe_sha256
+
+
+def test_the_recipe_hash_does_not_depend_on_where_the_project_sits(
+    checkpoint, recipe_for, tmp_path: Path
+) -> None:
+    """The same checkpoint and data in another folder (a CI checkout, a laptop): the same
+    recipe hash and stage keys; other data: another hash."""
+    import shutil
+
+    data = Path(__file__).parents[1] / "calibration" / "evaluation.jsonl"
+    hashes = []
+    for place in ("ci", "desk"):
+        root = tmp_path / place
+        shutil.copytree(checkpoint("bert"), root / "model")
+        shutil.copy(data, root / "evaluation.jsonl")
+        recipe = recipe_for(
+            root / "model",
+            latency={"enabled": False},
+            data={"evaluation": str(root / "evaluation.jsonl"), "max_samples": 8},
+        )
+        manifest = build(recipe, BuildOptions(artifacts=tmp_path / "a")).manifest
+        assert manifest.recipe["model"]["source"] == str(root / "model")
+        hashes.append((manifest.recipe_sha256, [s.key for s in manifest.stages]))
+    assert hashes[0] == hashes[1]
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(data.read_text().splitlines()[1:]) + "\n")
+    recipe = recipe_for(
+        tmp_path / "ci" / "model",
+        latency={"enabled": False},
+        data={"evaluation": str(other), "max_samples": 8},
+    )
+    assert (
+        build(recipe, BuildOptions(artifacts=tmp_path / "a")).manifest.recipe_sha256 != hashes[0][0]
+    )
 
 
 def test_changing_a_gate_reuses_every_stage(checkpoint, recipe_for, tmp_path: Path) -> None:
@@ -113,6 +148,14 @@ def test_dry_run_plan_reports_cache_state(checkpoint, recipe_for, tmp_path: Path
     build(recipe, BuildOptions(artifacts=tmp_path))
     assert [r.status for r in describe_plan(recipe, tmp_path)] == ["cached"] * 6
     assert not list((tmp_path / "runs").glob(".tmp-*"))
+    # The plan says what --no-cache and --remeasure would run again.
+    assert [r.status for r in describe_plan(recipe, tmp_path, no_cache=True)] == [
+        "run (--no-cache)"
+    ] * 6
+    timed = recipe_for(checkpoint("bert"))
+    build(timed, BuildOptions(artifacts=tmp_path))
+    plan = {r.step: r.status for r in describe_plan(timed, tmp_path, remeasure=True)}
+    assert plan.pop("latency") == "run (--remeasure)" and set(plan.values()) == {"cached"}
 
 
 def test_no_cache_reruns_a_warm_store(checkpoint, recipe_for, tmp_path: Path) -> None:

@@ -62,6 +62,23 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     assert str(path) in caught.value.message
 
 
+def test_a_key_given_twice_and_an_empty_recipe_are_refused(tmp_path: Path) -> None:
+    """Plain YAML keeps the last of two equal keys; an empty file would build the defaults."""
+    path = write(tmp_path, "name: t\nvariants: [{name: a}]\nname: u\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert (
+        caught.value.message
+        == f"recipe {path} at line 3, column 1: the key 'name' is given twice in one mapping"
+    )
+    nested = write(tmp_path, "variants:\n  - {name: a, precision: int8, precision: fp32}\n")
+    with pytest.raises(RecipeError, match="the key 'precision' is given twice"):
+        load_recipe(nested)
+    for text in ("", "\n  \n", "# only a comment\n"):
+        with pytest.raises(RecipeError, match="is empty"):
+            load_recipe(write(tmp_path, text))
+
+
 def test_unknown_field_lists_allowed_fields(tmp_path: Path) -> None:
     path = write(tmp_path, "model:\n  sorce: /tmp/x\n")
     with pytest.raises(RecipeError) as caught:

@@ -334,7 +334,13 @@ def render_markdown(report: Report) -> str:
     lines.append(
         f"Model `{model.get('source')}` ({model.get('model_type', '?')}"
         + (f", {described}" if described else "")
-        + (f", {params / 1e6:.1f}M parameters" if params else "")
+        + (
+            f", {params / 1e6:.1f}M parameters"
+            if params and params >= 100_000
+            else f", {params:,} parameters"
+            if params
+            else ""
+        )
         + f"), task **{report.task}**."
     )
     if report.threads:

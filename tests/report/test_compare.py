@@ -441,6 +441,8 @@ def test_cli_compare_exits_3_on_regression_and_writes_junit(tmp_path: Path) -> N
     code, output = invoke("compare", str(base), str(same))
     assert code == 0, output
     assert "`same` against baseline `base`: no regression" in output
+    code, output = invoke("compare", str(base), str(same), "--quiet")
+    assert (code, output) == (0, "against baseline base: no regression\n")
 
     junit = tmp_path / "junit.xml"
     markdown = tmp_path / "diff.md"
@@ -473,7 +475,10 @@ def test_cli_compare_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     code, output = invoke("compare", str(future), str(good))
     assert code == 1 and "report schema version 99; this tforge reads versions 1, 2, 3" in output
     code, output = invoke("compare", str(good), str(good), "--max-latency-regression", "-5")
-    assert code == 2 and "thresholds" in output
+    assert code == 2 and "'--max-latency-regression': -5.0 is not in the range x>=0" in output
+    assert "pydantic" not in output
+    code, output = invoke("compare", str(good), str(good), "--remeasure", "-1")
+    assert code == 2 and "'--remeasure': -1 is not in the range x>=0" in output
     code, output = invoke("compare", str(good), str(good), "--remeasure", "2")
     assert code == 1 and "--remeasure needs CANDIDATE to be a run folder" in output
 
