@@ -116,9 +116,12 @@ def is_decoder(config: dict[str, Any]) -> bool:
     causal-LM head. Such a checkpoint builds with task text-generation, not as an encoder."""
     from pipeline.decoders.fuse import KNOWN_MODEL_TYPES
 
+    model_type = str(config.get("model_type") or "")
     saved_as = [str(a) for a in config.get("architectures") or []]
-    return config.get("model_type") in KNOWN_MODEL_TYPES or any(
-        a.endswith(_CAUSAL_HEADS) for a in saved_as
+    # An encoder family saved with a causal-LM head (BertLMHeadModel, RobertaForCausalLM) is
+    # still an encoder to tforge: it builds with the encoder tasks.
+    return model_type in KNOWN_MODEL_TYPES or (
+        not is_encoder(model_type) and any(a.endswith(_CAUSAL_HEADS) for a in saved_as)
     )
 
 

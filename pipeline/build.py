@@ -240,8 +240,12 @@ def recipe_sha256(recipe_json: dict[str, Any], external: Mapping[str, Artifact])
     }
     for (section, key), name in fields.items():
         value = portable.get(section, {}).get(key)
-        if value and name in external and not str(value).startswith("package:"):
-            portable[section][key] = f"sha256:{external[name].sha256}"
+        if not value or str(value).startswith("package:"):
+            continue
+        # A file the build does not read (a calibration set no variant uses) counts by name.
+        portable[section][key] = (
+            f"sha256:{external[name].sha256}" if name in external else f"unread:{Path(value).name}"
+        )
     return hashlib.sha256(canonical_json(portable).encode()).hexdigest()
 
 

@@ -74,6 +74,16 @@ def test_a_key_given_twice_and_an_empty_recipe_are_refused(tmp_path: Path) -> No
     nested = write(tmp_path, "variants:\n  - {name: a, precision: int8, precision: fp32}\n")
     with pytest.raises(RecipeError, match="the key 'precision' is given twice"):
         load_recipe(nested)
+    # YAML merge keys still merge, and a key after them still overrides the merged one.
+    import yaml
+
+    from pipeline.recipe import _UniqueKeyLoader
+
+    text = "base: &b {name: a, precision: int8}\nv: [{<<: *b}, {<<: *b, name: b}]\n"
+    assert yaml.load(text, Loader=_UniqueKeyLoader)["v"] == [
+        {"name": "a", "precision": "int8"},
+        {"name": "b", "precision": "int8"},
+    ]
     for text in ("", "\n  \n", "# only a comment\n"):
         with pytest.raises(RecipeError, match="is empty"):
             load_recipe(write(tmp_path, text))

@@ -23,6 +23,8 @@ VOCABULARY_FILES = (
     "vocab.txt",
     "vocab.json",
     "spiece.model",
+    "spm.model",
+    "sentencepiece.model",
     "sentencepiece.bpe.model",
     "tokenizer.model",
 )
@@ -108,10 +110,10 @@ def load_model(folder: Path, task: str) -> LoadedModel:
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         )
         raise RecipeError(
-            f"{folder}: the checkpoint has no {task} head ({shown} are not in it and would "
-            f"start random; it was saved as {trained})",
-            "set model.task (or --task) to what the checkpoint was trained for, "
-            "feature-extraction for a bare encoder",
+            f"{folder}: the checkpoint lacks weights {task} uses ({shown} are not in it and "
+            f"would start random; it was saved as {trained})",
+            "set model.task (or --task) to what the checkpoint was trained for: "
+            "feature-extraction for a bare encoder, text-generation for a causal LM",
         )
     if missing:
         log.warning(

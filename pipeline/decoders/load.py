@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.architectures import is_encoder
-from pipeline.errors import InputError, RecipeError, first_line
+from pipeline.errors import InputError, RecipeError, first_line, read_json, read_text
 
 
 def packaged_gguf(distribution: str) -> Path:
@@ -107,7 +106,8 @@ def load_decoder(source: str | Path) -> tuple[Any, Any]:
     folder, kwargs = _located(source)
     config = folder / "config.json"
     if "gguf_file" not in kwargs and config.is_file():
-        model_type = str(json.loads(config.read_text(encoding="utf-8")).get("model_type", ""))
+        data = read_json(read_text(config, "a config.json"), str(config))
+        model_type = str(data.get("model_type", "")) if isinstance(data, dict) else ""
         if is_encoder(model_type):
             raise RecipeError(
                 f"{source}: {model_type} is an encoder; task text-generation builds decoders "

@@ -118,7 +118,14 @@ def _accuracy_deltas(base: Contender, cand: Contender, t: Thresholds) -> list[De
             status = "regression" if -gain > limit + _EPS else "improved" if gain > limit else "ok"
         note = None
         if change is None:
-            note = "not measured in the candidate" if c is None else "new figure"
+            broken = c is None and (cand.accuracy or {}).get("nonfinite_outputs")
+            note = (
+                "no figure: the candidate's outputs hold NaN or infinite values"
+                if broken
+                else "not measured in the candidate"
+                if c is None
+                else "new figure"
+            )
         deltas.append(
             Delta(
                 variant=cand.name,
@@ -426,8 +433,18 @@ def compare(
     )
 
 
+#: The figures of a latency delta (a check delta or a missing timing may carry a shape too).
+_LATENCY_METRICS = ("p50_ms", "speedup")
+
+
 def _latency_regressions(comparison: Comparison) -> list[Delta]:
-    return [d for d in comparison.regressions if d.shape is not None]
+    """Latency regressions a re-measurement could clear: not a missing timing (no timing will
+    bring a shape back) and not a failed check of the candidate's own (its report stands)."""
+    return [
+        d
+        for d in comparison.deltas
+        if d.status == "regression" and d.metric in _LATENCY_METRICS and d.shape is not None
+    ]
 
 
 def confirm_latency(
@@ -457,7 +474,7 @@ def confirm_latency(
         return comparison, candidate
     deltas = []
     for d in comparison.deltas:
-        if d.shape is None or d.status != "regression":
+        if d not in _latency_regressions(comparison):
             deltas.append(d)
         elif (d.variant, d.metric, d.shape) in suspects:
             deltas.append(d.model_copy(update={"note": f"in all {runs + 1} measurements"}))

@@ -503,6 +503,8 @@ def comparison_table(
             if d.shape is not None or d.metric == "size_mb"
             else ".0f"
             if d.metric == "nonfinite_outputs"
+            else ".4g"
+            if ":" in d.metric  # a check's figure (tolerance:max_abs_error): any magnitude
             else ".6f"
         )
         verdict = _MARK[d.status] if marks else d.status

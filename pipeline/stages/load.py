@@ -196,10 +196,13 @@ class LoadStage(Stage[LoadConfig]):
         if not isinstance(config, dict):
             raise InputError(f"{folder}/config.json is not a JSON object")
         if is_decoder(config):
+            # The encoder export of a causal LM keeps attention as a function ONNX Runtime
+            # cannot load (SDPA), so it would fail at verification, minutes later.
             saved_as = ", ".join(config.get("architectures") or []) or "a causal LM"
             raise RecipeError(
-                f"{folder}: {config.get('model_type')} is a decoder (saved as {saved_as}); task "
-                f"{self.config.task} builds encoders",
+                f"{folder}: {config.get('model_type')} is a decoder (saved as {saved_as}); "
+                f"decoders build with task text-generation, and decoder-based "
+                f"{self.config.task} models are not built yet",
                 "build it with task text-generation (model.task, or --task text-generation)",
             )
         try:

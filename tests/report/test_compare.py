@@ -495,3 +495,24 @@ def test_the_speedup_change_comes_from_the_medians_not_the_rounded_speedups() ->
     delta = next(d for d in result.deltas if d.shape)
     assert (delta.baseline, delta.candidate) == (0.051, 0.046)
     assert delta.change == pytest.approx(0.10) and delta.status == "ok"
+
+
+def test_only_latency_regressions_are_re_measured() -> None:
+    """A shape the candidate did not time, or a failed gate of its own, is no timing noise: no
+    re-measurement can clear it, and its note stays."""
+    from pipeline.manifest import check
+
+    calls: list[int] = []
+
+    def again() -> Report:
+        calls.append(1)
+        return report(variant(), run="again")
+
+    untimed = _drop_timing(report(variant()), "int8")
+    result, _ = confirm_latency(report(variant()), untimed, Thresholds(), again, times=3)
+    assert calls == [] and not result.passed
+    gate = check("gate", "int8", "speedup", 1.9, 2.0, "min", shape=SHAPE)
+    gated = _with_checks(report(variant()), gate)
+    result, _ = confirm_latency(report(variant()), gated, Thresholds(), again, times=3)
+    assert calls == [] and [d.metric for d in result.regressions] == ["gate:speedup"]
+    assert result.regressions[0].note.startswith("the candidate's own check failed")

