@@ -142,8 +142,9 @@ class ArtifactStore:
     def folder(self, key: str) -> Path:
         return self.cache / key[:2] / key
 
-    def lookup(self, key: str) -> StageRecord | None:
-        """The stored record for ``key`` if its outputs are complete and unchanged, else None."""
+    def lookup(self, key: str, warn: bool = True) -> StageRecord | None:
+        """The stored record for ``key`` if its outputs are complete and unchanged, else None;
+        ``warn``: say why a stored entry is not used (once, where the build looks it up)."""
         folder = self.folder(key)
         record_path = folder / self.RECORD
         if not record_path.is_file():
@@ -151,7 +152,8 @@ class ArtifactStore:
         try:
             record = StageRecord.model_validate_json(record_path.read_text(encoding="utf-8"))
         except (OSError, ValidationError) as error:
-            log.warning("cache entry %s is unreadable (%s); rebuilding it", key[:12], error)
+            if warn:
+                log.warning("cache entry %s is unreadable (%s); rebuilding it", key[:12], error)
             return None
         for name, output in record.outputs.items():
             path = folder / output.path
@@ -160,9 +162,10 @@ class ArtifactStore:
                 or size_of(path) != output.size
                 or sha256_path(path) != output.sha256
             ):
-                log.warning(
-                    "cache entry %s: output %r changed on disk; rebuilding it", key[:12], name
-                )
+                if warn:
+                    log.warning(
+                        "cache entry %s: output %r changed on disk; rebuilding it", key[:12], name
+                    )
                 return None
         return record
 
@@ -205,7 +208,7 @@ class ArtifactStore:
         (tmp / self.RECORD).write_text(record.model_dump_json(indent=2), encoding="utf-8")
         final = self.folder(record.key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists() and (replace or self.lookup(record.key) is None):
+        if final.exists() and (replace or self.lookup(record.key, warn=False) is None):
             # A damaged entry, or one being re-taken: moved aside in one rename, then removed,
             # so a reader never sees half an entry.
             old = final.with_name(f"{temp_prefix(final.name)}old")

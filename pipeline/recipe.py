@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, TargetUnavailable
 from pipeline.outliers import SMOOTH_ALPHA
 
 Task = Literal[
@@ -994,8 +994,10 @@ class Recipe(_Strict):
         """This recipe less the named variants (validated again); refused where nothing would
         be left to build, or to gate."""
         kept = [v for v in self.variants if v.name not in names]
+        # What this machine lacks, as a variant's missing target is without --skip-unavailable
+        # (exit 1), not a mistake in the recipe.
         if not kept:
-            raise RecipeError(
+            raise TargetUnavailable(
                 f"none of the recipe's variants can be built on this machine ({', '.join(names)})",
                 "run `tforge doctor` to see which targets are, and add a variant for one of them",
             )
@@ -1005,7 +1007,7 @@ class Recipe(_Strict):
         if gated is not None:
             left = [name for name in gated if name not in names]
             if not left:
-                raise RecipeError(
+                raise TargetUnavailable(
                     f"every variant the gates hold ({', '.join(gated)}) is one this machine "
                     "cannot build",
                     "build it on a machine that has its target, or gate another variant",

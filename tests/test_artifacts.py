@@ -97,6 +97,26 @@ def test_changed_output_invalidates_the_entry(tmp_path: Path) -> None:
     assert store.lookup("c" * 64) is None
 
 
+def test_a_changed_entry_is_reported_once_when_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The build's lookup says why it rebuilds; the commit that replaces the entry is silent."""
+    store = ArtifactStore(tmp_path)
+    key = "d" * 64
+
+    def commit() -> StageRecord:
+        with store.writing(key) as tmp:
+            (tmp / "out.txt").write_text("hello")
+            return store.commit(tmp, record(key), {"out": "out.txt"})
+
+    store.output_path(commit(), "out").write_text("jello")
+    caplog.set_level("WARNING")
+    assert store.lookup(key) is None
+    commit()
+    assert ["changed on disk" in r.message for r in caplog.records] == [True]
+    assert store.lookup(key) is not None
+
+
 def test_corrupt_record_is_a_miss(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     folder = store.folder("d" * 64)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, TargetUnavailable
 from pipeline.recipe import (
     DEFAULT_MODEL,
     Recipe,
@@ -560,7 +560,7 @@ def test_without_variants_keeps_the_gates_on_what_is_left() -> None:
     left = recipe.without_variants({"cuda16"})
     assert [v.name for v in left.variants] == ["fp32"] and left.gates.variants == ["fp32"]
     assert left.gates.min_agreement == 0.99
-    with pytest.raises(RecipeError, match="none of the recipe's variants can be built"):
+    with pytest.raises(TargetUnavailable, match="none of the recipe's variants can be built"):
         recipe.without_variants({"fp32", "cuda16"})
     gated = parse_recipe(
         {
@@ -571,7 +571,7 @@ def test_without_variants_keeps_the_gates_on_what_is_left() -> None:
             "gates": {"min_agreement": 0.99, "variants": ["cuda16"]},
         }
     )
-    with pytest.raises(RecipeError, match="every variant the gates hold"):
+    with pytest.raises(TargetUnavailable, match="every variant the gates hold"):
         gated.without_variants({"cuda16"})
 
 
