@@ -64,7 +64,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def common_options(func: F) -> F:
-    @click.option("-q", "--quiet", is_flag=True, help="No progress and no tables: for CI logs.")
+    @click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        help="For CI logs: no progress bars or info logs; build and compare end in one result line (inspect and doctor still print what they are asked for).",
+    )
     @click.option("-v", "--verbose", count=True, help="Debug logs (-vv: libraries too).")
     @functools.wraps(func)
     def wrapper(*args: Any, quiet: bool, verbose: int, **kwargs: Any) -> Any:
@@ -371,6 +376,8 @@ def build(
         if recipe
         else default_recipe(model_source, task)
     )
+    if print_recipe and dry_run:
+        raise click.UsageError("--print-recipe and --dry-run each print and exit: pass one")
     if print_recipe:
         out.print(dump_recipe(resolved), markup=False, end="")
         return

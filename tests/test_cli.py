@@ -98,6 +98,8 @@ def test_dry_run_and_print_recipe_do_no_work(checkpoint, tmp_path: Path) -> None
     assert code == 0
     assert "task: feature-extraction" in output and "runs: 3" in output
     assert not (tmp_path / "a" / "runs").exists()
+    code, output = invoke("build", str(recipe), "--print-recipe", "--dry-run")
+    assert code == 2 and "pass one" in output
 
 
 def test_failed_gate_exits_3_and_still_writes_the_report(checkpoint, tmp_path: Path) -> None:

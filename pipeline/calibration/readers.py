@@ -106,19 +106,27 @@ def _read_text(path: Path) -> Iterator[Sample]:
 
 def _read_csv(path: Path, text_field: str, label_field: str) -> Iterator[Sample]:
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None:
-            return
-        if text_field not in reader.fieldnames:
+        # strict: a quote left open is an error, not one sample that swallows the rest of the
+        # file.
+        reader = csv.DictReader(handle, strict=True)
+        try:
+            if reader.fieldnames is None:
+                return
+            if text_field not in reader.fieldnames:
+                raise InputError(
+                    f"{path}: the header has no column {text_field!r} (columns: {', '.join(reader.fieldnames)})",
+                    "set data.text_field in the recipe",
+                )
+            for row in reader:
+                yield Sample(
+                    _text_of(row[text_field], f"{path} line {reader.line_num}", text_field),
+                    row.get(label_field),
+                )
+        except csv.Error as error:
             raise InputError(
-                f"{path}: the header has no column {text_field!r} (columns: {', '.join(reader.fieldnames)})",
-                "set data.text_field in the recipe",
-            )
-        for number, row in enumerate(reader, start=2):
-            yield Sample(
-                _text_of(row[text_field], f"{path} line {number}", text_field),
-                row.get(label_field),
-            )
+                f"{path} is not valid CSV after line {reader.line_num} ({error})",
+                "close the quote, or quote a field that holds the delimiter",
+            ) from None
 
 
 def _read_dataset(path: Path, text_field: str, label_field: str) -> Iterator[Sample]:
