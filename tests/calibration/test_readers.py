@@ -54,7 +54,11 @@ def test_text_and_csv(tmp_path: Path) -> None:
         ("type.jsonl", '{"text": 3}\n', "field 'text' is int, not text"),
         ("blanktext.jsonl", '{"text": "  "}\n', "field 'text' is empty"),
         ("cols.csv", "a,b\n1,2\n", "no column 'text' (columns: a, b)"),
-        ("quote.csv", 'text\nfine\n"open\nrest of the file\n', "is not valid CSV after line 2 (unexpected end of data)"),
+        (
+            "quote.csv",
+            'text\nfine\n"open\nrest of the file\n',
+            "is not valid CSV after line 2 (unexpected end of data)",
+        ),
         ("blankcsv.csv", 'text\nfine\n""\n', "line 3: field 'text' is empty"),
         ("data.parquet", "x", "unknown extension '.parquet'"),
     ],
