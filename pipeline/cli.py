@@ -479,7 +479,8 @@ def report(
     path = _manifest_path(run)
     if not path.is_file():
         raise InputError(f"{run} has no manifest.json", "pass a run folder under artifacts/runs/")
-    manifest = Manifest.parse(read_text(path, "a tforge manifest"), str(path))
+    text = read_text(path, "a tforge manifest", "pass a run folder under artifacts/runs/")
+    manifest = Manifest.parse(text, str(path))
     rendered = render_all(build_report(manifest))
     target = output or path.parent
     try:

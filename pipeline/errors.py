@@ -6,7 +6,9 @@ code; anything else is a bug in tforge and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -19,8 +21,6 @@ def first_line(error: BaseException, limit: int = 300) -> str:
 
 def read_json(text: str, origin: str) -> object:
     """``text`` parsed as JSON; InputError naming ``origin`` and where the JSON breaks."""
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -29,21 +29,15 @@ def read_json(text: str, origin: str) -> object:
         ) from None
 
 
-def read_text(path: object, what: str) -> str:
+def read_text(path: Path, what: str, hint: str | None = None) -> str:
     """A UTF-8 text file's contents; InputError for one that cannot be read or is not text
-    (an .onnx file passed where ``what`` was expected)."""
-    from pathlib import Path
-
-    file = Path(str(path))
+    (an .onnx file passed where ``what`` was expected), with ``hint`` for the latter."""
     try:
-        return file.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(
-            f"{file} is not a text file, so not {what}",
-            "pass a run folder under artifacts/runs/, its manifest.json or a report.json",
-        ) from None
+        raise InputError(f"{path} is not a text file, so not {what}", hint) from None
     except OSError as error:
-        raise InputError(f"cannot read {file} ({error.strerror or error})") from None
+        raise InputError(f"cannot read {path} ({error.strerror or error})") from None
 
 
 class TforgeError(Exception):

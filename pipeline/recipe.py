@@ -1179,14 +1179,6 @@ def load_recipe(path: Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"recipe {path} cannot be read: {error}") from None
-    if not text.strip() or all(
-        not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
-    ):
-        raise RecipeError(
-            f"recipe {path} is empty",
-            "write at least `model: {source: ...}` (every other field has a default), or use "
-            "--model PATH for a checkpoint with defaults",
-        )
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as error:
@@ -1200,6 +1192,12 @@ def load_recipe(path: Path) -> Recipe:
         ) from None
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {path}: not valid YAML: {error}") from None
+    if data is None:  # no content, or comments only
+        raise RecipeError(
+            f"recipe {path} is empty",
+            "write at least `model: {source: ...}` (every other field has a default), or use "
+            "--model PATH for a checkpoint with defaults",
+        )
     recipe = parse_recipe(data, origin=f"recipe {path}", base_dir=path.resolve().parent)
     if "name" not in (data or {}):
         recipe = recipe.model_copy(update={"name": _slug(path.stem)})

@@ -437,14 +437,14 @@ def compare(
 _LATENCY_METRICS = ("p50_ms", "speedup")
 
 
-def _latency_regressions(comparison: Comparison) -> list[Delta]:
-    """Latency regressions a re-measurement could clear: not a missing timing (no timing will
+def _is_latency_regression(d: Delta) -> bool:
+    """A latency regression a re-measurement could clear: not a missing timing (no timing will
     bring a shape back) and not a failed check of the candidate's own (its report stands)."""
-    return [
-        d
-        for d in comparison.deltas
-        if d.status == "regression" and d.metric in _LATENCY_METRICS and d.shape is not None
-    ]
+    return d.status == "regression" and d.metric in _LATENCY_METRICS and d.shape is not None
+
+
+def _latency_regressions(comparison: Comparison) -> list[Delta]:
+    return [d for d in comparison.deltas if _is_latency_regression(d)]
 
 
 def confirm_latency(
@@ -474,7 +474,7 @@ def confirm_latency(
         return comparison, candidate
     deltas = []
     for d in comparison.deltas:
-        if d not in _latency_regressions(comparison):
+        if not _is_latency_regression(d):
             deltas.append(d)
         elif (d.variant, d.metric, d.shape) in suspects:
             deltas.append(d.model_copy(update={"note": f"in all {runs + 1} measurements"}))

@@ -452,6 +452,16 @@ def _drop(contender: Contender) -> str:
     return "" if drop is None else f" (drop {drop:+.4f})"
 
 
+def _figure_spec(d: Delta) -> str:
+    """The format of a compared figure: milliseconds, speed-ups and MB; a count; a check's
+    figure (``tolerance:max_abs_error``), of any magnitude; an accuracy figure."""
+    if d.shape is not None or d.metric == "size_mb":
+        return ".2f"
+    if d.metric == "nonfinite_outputs":
+        return ".0f"
+    return ".4g" if ":" in d.metric else ".6f"
+
+
 def _change(d: Delta) -> str:
     if d.change is None:
         return "–"
@@ -498,15 +508,7 @@ def comparison_table(
     rows = []
     for d in sorted_deltas(comparison):
         label = d.metric + (f" @{d.shape}" if d.shape else "")
-        spec = (
-            ".2f"
-            if d.shape is not None or d.metric == "size_mb"
-            else ".0f"
-            if d.metric == "nonfinite_outputs"
-            else ".4g"
-            if ":" in d.metric  # a check's figure (tolerance:max_abs_error): any magnitude
-            else ".6f"
-        )
+        spec = _figure_spec(d)
         verdict = _MARK[d.status] if marks else d.status
         verdict += f" ({d.note})" if d.note else ""
         rows.append(

@@ -520,7 +520,11 @@ def load_report(path: Path) -> tuple[Report, Path | None]:
             f"{path} holds neither manifest.json nor report.json",
             "pass a run folder under artifacts/runs/, or a report.json",
         )
-    text = read_text(path, "a tforge report or manifest")
+    text = read_text(
+        path,
+        "a tforge report or manifest",
+        "pass a run folder under artifacts/runs/, its manifest.json or a report.json",
+    )
     data = read_json(text, str(path))
     if isinstance(data, dict) and "recipe" in data and "stages" in data:
         return build_report(Manifest.parse(text, str(path))), path

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.architectures import ArchitectureSpec, is_decoder
 from pipeline.artifacts import Artifact, sha256_file
-from pipeline.backends.torch_backend import OUTPUT_NAME, LoadedModel, load_model
-from pipeline.errors import InputError, RecipeError
+from pipeline.backends.torch_backend import OUTPUT_NAME, VOCABULARY_FILES, LoadedModel, load_model
+from pipeline.errors import InputError, RecipeError, read_json, read_text
 from pipeline.stages.base import BuildContext, Stage, StageConfig, StageResult
 
 WEIGHT_FILES = (
@@ -30,18 +30,14 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-#: Files another tool needs beside model.onnx to use it (config and tokenizer).
+#: Files another tool needs beside model.onnx to use it (config and tokenizer): the
+#: vocabulary in whichever form the checkpoint has it, and the tokenizer's settings.
 TOKENIZER_FILES = (
-    "tokenizer.json",
+    *VOCABULARY_FILES,
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
     "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
 )
 _CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 
@@ -187,12 +183,8 @@ class LoadStage(Stage[LoadConfig]):
 
     def run(self, ctx: BuildContext, inputs: Mapping[str, Artifact], out: Path) -> StageResult:
         folder = inputs["checkpoint"].path
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise InputError(
-                f"{folder}/config.json is not valid JSON ({error.msg}, line {error.lineno})"
-            ) from None
+        config_path = folder / "config.json"
+        config = read_json(read_text(config_path, "a config.json"), str(config_path))
         if not isinstance(config, dict):
             raise InputError(f"{folder}/config.json is not a JSON object")
         if is_decoder(config):

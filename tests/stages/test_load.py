@@ -124,7 +124,7 @@ def test_truncated_weights(checkpoint, tmp_path: Path) -> None:
 def test_bad_config_json(checkpoint, tmp_path: Path) -> None:
     folder = _copy(checkpoint("bert"), tmp_path)
     (folder / "config.json").write_text("{broken")
-    with pytest.raises(InputError, match="config.json is not valid JSON"):
+    with pytest.raises(InputError, match=r"config.json is not JSON \(.* at line 1, column 2\)"):
         run_load(BuildContext(), folder, tmp_path / "out")
 
 
